@@ -1,0 +1,103 @@
+"""Pieces shared by every Tessera resource: the base model, conditions, resource metadata."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "tessera.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+PriorityTier = Literal["critical", "high", "normal", "low"]
+"""Tiers of importance: power capping and migration touch low tiers first."""
+
+PRIORITY_TIERS_LOW_FIRST: tuple[PriorityTier, ...] = ("low", "normal", "high", "critical")
+
+
+class ApiModel(BaseModel):
+    """Base of every API object: camelCase on the wire, snake_case in Python, no unknown fields.
+
+    Unknown fields are errors (not silently dropped) so that a typo in a spec is reported with
+    the field's name instead of being ignored.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The Kubernetes (camelCase, no nulls) form of this object."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Condition(ApiModel):
+    """One status condition, in the shape of Kubernetes' metav1.Condition."""
+
+    type: str = Field(description="Condition type: Ready, Progressing or Degraded.")
+    status: Literal["True", "False", "Unknown"] = Field(description="Status of the condition.")
+    reason: str = Field(
+        default="",
+        description="One CamelCase word a program can match on, e.g. PlanApplied or Infeasible.",
+    )
+    message: str = Field(default="", description="Human-readable detail.")
+    last_transition_time: datetime | None = Field(
+        default=None, description="When the status last changed."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The .metadata.generation the condition was set from."
+    )
+
+
+def utc_now() -> datetime:
+    """The current time in UTC, whole seconds (Kubernetes' RFC 3339 timestamps carry none)."""
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+class ObjectMeta(BaseModel):
+    """The subset of Kubernetes ObjectMeta Tessera reads; anything else is kept as-is."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    generation: int | None = None
+    uid: str | None = None
+
+
+class CustomResourceInfo(BaseModel):
+    """How a resource is published as a CRD (names, scope, printer columns)."""
+
+    kind: str
+    plural: str
+    singular: str
+    short_names: list[str]
+    scope: Literal["Namespaced", "Cluster"]
+    categories: list[str] = Field(default_factory=lambda: ["tessera"])
+    printer_columns: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class CustomResource(BaseModel):
+    """Base of a whole custom resource: apiVersion, kind, metadata, spec, status."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    crd: ClassVar[CustomResourceInfo]
+
+    api_version: Literal["tessera.dev/v1alpha1"] = Field(
+        default="tessera.dev/v1alpha1", alias="apiVersion"
+    )
+    kind: str
+    metadata: ObjectMeta
+
+    def to_wire(self) -> dict[str, Any]:
+        """The Kubernetes (camelCase, no nulls) form of this object."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")

@@ -1,0 +1,305 @@
+"""The placement planner: a pure function from a ModelDeployment spec and the accelerator
+classes on offer to a Plan.
+
+It enumerates serving modes (colocated; disaggregated prefill/decode with each pool on its own
+class and tensor-parallel degree), keeps the tensor-parallel degrees at which weights and a
+longest request's KV cache fit, sizes each pool from the traffic and the roofline model, and
+picks the cheapest candidate by the deployment's objective. Each candidate carries the
+analytical reason it was sized so; the chosen one's reason becomes the plan's rationale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from tessera.api.model_deployment import (
+    ModelDeploymentSpec,
+    Objective,
+    Plan,
+    PoolLoad,
+    PoolPlan,
+    PoolRole,
+    ServingMode,
+)
+from tessera.policies.capacity import ClassOffer
+from tessera.policies.perfmodel import ReplicaPerformance
+
+TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8)
+TARGET_UTILIZATION = 0.8
+"""Busy fraction a pool is sized for: headroom for bursts and queueing at the percentile."""
+
+
+class InfeasiblePlanError(ValueError):
+    """No allowed accelerator class can serve the deployment within its SLO and bounds."""
+
+
+@dataclass(frozen=True)
+class PoolSizing:
+    """One pool option: a class, a TP degree and how much load one replica carries."""
+
+    offer: ClassOffer
+    performance: ReplicaPerformance
+    role: PoolRole
+    requests_per_second_per_replica: float
+    tokens_per_request: float
+    predicted_latency_ms: float
+    note: str
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.performance.tensor_parallel
+
+
+@dataclass
+class Candidate:
+    """A whole plan under evaluation."""
+
+    mode: ServingMode
+    pools: list[tuple[PoolSizing, int]]
+    ttft_ms: float
+    tpot_ms: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cost_per_hour(self) -> float:
+        return sum(
+            s.offer.spec.cost_per_hour * s.tensor_parallel * replicas for s, replicas in self.pools
+        )
+
+    @property
+    def power_w(self) -> float:
+        return sum(s.offer.spec.tdp_w * s.tensor_parallel * replicas for s, replicas in self.pools)
+
+    @property
+    def accelerators(self) -> int:
+        return sum(s.tensor_parallel * replicas for s, replicas in self.pools)
+
+    def score(self, objective: Objective) -> tuple[float, float]:
+        primary = {
+            Objective.COST: self.cost_per_hour,
+            Objective.POWER: self.power_w,
+            Objective.ACCELERATORS: float(self.accelerators),
+        }[objective]
+        return primary, self.cost_per_hour
+
+
+def plan_deployment(spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]) -> Plan:
+    """The cheapest plan (by the spec's objective) that meets the SLO, or InfeasiblePlanError."""
+    candidates = enumerate_candidates(spec, offers)
+    if not candidates:
+        raise InfeasiblePlanError(explain_infeasible(spec, offers))
+    best = min(candidates, key=lambda c: c.score(spec.objective))
+    return to_plan(best, spec)
+
+
+def allowed_offers(spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]) -> list[ClassOffer]:
+    allowed = set(spec.hardware.accelerator_classes)
+    return [o for o in offers if not allowed or o.name in allowed]
+
+
+def enumerate_candidates(
+    spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]
+) -> list[Candidate]:
+    """Every feasible candidate plan, unsorted."""
+    usable = allowed_offers(spec, offers)
+    colocated = [s for s in _sizings(spec, usable, PoolRole.COLOCATED)]
+    prefill = [s for s in _sizings(spec, usable, PoolRole.PREFILL)]
+    decode = [s for s in _sizings(spec, usable, PoolRole.DECODE)]
+    mode = spec.serving_mode
+    candidates: list[Candidate] = []
+    if mode in (ServingMode.AUTO, ServingMode.COLOCATED):
+        for sizing in colocated:
+            candidates.extend(_bounded([(sizing, PoolRole.COLOCATED)], spec, ServingMode.COLOCATED))
+    if mode in (ServingMode.AUTO, ServingMode.DISAGGREGATED, ServingMode.ATTENTION_OFFLOAD):
+        # Attention offload is planned as disaggregation until its pool model lands (issue 4).
+        for p in prefill:
+            for d in decode:
+                pools = [(p, PoolRole.PREFILL), (d, PoolRole.DECODE)]
+                candidates.extend(_bounded(pools, spec, ServingMode.DISAGGREGATED))
+    return candidates
+
+
+def _sizings(
+    spec: ModelDeploymentSpec, offers: Iterable[ClassOffer], role: PoolRole
+) -> Iterable[PoolSizing]:
+    for offer in offers:
+        for tp in TENSOR_PARALLEL_DEGREES:
+            if tp > offer.spec.accelerators_per_node:
+                break
+            if offer.free_accelerators is not None and tp > offer.free_accelerators:
+                break
+            performance = ReplicaPerformance(spec.model.architecture, offer.spec, tp)
+            if not performance.fits():
+                continue
+            sizing = _size_replica(spec, offer, performance, role)
+            if sizing is not None:
+                yield sizing
+
+
+def _size_replica(
+    spec: ModelDeploymentSpec, offer: ClassOffer, perf: ReplicaPerformance, role: PoolRole
+) -> PoolSizing | None:
+    """How many requests/s one replica carries in a role within the SLO, or None if it can't."""
+    prompt, output = spec.traffic.resolved_lengths()
+    ttft_s = spec.slo.ttft_ms / 1000
+    tpot_s = spec.slo.tpot_ms / 1000
+    prefill_s = perf.prefill_time_s(int(prompt.mean))
+    mean_context = prompt.mean + output.mean / 2
+    if role in (PoolRole.COLOCATED, PoolRole.PREFILL) and prefill_s > ttft_s:
+        return None
+    if role is PoolRole.PREFILL:
+        # M/D/1 waiting at utilisation rho: rho / (2 mu (1 - rho)); keep TTFT within target.
+        rho = TARGET_UTILIZATION
+        waiting_s = rho * prefill_s / (2 * (1 - rho))
+        while rho > 0.1 and prefill_s + waiting_s > ttft_s:
+            rho -= 0.05
+            waiting_s = rho * prefill_s / (2 * (1 - rho))
+        rate = rho / prefill_s
+        note = f"prefill {prefill_s * 1e3:.0f} ms/request at {rho:.0%} load"
+        return PoolSizing(offer, perf, role, rate, prompt.mean, (prefill_s + waiting_s) * 1e3, note)
+    # Decode and colocated: continuous batching, batch bounded by the TPOT target.
+    # Colocated replicas interleave prefills, which stretch decode steps: leave room for them.
+    tpot_budget_s = tpot_s if role is PoolRole.DECODE else tpot_s * 0.7
+    batch = perf.max_decode_batch_for_tpot(tpot_budget_s, mean_context)
+    if batch == 0:
+        return None
+    step_s = perf.decode_step_time_s(batch, mean_context)
+    decode_seconds_per_request = output.mean * step_s / batch
+    busy_per_request = decode_seconds_per_request
+    if role is PoolRole.COLOCATED:
+        busy_per_request += prefill_s
+    rate = TARGET_UTILIZATION / busy_per_request
+    note = f"batch {batch} at {step_s * 1e3:.1f} ms/step" + (
+        f", prefill {prefill_s * 1e3:.0f} ms" if role is PoolRole.COLOCATED else ""
+    )
+    latency_ms = step_s * 1e3
+    return PoolSizing(offer, perf, role, rate, output.mean, latency_ms, note)
+
+
+def _bounded(
+    pools: list[tuple[PoolSizing, PoolRole]], spec: ModelDeploymentSpec, mode: ServingMode
+) -> list[Candidate]:
+    """The candidate with replica counts sized to the traffic, within bounds and capacity."""
+    rate = spec.traffic.request_rate_per_second
+    sized: list[tuple[PoolSizing, int]] = []
+    used: dict[str, int] = {}
+    for sizing, role in pools:
+        bounds = spec.pools.bounds(role)
+        needed = math.ceil(rate / sizing.requests_per_second_per_replica - 1e-9)
+        replicas = max(needed, bounds.min_replicas, 1)
+        if replicas > bounds.max_replicas:
+            return []
+        used[sizing.offer.name] = used.get(sizing.offer.name, 0) + replicas * sizing.tensor_parallel
+        sized.append((sizing, replicas))
+    for sizing, _ in sized:
+        free = sizing.offer.free_accelerators
+        if free is not None and used[sizing.offer.name] > free:
+            return []
+    candidate = _candidate(sized, spec, mode)
+    limit = spec.hardware.max_accelerators
+    if limit is not None and candidate.accelerators > limit:
+        return []
+    return [candidate]
+
+
+def _candidate(
+    sized: list[tuple[PoolSizing, int]], spec: ModelDeploymentSpec, mode: ServingMode
+) -> Candidate:
+    if mode is ServingMode.COLOCATED:
+        ((sizing, _),) = sized
+        perf = sizing.performance
+        prompt, _ = spec.traffic.resolved_lengths()
+        ttft_ms = perf.prefill_time_s(int(prompt.mean)) * 1e3
+        tpot_ms = sizing.predicted_latency_ms / 0.7 if ttft_ms else sizing.predicted_latency_ms
+        tpot_ms = min(tpot_ms, spec.slo.tpot_ms)
+    else:
+        prefill, decode = sized[0][0], sized[1][0]
+        prompt, _ = spec.traffic.resolved_lengths()
+        transfer_ms = prefill.performance.kv_transfer_time_s(int(prompt.mean)) * 1e3
+        ttft_ms = prefill.predicted_latency_ms + transfer_ms
+        tpot_ms = decode.predicted_latency_ms
+    notes = [f"{s.role.value} on {s.offer.name} TP{s.tensor_parallel}: {s.note}" for s, _ in sized]
+    return Candidate(mode, sized, ttft_ms, tpot_ms, notes)
+
+
+def to_plan(candidate: Candidate, spec: ModelDeploymentSpec) -> Plan:
+    """The Plan (API status form) of a candidate, with its rationale."""
+    rate = spec.traffic.request_rate_per_second
+    pools: list[PoolPlan] = []
+    for sizing, replicas in candidate.pools:
+        per_replica = rate / replicas
+        pools.append(
+            PoolPlan(
+                name=f"{sizing.role.value}-{sizing.offer.name}",
+                role=sizing.role,
+                accelerator_class=sizing.offer.name,
+                tensor_parallel=sizing.tensor_parallel,
+                replicas=replicas,
+                predicted_load=PoolLoad(
+                    request_rate_per_second=round(rate, 3),
+                    tokens_per_second=round(rate * sizing.tokens_per_request, 1),
+                    utilization=round(
+                        TARGET_UTILIZATION * per_replica / sizing.requests_per_second_per_replica, 3
+                    ),
+                ),
+            )
+        )
+    rationale = (
+        f"{candidate.mode.value}, cheapest by {spec.objective.value} "
+        f"at {rate:g} req/s: " + "; ".join(candidate.notes)
+    )
+    return Plan(
+        mode=candidate.mode,
+        pools=pools,
+        cost_per_hour=round(candidate.cost_per_hour, 4),
+        power_w=round(candidate.power_w, 1),
+        predicted_ttft_ms=round(candidate.ttft_ms, 2),
+        predicted_tpot_ms=round(candidate.tpot_ms, 3),
+        rationale=rationale,
+    )
+
+
+def explain_infeasible(spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]) -> str:
+    """Why no plan exists: the first constraint that rules each allowed class out."""
+    usable = allowed_offers(spec, offers)
+    if not usable:
+        names = ", ".join(spec.hardware.accelerator_classes) or "any"
+        have = ", ".join(o.name for o in offers) or "none"
+        return (
+            f"no AcceleratorClass matches spec.hardware.acceleratorClasses ({names}); have: {have}"
+        )
+    arch = spec.model.architecture
+    reasons: list[str] = []
+    for offer in usable:
+        largest_tp = min(offer.spec.accelerators_per_node, max(TENSOR_PARALLEL_DEGREES))
+        if offer.free_accelerators is not None:
+            largest_tp = min(largest_tp, offer.free_accelerators)
+        if largest_tp < 1:
+            reasons.append(f"{offer.name}: no free accelerators")
+            continue
+        perf = ReplicaPerformance(arch, offer.spec, largest_tp)
+        if not perf.fits():
+            need_gib = (
+                arch.weight_bytes + arch.max_context_tokens * arch.kv_bytes_per_token
+            ) / 2**30
+            reasons.append(
+                f"{offer.name}: model needs {need_gib:.0f} GiB (weights + one "
+                f"{arch.max_context_tokens}-token KV cache) but TP{largest_tp} gives "
+                f"{offer.spec.memory_gib * largest_tp:.0f} GiB"
+            )
+            continue
+        prompt, _ = spec.traffic.resolved_lengths()
+        prefill_ms = perf.prefill_time_s(int(prompt.mean)) * 1e3
+        if prefill_ms > spec.slo.ttft_ms:
+            reasons.append(
+                f"{offer.name}: prefill of a {prompt.mean:.0f}-token prompt takes "
+                f"{prefill_ms:.0f} ms at TP{largest_tp}, over slo.ttftMs {spec.slo.ttft_ms:g}"
+            )
+            continue
+        reasons.append(
+            f"{offer.name}: SLO is reachable but replica bounds, hardware.maxAccelerators or free "
+            f"capacity do not allow {spec.traffic.request_rate_per_second:g} req/s"
+        )
+    return "no feasible plan: " + "; ".join(reasons)

@@ -208,12 +208,13 @@ def _candidate(
     sized: list[tuple[PoolSizing, int]], spec: ModelDeploymentSpec, mode: ServingMode
 ) -> Candidate:
     if mode is ServingMode.COLOCATED:
-        ((sizing, _),) = sized
-        perf = sizing.performance
+        ((sizing, replicas),) = sized
         prompt, _ = spec.traffic.resolved_lengths()
-        ttft_ms = perf.prefill_time_s(int(prompt.mean)) * 1e3
-        tpot_ms = sizing.predicted_latency_ms / 0.7 if ttft_ms else sizing.predicted_latency_ms
-        tpot_ms = min(tpot_ms, spec.slo.tpot_ms)
+        prefill_s = sizing.performance.prefill_time_s(int(prompt.mean))
+        ttft_ms = prefill_s * 1e3
+        # Prefills interleaved with decoding stretch each token by the time spent prefilling.
+        prefill_busy = spec.traffic.request_rate_per_second / replicas * prefill_s
+        tpot_ms = sizing.predicted_latency_ms / max(0.05, 1.0 - prefill_busy)
     else:
         prefill, decode = sized[0][0], sized[1][0]
         prompt, _ = spec.traffic.resolved_lengths()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
 GROUP = "tessera.dev"
@@ -35,6 +35,17 @@ class ApiModel(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         """The Kubernetes (camelCase, no nulls) form of this object."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def cel_rules(*rules: tuple[str, str]) -> ConfigDict:
+    """ApiModel config carrying Kubernetes CEL validation rules (rule, message) into the CRD.
+
+    The same constraints are enforced by the models' validators; the rules let the API server
+    reject an invalid object at `kubectl apply` time too.
+    """
+    validations: list[JsonValue] = [{"rule": rule, "message": message} for rule, message in rules]
+    extra: dict[str, JsonValue] = {"x-kubernetes-validations": validations}
+    return ConfigDict(**ApiModel.model_config, json_schema_extra=extra)
 
 
 class Condition(ApiModel):

@@ -16,6 +16,7 @@ from tessera.api.common import (
     CustomResource,
     CustomResourceInfo,
     PriorityTier,
+    cel_rules,
 )
 
 
@@ -60,6 +61,13 @@ class Objective(StrEnum):
 
 class ModelArchitecture(ApiModel):
     """Shape of a decoder-only transformer: enough to size weights, KV cache and FLOPs."""
+
+    model_config = cel_rules(
+        (
+            "self.numAttentionHeads % self.numKeyValueHeads == 0",
+            "numAttentionHeads must be a multiple of numKeyValueHeads",
+        )
+    )
 
     num_layers: int = Field(gt=0, description="Number of transformer layers.")
     hidden_size: int = Field(gt=0, description="Model (residual) dimension.")
@@ -185,6 +193,13 @@ class TrafficProfile(StrEnum):
 class TrafficSpec(ApiModel):
     """The load the deployment must carry."""
 
+    model_config = cel_rules(
+        (
+            "has(self.profile) || (has(self.promptTokens) && has(self.outputTokens))",
+            "set traffic.profile, or both traffic.promptTokens and outputTokens",
+        )
+    )
+
     request_rate_per_second: float = Field(
         gt=0, description="Expected arrival rate, requests per second."
     )
@@ -250,6 +265,10 @@ class HardwareSpec(ApiModel):
 
 class ReplicaBounds(ApiModel):
     """Bounds on one pool's replica count."""
+
+    model_config = cel_rules(
+        ("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas")
+    )
 
     min_replicas: int = Field(default=0, ge=0, description="Fewest replicas.")
     max_replicas: int = Field(default=64, ge=1, description="Most replicas.")

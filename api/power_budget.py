@@ -16,11 +16,19 @@ from tessera.api.common import (
     CustomResource,
     CustomResourceInfo,
     PriorityTier,
+    cel_rules,
 )
 
 
 class CappingThresholds(ApiModel):
     """When to cap and uncap, as fractions of the budget."""
+
+    model_config = cel_rules(
+        (
+            "self.uncapBelow < self.capAbove && self.capAbove <= self.emergencyAbove",
+            "thresholds must satisfy uncapBelow < capAbove <= emergencyAbove",
+        )
+    )
 
     cap_above: float = Field(
         default=0.95, gt=0, le=1.5, description="Start capping above this fraction of budget."

@@ -171,6 +171,10 @@ def _size_replica(
     if role is PoolRole.COLOCATED:
         busy_per_request += prefill_s
     rate = TARGET_UTILIZATION / busy_per_request
+    if role is PoolRole.COLOCATED:
+        # Prefills interleaved with decoding stretch each decode step by 1 / (1 - rate *
+        # prefill_s); the rate must keep the stretched step within the TPOT target.
+        rate = min(rate, (1.0 - step_s / tpot_s) / prefill_s)
     note = f"batch {batch} at {step_s * 1e3:.1f} ms/step" + (
         f", prefill {prefill_s * 1e3:.0f} ms" if role is PoolRole.COLOCATED else ""
     )

@@ -14,7 +14,7 @@ import click
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "crds": ("tessera.api.crdgen", "crds_command"),
     "validate": ("tessera.api.loader", "validate_command"),
-    "plan": ("tessera.policies.plan_cli", "plan_command"),
+    "plan": ("tessera.plan_command", "plan_command"),
     "operator": ("tessera.operator.main", "operator_command"),
     "simulate": ("tessera.sim.cli", "simulate_command"),
     "agent": ("tessera.agents.cli", "agent_command"),

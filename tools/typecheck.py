@@ -28,7 +28,8 @@ def build_link_tree() -> Path:
         if source.suffix in {".py", ".pyi"} or source.name == "py.typed":
             (package_root / source.name).symlink_to(source)
     for package, folder in package_dir.items():
-        if package != "tessera":
+        # Only direct children of `tessera` need links; deeper packages sit in their parent.
+        if package.count(".") == 1:
             (package_root / package.split(".", 1)[1]).symlink_to(ROOT / folder)
     return tree
 

@@ -1,0 +1,117 @@
+"""`tessera plan`: run the placement planner on files, without a cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from tessera.api.accelerator_class import AcceleratorClass
+from tessera.api.loader import InvalidResourceError, load_kind
+from tessera.api.model_deployment import ModelDeployment, Plan
+from tessera.policies.capacity import ClassOffer
+from tessera.policies.placement import InfeasiblePlanError, plan_deployment
+
+
+def parse_capacity(values: tuple[str, ...]) -> dict[str, int]:
+    """`--capacity h100=16` options as a mapping; a clear error for a malformed one."""
+    capacity: dict[str, int] = {}
+    for value in values:
+        name, _, count = value.partition("=")
+        if not name or not count.isdigit():
+            raise click.BadParameter(
+                f"expected CLASS=COUNT, got {value!r}", param_hint="--capacity"
+            )
+        capacity[name] = int(count)
+    return capacity
+
+
+def plan_table(deployment: ModelDeployment, plan: Plan) -> Table:
+    table = Table(title=f"Plan for {deployment.metadata.name}: {plan.mode.value}")
+    for column in ("pool", "role", "class", "TP", "replicas", "req/s", "tokens/s", "util"):
+        table.add_column(column, justify="left" if column in ("pool", "role", "class") else "right")
+    for pool in plan.pools:
+        load = pool.predicted_load
+        table.add_row(
+            pool.name,
+            pool.role.value,
+            pool.accelerator_class,
+            str(pool.tensor_parallel),
+            str(pool.replicas),
+            f"{load.request_rate_per_second:g}" if load else "-",
+            f"{load.tokens_per_second:g}" if load else "-",
+            f"{load.utilization:.0%}" if load else "-",
+        )
+    table.caption = (
+        f"{plan.accelerators} accelerators, {plan.cost_per_hour:g}/h, {plan.power_w:g} W; "
+        f"predicted TTFT {plan.predicted_ttft_ms} ms, TPOT {plan.predicted_tpot_ms} ms\n"
+        f"{plan.rationale}"
+    )
+    return table
+
+
+@click.command("plan")
+@click.option(
+    "-f",
+    "--filename",
+    "deployment_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML file with the ModelDeployment(s).",
+)
+@click.option(
+    "--classes",
+    "class_files",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML file(s) with AcceleratorClasses.",
+)
+@click.option(
+    "--capacity",
+    multiple=True,
+    help="Free accelerators of a class, CLASS=COUNT (repeatable); unbounded when omitted.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "yaml", "json"]),
+    default="table",
+    show_default=True,
+)
+def plan_command(
+    deployment_file: Path, class_files: tuple[Path, ...], capacity: tuple[str, ...], output: str
+) -> None:
+    """Plan each ModelDeployment in FILENAME on the AcceleratorClasses in CLASSES."""
+    free = parse_capacity(capacity)
+    try:
+        deployments = load_kind([deployment_file], ModelDeployment)
+        classes = load_kind(class_files, AcceleratorClass)
+    except InvalidResourceError as error:
+        raise click.ClickException(str(error)) from error
+    if not deployments:
+        raise click.ClickException(f"{deployment_file}: no ModelDeployment found")
+    offers = [ClassOffer.from_resource(c, free.get(c.metadata.name)) for c in classes]
+    console = Console()
+    plans: dict[str, object] = {}
+    failed = False
+    for deployment in deployments:
+        try:
+            plan = plan_deployment(deployment.spec, offers)
+        except InfeasiblePlanError as error:
+            click.echo(f"{deployment.metadata.name}: {error}", err=True)
+            failed = True
+            continue
+        if output == "table":
+            console.print(plan_table(deployment, plan))
+        plans[deployment.metadata.name] = plan.to_wire()
+    if output == "json":
+        click.echo(json.dumps(plans, indent=2))
+    elif output == "yaml":
+        click.echo(yaml.safe_dump(plans, sort_keys=False), nl=False)
+    if failed:
+        raise SystemExit(1)

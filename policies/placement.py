@@ -303,6 +303,15 @@ def explain_infeasible(spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]) 
                 f"{prefill_ms:.0f} ms at TP{largest_tp}, over slo.ttftMs {spec.slo.ttft_ms:g}"
             )
             continue
+        _, output = spec.traffic.resolved_lengths()
+        context = prompt.mean + output.mean / 2
+        if perf.max_decode_batch_for_tpot(spec.slo.tpot_ms / 1000, context) == 0:
+            step_ms = perf.decode_step_time_s(1, context) * 1e3
+            reasons.append(
+                f"{offer.name}: one decode step takes {step_ms:.1f} ms at TP{largest_tp}, "
+                f"over slo.tpotMs {spec.slo.tpot_ms:g}"
+            )
+            continue
         reasons.append(
             f"{offer.name}: SLO is reachable but replica bounds, hardware.maxAccelerators or free "
             f"capacity do not allow {spec.traffic.request_rate_per_second:g} req/s"

@@ -23,10 +23,13 @@ from tessera.api.model_deployment import (
     PoolRole,
     ServingMode,
 )
+from tessera.policies.attention_offload import OffloadedDecodePerformance
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.perfmodel import ReplicaPerformance
 
 TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8)
+ATTENTION_DEVICES = (1, 2, 4, 8)
+"""Memory-pool devices per offloaded decode replica that the planner considers."""
 TARGET_UTILIZATION = 0.8
 """Busy fraction a pool is sized for: headroom for bursts and queueing at the percentile."""
 
@@ -40,16 +43,45 @@ class PoolSizing:
     """One pool option: a class, a TP degree and how much load one replica carries."""
 
     offer: ClassOffer
-    performance: ReplicaPerformance
+    performance: ReplicaPerformance | OffloadedDecodePerformance
     role: PoolRole
     requests_per_second_per_replica: float
     tokens_per_request: float
     predicted_latency_ms: float
     note: str
 
+    attention_offer: ClassOffer | None = None
+    """For an offloaded decode pool: the memory class its attention runs on."""
+
     @property
     def tensor_parallel(self) -> int:
         return self.performance.tensor_parallel
+
+    @property
+    def attention_devices(self) -> int:
+        if isinstance(self.performance, OffloadedDecodePerformance):
+            return self.performance.attention_devices
+        return 0
+
+    def devices_per_replica(self) -> dict[str, int]:
+        """Devices one replica takes, per class (an offloaded replica spans two classes)."""
+        devices = {self.offer.name: self.tensor_parallel}
+        if self.attention_offer is not None:
+            name = self.attention_offer.name
+            devices[name] = devices.get(name, 0) + self.attention_devices
+        return devices
+
+    def cost_per_replica_hour(self) -> float:
+        cost = self.offer.spec.cost_per_hour * self.tensor_parallel
+        if self.attention_offer is not None:
+            cost += self.attention_offer.spec.cost_per_hour * self.attention_devices
+        return cost
+
+    def tdp_per_replica_w(self) -> float:
+        power = self.offer.spec.tdp_w * self.tensor_parallel
+        if self.attention_offer is not None:
+            power += self.attention_offer.spec.tdp_w * self.attention_devices
+        return power
 
 
 @dataclass
@@ -64,17 +96,15 @@ class Candidate:
 
     @property
     def cost_per_hour(self) -> float:
-        return sum(
-            s.offer.spec.cost_per_hour * s.tensor_parallel * replicas for s, replicas in self.pools
-        )
+        return sum(s.cost_per_replica_hour() * replicas for s, replicas in self.pools)
 
     @property
     def power_w(self) -> float:
-        return sum(s.offer.spec.tdp_w * s.tensor_parallel * replicas for s, replicas in self.pools)
+        return sum(s.tdp_per_replica_w() * replicas for s, replicas in self.pools)
 
     @property
     def accelerators(self) -> int:
-        return sum(s.tensor_parallel * replicas for s, replicas in self.pools)
+        return sum(sum(s.devices_per_replica().values()) * n for s, n in self.pools)
 
     def score(self, objective: Objective) -> tuple[float, float]:
         primary = {
@@ -112,13 +142,56 @@ def enumerate_candidates(
     if mode in (ServingMode.AUTO, ServingMode.COLOCATED):
         for sizing in colocated:
             candidates.extend(_bounded([(sizing, PoolRole.COLOCATED)], spec, ServingMode.COLOCATED))
-    if mode in (ServingMode.AUTO, ServingMode.DISAGGREGATED, ServingMode.ATTENTION_OFFLOAD):
-        # Attention offload is planned as disaggregation until its pool model lands (issue 4).
+    if mode in (ServingMode.AUTO, ServingMode.DISAGGREGATED):
         for p in prefill:
             for d in decode:
                 pools = [(p, PoolRole.PREFILL), (d, PoolRole.DECODE)]
                 candidates.extend(_bounded(pools, spec, ServingMode.DISAGGREGATED))
+    if mode in (ServingMode.AUTO, ServingMode.ATTENTION_OFFLOAD):
+        offloaded = list(_offloaded_sizings(spec, usable))
+        for p in prefill:
+            for d in offloaded:
+                pools = [(p, PoolRole.PREFILL), (d, PoolRole.DECODE)]
+                candidates.extend(_bounded(pools, spec, ServingMode.ATTENTION_OFFLOAD))
     return candidates
+
+
+def _offloaded_sizings(
+    spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]
+) -> Iterable[PoolSizing]:
+    """Decode replicas on a compute class with attention on a memory class (Lamina)."""
+    arch = spec.model.architecture
+    for compute in offers:
+        if compute.spec.kind == "CPU":
+            continue
+        for tp in TENSOR_PARALLEL_DEGREES:
+            if tp > compute.spec.accelerators_per_node:
+                break
+            if compute.free_accelerators is not None and tp > compute.free_accelerators:
+                break
+            if ReplicaPerformance(arch, compute.spec, tp).kv_capacity_tokens <= 0:
+                continue
+            for memory in offers:
+                for devices in ATTENTION_DEVICES:
+                    if memory.free_accelerators is not None and devices > memory.free_accelerators:
+                        break
+                    performance = OffloadedDecodePerformance(
+                        arch, compute.spec, tp, memory.spec, devices
+                    )
+                    if not performance.fits():
+                        continue
+                    sizing = _size_replica(spec, compute, performance, PoolRole.DECODE)
+                    if sizing is not None:
+                        yield PoolSizing(
+                            sizing.offer,
+                            sizing.performance,
+                            sizing.role,
+                            sizing.requests_per_second_per_replica,
+                            sizing.tokens_per_request,
+                            sizing.predicted_latency_ms,
+                            f"{sizing.note}, attention on {devices}x {memory.name}",
+                            attention_offer=memory,
+                        )
 
 
 def _sizings(
@@ -139,13 +212,19 @@ def _sizings(
 
 
 def _size_replica(
-    spec: ModelDeploymentSpec, offer: ClassOffer, perf: ReplicaPerformance, role: PoolRole
+    spec: ModelDeploymentSpec,
+    offer: ClassOffer,
+    perf: ReplicaPerformance | OffloadedDecodePerformance,
+    role: PoolRole,
 ) -> PoolSizing | None:
     """How many requests/s one replica carries in a role within the SLO, or None if it can't."""
     prompt, output = spec.traffic.resolved_lengths()
     ttft_s = spec.slo.ttft_ms / 1000
     tpot_s = spec.slo.tpot_ms / 1000
-    prefill_s = perf.prefill_time_s(int(prompt.mean))
+    # Only replicas that prefill (colocated, prefill) have a prefill time; offloaded ones don't.
+    prefill_s = (
+        perf.prefill_time_s(int(prompt.mean)) if isinstance(perf, ReplicaPerformance) else 0.0
+    )
     mean_context = prompt.mean + output.mean / 2
     if role in (PoolRole.COLOCATED, PoolRole.PREFILL) and prefill_s > ttft_s:
         return None
@@ -195,11 +274,18 @@ def _bounded(
         replicas = max(needed, bounds.min_replicas, 1)
         if replicas > bounds.max_replicas:
             return []
-        used[sizing.offer.name] = used.get(sizing.offer.name, 0) + replicas * sizing.tensor_parallel
+        for name, devices in sizing.devices_per_replica().items():
+            used[name] = used.get(name, 0) + replicas * devices
         sized.append((sizing, replicas))
-    for sizing, _ in sized:
-        free = sizing.offer.free_accelerators
-        if free is not None and used[sizing.offer.name] > free:
+    offers_by_name = {
+        offer.name: offer
+        for sizing, _ in sized
+        for offer in (sizing.offer, sizing.attention_offer)
+        if offer is not None
+    }
+    for name, count in used.items():
+        free = offers_by_name[name].free_accelerators
+        if free is not None and count > free:
             return []
     candidate = _candidate(sized, spec, mode)
     limit = spec.hardware.max_accelerators
@@ -214,6 +300,7 @@ def _candidate(
     if mode is ServingMode.COLOCATED:
         ((sizing, replicas),) = sized
         prompt, _ = spec.traffic.resolved_lengths()
+        assert isinstance(sizing.performance, ReplicaPerformance)
         prefill_s = sizing.performance.prefill_time_s(int(prompt.mean))
         ttft_ms = prefill_s * 1e3
         # Prefills interleaved with decoding stretch each token by the time spent prefilling.
@@ -251,6 +338,17 @@ def to_plan(candidate: Candidate, spec: ModelDeploymentSpec) -> Plan:
                 ),
             )
         )
+        if sizing.attention_offer is not None:
+            pools.append(
+                PoolPlan(
+                    name=f"attention-{sizing.attention_offer.name}",
+                    role=PoolRole.ATTENTION,
+                    accelerator_class=sizing.attention_offer.name,
+                    tensor_parallel=sizing.attention_devices,
+                    replicas=replicas,
+                    predicted_load=None,
+                )
+            )
     rationale = (
         f"{candidate.mode.value}, cheapest by {spec.objective.value} "
         f"at {rate:g} req/s: " + "; ".join(candidate.notes)

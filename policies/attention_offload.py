@@ -1,0 +1,159 @@
+"""Performance of a decode replica whose attention runs on a memory-optimised pool (Lamina).
+
+Decode attention reads the whole KV cache every step and does few FLOPs per byte; the linear
+layers read the weights once per step and get more efficient the larger the batch. Splitting
+them lets the compute devices hold only the weights (so the batch is limited by the memory
+pool's KV capacity, not by the compute devices' memory) while cheap bandwidth-rich devices
+hold and scan the KV cache. Each layer sends the batch's queries to the attention devices
+and gets the attention output back; two micro-batches are pipelined so that the linear layers,
+the attention and the transfer overlap.
+
+The class mirrors ReplicaPerformance's decode interface (`iteration`, `kv_capacity_tokens`,
+`decode_step_time_s`, `max_decode_batch_for_tpot`, `power_w`) so the planner and the simulator
+use it as a decode replica.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import cached_property
+
+from tessera.api.accelerator_class import AcceleratorClassSpec
+from tessera.api.model_deployment import ModelArchitecture
+from tessera.policies.efficiency import Calibration, calibration_for
+from tessera.policies.perfmodel import IterationCost, PrefillChunk, ReplicaPerformance
+
+MICRO_BATCHES = 2
+
+
+class OffloadedDecodePerformance:
+    """A decode replica: `compute_tp` compute devices plus `attention_devices` memory devices."""
+
+    def __init__(
+        self,
+        architecture: ModelArchitecture,
+        compute: AcceleratorClassSpec,
+        compute_tp: int,
+        memory: AcceleratorClassSpec,
+        attention_devices: int,
+        compute_calibration: Calibration | None = None,
+        memory_calibration: Calibration | None = None,
+    ) -> None:
+        if attention_devices < 1:
+            raise ValueError(f"attention_devices must be >= 1, got {attention_devices}")
+        self.architecture = architecture
+        self.compute = ReplicaPerformance(architecture, compute, compute_tp, compute_calibration)
+        self.memory = memory
+        self.attention_devices = attention_devices
+        self.memory_calibration = memory_calibration or calibration_for(memory)
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.compute.tensor_parallel
+
+    @property
+    def accelerator(self) -> AcceleratorClassSpec:
+        return self.compute.accelerator
+
+    @cached_property
+    def kv_capacity_tokens(self) -> int:
+        usable = self.memory.memory_bytes * self.memory_calibration.memory_utilization
+        usable -= self.memory_calibration.activation_reserve_bytes
+        per_device = max(0.0, usable) // self.architecture.kv_bytes_per_token
+        return int(per_device) * self.attention_devices
+
+    def fits(self, min_kv_tokens: int | None = None) -> bool:
+        weights_fit = self.compute.kv_capacity_tokens > 0
+        needed = min_kv_tokens or self.architecture.max_context_tokens
+        return weights_fit and self.kv_capacity_tokens >= needed
+
+    @cached_property
+    def _attention_bandwidth_bytes_s(self) -> float:
+        per_device = (
+            self.memory.memory_bandwidth_gbps * 1e9 * self.memory_calibration.memory_efficiency
+        )
+        return per_device * self.attention_devices
+
+    @cached_property
+    def _attention_flops_s(self) -> float:
+        peak = self.memory.peak_tflops.for_dtype(self.architecture.dtype.value) * 1e12
+        return peak * self.memory_calibration.compute_efficiency * self.attention_devices
+
+    @cached_property
+    def _link_bytes_s(self) -> float:
+        link_gbps = min(
+            self.compute.accelerator.network_bandwidth_gbps * self.tensor_parallel,
+            self.memory.network_bandwidth_gbps * self.attention_devices,
+        )
+        return link_gbps * 1e9
+
+    def stage_times_s(self, decode_context_tokens: Sequence[int]) -> tuple[float, float, float]:
+        """(linear layers, attention, query/output transfer) seconds for one decode step."""
+        arch = self.architecture
+        batch = len(decode_context_tokens)
+        linear = self.compute.iteration(decode_context_tokens=[0] * batch)
+        linear_s = linear.time_s - self.compute.calibration.iteration_overhead_s
+        context = sum(decode_context_tokens)
+        kv_bytes = (context + batch) * arch.kv_bytes_per_token
+        attention_flops = 4.0 * arch.num_layers * arch.num_attention_heads * arch.resolved_head_dim
+        attention_s = max(
+            kv_bytes / self._attention_bandwidth_bytes_s,
+            context * attention_flops / self._attention_flops_s,
+        )
+        head_bytes = arch.resolved_head_dim * arch.dtype.bytes
+        # Per token and layer: queries out, attention output back, the new K and V out.
+        per_token_bytes = 2 * arch.num_attention_heads * head_bytes
+        per_token_bytes += 2 * arch.num_key_value_heads * head_bytes
+        per_layer_bytes = batch * per_token_bytes
+        transfer_s = arch.num_layers * (
+            per_layer_bytes / self._link_bytes_s + self.memory_calibration.allreduce_latency_s
+        )
+        return linear_s, attention_s, transfer_s
+
+    def iteration(
+        self, prefill: Sequence[PrefillChunk] = (), decode_context_tokens: Sequence[int] = ()
+    ) -> IterationCost:
+        """Cost of one decode step; an offloaded replica does not prefill."""
+        if prefill:
+            raise ValueError("an attention-offloaded replica runs decode only; prefill elsewhere")
+        if not decode_context_tokens:
+            return IterationCost(0.0, 0.0, 0.0, 0.0)
+        linear_s, attention_s, transfer_s = self.stage_times_s(decode_context_tokens)
+        stages = (linear_s, attention_s, transfer_s)
+        pipelined = sum(stages) / MICRO_BATCHES + (MICRO_BATCHES - 1) * max(stages) / MICRO_BATCHES
+        time_s = pipelined + self.compute.calibration.iteration_overhead_s
+        return IterationCost(time_s, linear_s, attention_s, transfer_s)
+
+    def decode_step_time_s(self, batch: int, mean_context_tokens: float) -> float:
+        if batch <= 0:
+            return 0.0
+        return self.iteration(decode_context_tokens=[int(mean_context_tokens)] * batch).time_s
+
+    def max_decode_batch_for_tpot(
+        self, tpot_s: float, mean_context_tokens: float, upper: int = 8192
+    ) -> int:
+        kv_limit = self.kv_capacity_tokens // max(1, math.ceil(mean_context_tokens))
+        best = 0
+        low, high = 1, max(1, min(upper, kv_limit))
+        while low <= high:
+            mid = (low + high) // 2
+            if self.decode_step_time_s(mid, mean_context_tokens) <= tpot_s:
+                best, low = mid, mid + 1
+            else:
+                high = mid - 1
+        return best
+
+    def kv_transfer_time_s(self, tokens: int, link_gbps: float | None = None) -> float:
+        link = link_gbps or self.memory.network_bandwidth_gbps
+        return tokens * self.architecture.kv_bytes_per_token / (link * 1e9)
+
+    def power_w(self, busy_fraction: float, compute_bound: bool) -> float:
+        """Compute devices at their phase's draw plus memory devices at memory-bound draw."""
+        compute_w = self.compute.power_w(busy_fraction, compute_bound)
+        busy = min(1.0, max(0.0, busy_fraction))
+        idle = self.memory.idle_power_w
+        if idle is None:
+            idle = self.memory_calibration.idle_power_fraction * self.memory.tdp_w
+        active = self.memory_calibration.memory_bound_power_fraction * self.memory.tdp_w
+        return compute_w + self.attention_devices * (idle + busy * max(0.0, active - idle))

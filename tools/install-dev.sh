@@ -3,6 +3,8 @@
 # system packages (Prometheus for the scrape test), the helm binary, and a virtual environment
 # in .venv with the project and its [dev] extra. Safe to run again.
 set -euo pipefail
+# Never let the repo root shadow the standard library (operator/ is `tessera.operator`).
+export PYTHONSAFEPATH=1
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

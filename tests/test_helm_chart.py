@@ -1,0 +1,692 @@
+"""The Helm chart helm/tessera, rendered by the real `helm` and checked object by object.
+
+What is checked here and why:
+- `helm lint --strict` and `helm template` succeed for the default values and for every values
+  file in helm/tessera/ci/ (all optional features on, the smallest install) plus a privileged
+  agent; values.schema.json rejects bad values *through helm* (a test of the schema that helm
+  actually enforces, not of a Python reimplementation).
+- Every rendered object is valid against the Kubernetes OpenAPI schemas (`kubernetes_validate`,
+  strict: unknown fields are errors) at the chart's minimum Kubernetes version and the newest one
+  the package ships. Kinds it does not know (the Prometheus operator's ServiceMonitor) are checked
+  for shape and for what they select.
+- What the OpenAPI schemas cannot see: selectors select the pods they should, named ports and
+  volumes exist, RBAC is least privilege and covers every resource of tessera.api, security
+  contexts obey the API server's cross-field rules, mTLS and node selection follow the values.
+- The chart's crds/ is byte-identical to the generated crds/; the Grafana dashboard's PromQL parses
+  (`promtool`) and queries the metric names the agent and engine export.
+
+Skips, with the reason, when `helm` is not on PATH (`.ci/install-helm.sh` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+from tessera.api.loader import RESOURCE_TYPES
+
+HELM = shutil.which("helm")
+pytestmark = pytest.mark.skipif(
+    HELM is None, reason="helm is not on PATH: run .ci/install-helm.sh to install it"
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "tessera"
+CI_VALUES = CHART / "ci"
+RELEASE = "tessera-test"
+NAMESPACE = "tessera-system"
+HELM_TIMEOUT_S = 60
+
+# Kinds kubernetes_validate has no schema for, checked by shape below instead.
+KINDS_CHECKED_FOR_SHAPE = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+# The metric names the agents and the engine export; the dashboard must query every one.
+DASHBOARD_METRICS = (
+    "tessera_request_ttft_seconds",
+    "tessera_request_tpot_seconds",
+    "tessera_device_power_watts",
+    "tessera_device_energy_joules_total",
+    "tessera_requests_total",
+)
+
+Obj = dict[str, Any]
+
+
+def _chart_metadata() -> Obj:
+    metadata: Obj = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    return metadata
+
+
+def _min_kube_version() -> str:
+    """The lowest Kubernetes version Chart.yaml's kubeVersion admits, e.g. '1.30.0'."""
+    match = re.fullmatch(r">=\s*(\d+\.\d+\.\d+)(-0)?", _chart_metadata()["kubeVersion"])
+    assert match, "Chart.yaml kubeVersion must be of the form '>=X.Y.Z-0'"
+    return match.group(1)
+
+
+SCHEMA_VERSIONS = sorted({".".join(_min_kube_version().split(".")[:2]), latest_version()})
+
+# name -> (values files, --set overrides): the configurations rendered and checked.
+CASES: dict[str, tuple[tuple[Path, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    "full": ((CI_VALUES / "full-values.yaml",), ()),
+    "minimal": ((CI_VALUES / "minimal-values.yaml",), ()),
+    "privileged-agent": ((), ("agent.privileged=true",)),
+}
+
+
+def _values_args(case: str) -> list[str]:
+    files, sets = CASES[case]
+    args: list[str] = []
+    for path in files:
+        args += ["--values", str(path)]
+    for assignment in sets:
+        args += ["--set", assignment]
+    return args
+
+
+def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run helm; the result is returned whatever the exit code, for the caller to judge."""
+    assert HELM is not None
+    return subprocess.run(
+        [HELM, *args], capture_output=True, text=True, timeout=HELM_TIMEOUT_S, check=False
+    )
+
+
+def helm_template(*extra: str) -> subprocess.CompletedProcess[str]:
+    return run_helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        _min_kube_version(),
+        "--include-crds",
+        *extra,
+    )
+
+
+@cache
+def render(case: str) -> tuple[Obj, ...]:
+    """Every object `helm template` renders for a case (cached: rendering is deterministic)."""
+    result = helm_template(*_values_args(case))
+    assert result.returncode == 0, f"helm template failed for {case}:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+@cache
+def merged_values(case: str) -> Obj:
+    """The values a case renders with, as helm computes them (defaults, files, --set)."""
+    result = run_helm("show", "values", str(CHART))
+    assert result.returncode == 0, result.stderr
+    values: Obj = yaml.safe_load(result.stdout)
+    files, sets = CASES[case]
+    for path in files:
+        values = _deep_merge(values, yaml.safe_load(path.read_text()))
+    for assignment in sets:
+        key, raw = assignment.split("=", 1)
+        node = values
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = yaml.safe_load(raw)
+    return values
+
+
+def _deep_merge(base: Obj, override: Obj) -> Obj:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def objects(case: str, kind: str) -> list[Obj]:
+    return [obj for obj in render(case) if obj["kind"] == kind]
+
+
+def one(case: str, kind: str, component: str | None = None) -> Obj:
+    found = [
+        obj
+        for obj in objects(case, kind)
+        if component is None
+        or obj["metadata"]["labels"].get("app.kubernetes.io/component") == component
+    ]
+    assert len(found) == 1, f"expected one {kind} ({component}) in {case}, got {len(found)}"
+    return found[0]
+
+
+def workloads(case: str) -> list[Obj]:
+    return [obj for obj in render(case) if obj["kind"] in ("Deployment", "DaemonSet")]
+
+
+def container(workload: Obj) -> Obj:
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, f"{workload['metadata']['name']}: one container expected"
+    first: Obj = containers[0]
+    return first
+
+
+def env_of(workload: Obj) -> dict[str, Any]:
+    return {
+        var["name"]: var.get("value", var.get("valueFrom")) for var in container(workload)["env"]
+    }
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# helm itself: lint, render, schema enforcement
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_helm_lint_strict(case: str) -> None:
+    result = run_helm(
+        "lint", "--strict", "--kube-version", _min_kube_version(), str(CHART), *_values_args(case)
+    )
+    assert result.returncode == 0, f"helm lint failed for {case}:\n{result.stdout}{result.stderr}"
+
+
+def test_ci_values_files_are_all_rendered() -> None:
+    """A values file added to helm/tessera/ci/ must be added to CASES, or it is never checked."""
+    covered = {path for files, _ in CASES.values() for path in files}
+    assert set(CI_VALUES.glob("*.yaml")) == covered
+
+
+def test_values_schema_is_valid_and_accepts_every_case() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    for case in CASES:
+        jsonschema.Draft7Validator(schema).validate(merged_values(case))
+
+
+@pytest.mark.parametrize(
+    ("assignment", "reported_at"),
+    [
+        ("operator.replicas=-1", "/operator/replicas"),
+        ("operator.replicas=2", "/operator/leaderElection/enabled"),
+        ("mtls.enabled=true", "/mtls/agentSecretName"),
+        ("agent.grpcPort=70000", "/agent/grpcPort"),
+        ("operatr.replicas=1", "additional properties 'operatr'"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("metrics.serviceMonitor.interval=soon", "/metrics/serviceMonitor/interval"),
+        ("metrics.serviceMonitor.enabled=true,metrics.service.enabled=false", "/metrics/service"),
+    ],
+)
+def test_values_schema_rejects_bad_values_through_helm(assignment: str, reported_at: str) -> None:
+    result = helm_template("--set", assignment)
+    assert result.returncode != 0, f"helm accepted --set {assignment}"
+    assert "schema" in result.stderr, result.stderr
+    assert reported_at in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "assignment",
+    [
+        "operator.replicas=0",
+        "operator.replicas=2,operator.leaderElection.enabled=true",
+        "mtls.enabled=true,mtls.agentSecretName=a-tls,mtls.operatorSecretName=o-tls",
+        "agent.grpcPort=65535",
+    ],
+)
+def test_values_schema_accepts_the_neighbouring_good_values(assignment: str) -> None:
+    """The rejections above are for the value, not for the key: its good neighbours pass."""
+    result = helm_template("--set", assignment)
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes OpenAPI schemas
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rendered_objects_match_kubernetes_openapi(case: str, version: str) -> None:
+    unknown: set[tuple[str, str]] = set()
+    for obj in render(case):
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            unknown.add((obj["apiVersion"], obj["kind"]))
+        except kubernetes_validate.ValidationError as error:
+            name = f"{obj['kind']}/{obj['metadata'].get('name')}"
+            pytest.fail(f"{case}: {name} is invalid for Kubernetes {version}: {error}")
+    assert unknown <= KINDS_CHECKED_FOR_SHAPE, f"no schema for {unknown - KINDS_CHECKED_FOR_SHAPE}"
+
+
+def test_openapi_validation_is_strict() -> None:
+    """Guards the check above: a misspelt field in a rendered Deployment must be an error."""
+    deployment = json.loads(json.dumps(one("default", "Deployment")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, SCHEMA_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_object_has_the_standard_labels(case: str) -> None:
+    chart = _chart_metadata()
+    for obj in render(case):
+        if obj["kind"] == "CustomResourceDefinition":
+            continue  # crds/ is generated and installed as-is; helm cannot template it
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == chart["name"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/version"] == chart["appVersion"]
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["helm.sh/chart"] == f"{chart['name']}-{chart['version']}"
+        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert "namespace" in obj["metadata"], f"{obj['kind']} without a namespace"
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring: selectors, ports, volumes, accounts
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_workloads_are_wired(case: str) -> None:
+    accounts = {sa["metadata"]["name"] for sa in objects(case, "ServiceAccount")}
+    for workload in workloads(case):
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]
+        assert _matches(workload["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
+        main = container(workload)
+        port_names = {port["name"] for port in main["ports"]}
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert main[probe]["httpGet"]["port"] in port_names, f"{name}: {probe} port"
+        volumes = {volume["name"] for volume in pod["spec"].get("volumes", [])}
+        for mount in main.get("volumeMounts", []):
+            assert mount["name"] in volumes, f"{name}: mount {mount['name']} has no volume"
+        assert main["command"] == ["tessera"]
+        assert main["args"][0] in ("operator", "agent")
+        if pod["spec"]["serviceAccountName"] not in accounts:
+            # Only an account the values say exists outside the chart may be missing.
+            values = merged_values(case)[main["args"][0]]["serviceAccount"]
+            assert not values["create"]
+            assert pod["spec"]["serviceAccountName"] == values["name"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_services_select_their_pods_and_ports(case: str) -> None:
+    for service in objects(case, "Service"):
+        selected = [
+            w
+            for w in workloads(case)
+            if _matches(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(selected) == 1, f"{service['metadata']['name']} selects {len(selected)}"
+        port_names = {port["name"] for port in container(selected[0])["ports"]}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in port_names
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_role_bindings_point_at_rendered_roles_and_accounts(case: str) -> None:
+    for binding in objects(case, "ClusterRoleBinding") + objects(case, "RoleBinding"):
+        role_kind = binding["roleRef"]["kind"]
+        assert binding["roleRef"]["name"] in {
+            r["metadata"]["name"] for r in objects(case, role_kind)
+        }
+        for subject in binding["subjects"]:
+            assert subject["kind"] == "ServiceAccount"
+            assert subject["namespace"] == NAMESPACE
+            operator_pod = one(case, "Deployment")["spec"]["template"]["spec"]
+            assert subject["name"] == operator_pod["serviceAccountName"]
+
+
+def test_image_defaults_to_app_version_and_digest_wins() -> None:
+    app_version = _chart_metadata()["appVersion"]
+    default_image = container(one("default", "Deployment"))["image"]
+    assert default_image.endswith(f":{app_version}")
+    full = merged_values("full")["image"]
+    for workload in workloads("full"):
+        assert container(workload)["image"] == (
+            f"{full['registry']}/{full['repository']}@{full['digest']}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Least privilege
+
+
+def _rules(case: str) -> list[Obj]:
+    rules: list[Obj] = one(case, "ClusterRole")["rules"]
+    return rules
+
+
+def _granted(rules: list[Obj], group: str, resource: str) -> set[str]:
+    verbs: set[str] = set()
+    for rule in rules:
+        if group in rule.get("apiGroups", []) and resource in rule.get("resources", []):
+            verbs |= set(rule["verbs"])
+    return verbs
+
+
+READ = {"get", "list", "watch"}
+
+
+def test_operator_may_do_what_it_must() -> None:
+    rules = _rules("default")
+    for model in RESOURCE_TYPES.values():
+        plural = model.crd.plural
+        assert {"get", "list", "watch", "patch"} <= _granted(rules, "tessera.dev", plural), plural
+        assert "patch" in _granted(rules, "tessera.dev", f"{plural}/status"), plural
+    for group, resource in (("apps", "deployments"), ("apps", "statefulsets"), ("", "services")):
+        assert READ | {"create", "patch", "delete"} <= _granted(rules, group, resource)
+    for resource in ("pods", "nodes"):
+        assert _granted(rules, "", resource) == READ, resource
+    assert "create" in _granted(rules, "", "events")
+    assert {"list", "watch"} <= _granted(rules, "apiextensions.k8s.io", "customresourcedefinitions")
+    assert {"list", "watch"} <= _granted(rules, "", "namespaces")
+
+
+def test_operator_may_do_nothing_more() -> None:
+    rules = _rules("default")
+    for rule in rules:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule.get(field, []), f"wildcard in {rule}"
+        assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"])
+        assert "nonResourceURLs" not in rule
+    for resource in ("secrets", "configmaps", "pods/exec", "serviceaccounts", "namespaces"):
+        assert _granted(rules, "", resource) <= {"list", "watch"}, resource
+    assert not _granted(rules, "", "secrets")
+    for model in RESOURCE_TYPES.values():
+        # Users own their Tessera resources: the operator never creates or deletes them.
+        assert not {"create", "delete"} & _granted(rules, "tessera.dev", model.crd.plural)
+    granted_groups = {group for rule in rules for group in rule["apiGroups"]}
+    assert granted_groups == {"tessera.dev", "apps", "", "apiextensions.k8s.io"}
+
+
+def test_leader_election_is_one_lease_in_the_release_namespace() -> None:
+    assert not objects("default", "Role")
+    role = one("full", "Role")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    lease = env_of(one("full", "Deployment"))["TESSERA_LEADER_ELECTION_LEASE"]
+    for rule in role["rules"]:
+        assert rule["apiGroups"] == ["coordination.k8s.io"]
+        assert rule["resources"] == ["leases"]
+        if rule["verbs"] != ["create"]:  # create cannot be limited by name in Kubernetes
+            assert rule["resourceNames"] == [lease]
+
+
+# ---------------------------------------------------------------------------------------------
+# Security contexts and what the agent may touch on the node
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_operator_runs_unprivileged(case: str) -> None:
+    deployment = one(case, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    security = container(deployment)["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert "add" not in security["capabilities"]
+    assert container(deployment)["resources"]["limits"]["memory"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pods_stay_off_the_host(case: str) -> None:
+    for workload in workloads(case):
+        pod = workload["spec"]["template"]["spec"]
+        for field in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not pod.get(field), f"{workload['metadata']['name']}: {field}"
+        assert all("hostPath" not in volume for volume in pod.get("volumes", []))
+
+
+@pytest.mark.parametrize("case", ["default", "full", "privileged-agent"])
+def test_agent_privilege_follows_the_values(case: str) -> None:
+    values = merged_values(case)
+    daemonset = one(case, "DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    security = container(daemonset)["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert pod["automountServiceAccountToken"] is False
+    added = set(security.get("capabilities", {}).get("add", []))
+    if values["agent"]["privileged"]:
+        assert security["privileged"] is True
+    elif values["mtls"]["enabled"]:
+        assert added == {"SYS_ADMIN"}, "control needs CAP_SYS_ADMIN for NVML power limits"
+        assert not security.get("privileged")
+    else:
+        assert not security.get("privileged") and not added
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"]["drop"] == ["ALL"]
+    # The API server rejects allowPrivilegeEscalation=false beside privileged or CAP_SYS_ADMIN
+    # (a cross-field rule the OpenAPI schema does not encode).
+    if security.get("privileged") or "SYS_ADMIN" in added:
+        assert security.get("allowPrivilegeEscalation") is not False
+    # NVML sees every device without the agent taking one from the workloads.
+    assert "nvidia.com/gpu" not in json.dumps(container(daemonset)["resources"])
+    assert (
+        env_of(daemonset)["NVIDIA_VISIBLE_DEVICES"] == values["agent"]["nvidia"]["visibleDevices"]
+    )
+
+
+@pytest.mark.parametrize("case", ["default", "full"])
+def test_agent_node_selection_follows_the_values(case: str) -> None:
+    agent = merged_values(case)["agent"]
+    pod = one(case, "DaemonSet")["spec"]["template"]["spec"]
+    assert pod.get("nodeSelector", {}) == agent["nodeSelector"]
+    assert pod["affinity"] == agent["affinity"]
+    assert pod["tolerations"] == agent["tolerations"]
+    assert pod.get("runtimeClassName", "") == agent["runtimeClassName"]
+    assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+
+
+def test_operator_node_selection_follows_the_values() -> None:
+    operator = merged_values("full")["operator"]
+    pod = one("full", "Deployment")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == operator["nodeSelector"]
+    assert pod["tolerations"] == operator["tolerations"]
+    assert pod["priorityClassName"] == operator["priorityClassName"]
+
+
+# ---------------------------------------------------------------------------------------------
+# mTLS and control
+
+
+def _tls_secret(workload: Obj) -> str | None:
+    for volume in workload["spec"]["template"]["spec"].get("volumes", []):
+        if volume["name"] == "tls":
+            secret_name: str = volume["secret"]["secretName"]
+            return secret_name
+    return None
+
+
+@pytest.mark.parametrize("case", ["default", "full"])
+def test_control_is_on_only_with_mtls_certificates(case: str) -> None:
+    mtls = merged_values(case)["mtls"]
+    operator, agent = one(case, "Deployment"), one(case, "DaemonSet")
+    for workload in (operator, agent):
+        env = env_of(workload)
+        assert env["TESSERA_AGENT_CONTROL"] == str(mtls["enabled"]).lower()
+        mounts = {m["name"]: m for m in container(workload).get("volumeMounts", [])}
+        if mtls["enabled"]:
+            assert mounts["tls"]["readOnly"] is True
+            assert env["TESSERA_TLS_DIR"] == mounts["tls"]["mountPath"]
+        else:
+            assert "tls" not in mounts and "TESSERA_TLS_DIR" not in env
+    if mtls["enabled"]:
+        assert _tls_secret(operator) == mtls["operatorSecretName"]
+        assert _tls_secret(agent) == mtls["agentSecretName"]
+    else:
+        assert _tls_secret(operator) is None and _tls_secret(agent) is None
+
+
+@pytest.mark.parametrize("case", ["default", "full"])
+def test_operator_finds_the_agents(case: str) -> None:
+    env = env_of(one(case, "Deployment"))
+    agent_service = one(case, "Service", "agent")
+    assert env["TESSERA_AGENT_SERVICE"] == f"{agent_service['metadata']['name']}.{NAMESPACE}.svc"
+    assert agent_service["spec"]["clusterIP"] == "None"
+    grpc = next(p for p in agent_service["spec"]["ports"] if p["name"] == "grpc")
+    assert env["TESSERA_AGENT_GRPC_PORT"] == str(grpc["port"])
+    assert grpc["port"] == merged_values(case)["agent"]["grpcPort"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional objects: ServiceMonitor and Grafana dashboard
+
+
+def test_optional_objects_are_off_by_default() -> None:
+    kinds = {obj["kind"] for obj in render("default")}
+    assert "ServiceMonitor" not in kinds and "ConfigMap" not in kinds
+
+
+# The ServiceMonitor endpoint fields the chart may set (monitoring.coreos.com/v1 Endpoint).
+SERVICE_MONITOR_ENDPOINT_FIELDS = frozenset(
+    ("port", "path", "scheme", "interval", "scrapeTimeout", "relabelings", "metricRelabelings")
+)
+
+
+def test_service_monitor_scrapes_operator_and_agents() -> None:
+    values = merged_values("full")["metrics"]["serviceMonitor"]
+    monitor = one("full", "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == values["namespace"]
+    assert _matches(values["labels"], monitor["metadata"]["labels"])
+    spec = monitor["spec"]
+    assert set(spec) <= {"selector", "namespaceSelector", "endpoints", "jobLabel"}
+    assert spec["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    selected = [
+        service
+        for service in objects("full", "Service")
+        if _matches(spec["selector"]["matchLabels"], service["metadata"]["labels"])
+    ]
+    components = {s["metadata"]["labels"]["app.kubernetes.io/component"] for s in selected}
+    assert components == {"operator", "agent"}
+    duration = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
+    for endpoint in spec["endpoints"]:
+        assert set(endpoint) <= SERVICE_MONITOR_ENDPOINT_FIELDS, endpoint
+        for service in selected:
+            assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+        assert duration.match(endpoint["interval"]) and duration.match(endpoint["scrapeTimeout"])
+        assert _seconds(endpoint["scrapeTimeout"]) <= _seconds(endpoint["interval"])
+        assert endpoint["relabelings"] == values["relabelings"]
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)(ms|s|m|h|d|w|y)", duration))
+
+
+def _dashboard_files() -> list[Path]:
+    return sorted((CHART / "dashboards").glob("*.json"))
+
+
+def test_dashboard_config_map_ships_the_dashboards_as_they_are() -> None:
+    values = merged_values("full")["dashboard"]
+    config_map = one("full", "ConfigMap")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["namespace"] == values["namespace"]
+    assert config_map["metadata"]["annotations"]["grafana_folder"] == values["folder"]
+    shipped = {path.name: path.read_text() for path in _dashboard_files()}
+    assert shipped, "helm/tessera/dashboards/ is empty"
+    assert {name: json.loads(text) for name, text in config_map["data"].items()} == {
+        name: json.loads(text) for name, text in shipped.items()
+    }
+
+
+def _panels(dashboard: Obj) -> Iterator[Obj]:
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+@pytest.mark.parametrize("path", _dashboard_files(), ids=lambda p: p.name)
+def test_dashboard_queries_the_exported_metrics(path: Path) -> None:
+    dashboard = json.loads(path.read_text())
+    assert dashboard["uid"] and dashboard["title"]
+    assert "__inputs" not in dashboard, "the sidecar imports dashboards without input mapping"
+    variables = {variable["name"] for variable in dashboard["templating"]["list"]}
+    assert "datasource" in variables
+    panels = list(_panels(dashboard))
+    assert len({panel["id"] for panel in panels}) == len(panels), "panel ids must be unique"
+    expressions = []
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        expressions += [target["expr"] for target in panel["targets"]]
+    queried = " ".join(expressions)
+    for metric in DASHBOARD_METRICS:
+        assert metric in queried, f"no panel queries {metric}"
+    for used in re.findall(r"\$(\w+)", queried):
+        assert used in variables | {"__rate_interval", "__interval", "__range"}, used
+    titles = " ".join(panel["title"].lower() for panel in panels)
+    for topic in ("first token", "per output token", "power", "request rate"):
+        assert topic in titles
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not on PATH (Debian package prometheus)")
+@pytest.mark.parametrize("path", _dashboard_files(), ids=lambda p: p.name)
+def test_dashboard_promql_parses(path: Path, tmp_path: Path) -> None:
+    """Each panel query, with Grafana's variables filled in, as a recording rule for promtool."""
+    assert PROMTOOL is not None
+    dashboard = json.loads(path.read_text())
+    rules = []
+    for panel in _panels(dashboard):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in (("__rate_interval", "5m"), ("namespace", ".*")):
+                expr = expr.replace(f"${variable}", value)
+            rules.append(
+                {"record": f"dashboard:panel_{panel['id']}_{target['refId']}", "expr": expr}
+            )
+    rule_file = tmp_path / "dashboard-rules.yaml"
+    rule_file.write_text(yaml.safe_dump({"groups": [{"name": path.stem, "rules": rules}]}))
+    result = subprocess.run(
+        [PROMTOOL, "check", "rules", str(rule_file)],
+        capture_output=True,
+        text=True,
+        timeout=HELM_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(rules)} rules found" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# CRDs
+
+
+def test_chart_crds_are_the_generated_crds() -> None:
+    generated = {path.name: path.read_bytes() for path in (ROOT / "crds").glob("*.yaml")}
+    if not generated:
+        pytest.skip("crds/ is empty: nothing generated yet (`tessera crds`)")
+    in_chart = {path.name: path.read_bytes() for path in (CHART / "crds").glob("*.yaml")}
+    assert sorted(in_chart) == sorted(generated), "run `tessera crds` (it writes both folders)"
+    for name, content in generated.items():
+        assert in_chart[name] == content, f"helm/tessera/crds/{name} differs: run `tessera crds`"
+
+
+def test_rendered_crds_cover_every_resource() -> None:
+    rendered = {
+        obj["spec"]["names"]["kind"] for obj in objects("default", "CustomResourceDefinition")
+    }
+    if not rendered:
+        pytest.skip("helm/tessera/crds/ is empty: nothing generated yet (`tessera crds`)")
+    assert rendered == set(RESOURCE_TYPES)

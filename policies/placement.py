@@ -124,6 +124,25 @@ def plan_deployment(spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]) -> 
     return to_plan(best, spec)
 
 
+def ranked_candidates(
+    spec: ModelDeploymentSpec, offers: Sequence[ClassOffer], top: int = 5
+) -> list[Candidate]:
+    """The best `top` candidates by the spec's objective, one per distinct layout."""
+    seen: set[tuple[object, ...]] = set()
+    ranked: list[Candidate] = []
+    for candidate in sorted(
+        enumerate_candidates(spec, offers), key=lambda c: c.score(spec.objective)
+    ):
+        layout = (candidate.mode, tuple(note for note in candidate.notes))
+        if layout in seen:
+            continue
+        seen.add(layout)
+        ranked.append(candidate)
+        if len(ranked) == top:
+            break
+    return ranked
+
+
 def allowed_offers(spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]) -> list[ClassOffer]:
     allowed = set(spec.hardware.accelerator_classes)
     return [o for o in offers if not allowed or o.name in allowed]

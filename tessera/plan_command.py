@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -14,7 +15,12 @@ from tessera.api.accelerator_class import AcceleratorClass
 from tessera.api.loader import InvalidResourceError, load_kind
 from tessera.api.model_deployment import ModelDeployment, Plan
 from tessera.policies.capacity import ClassOffer
-from tessera.policies.placement import InfeasiblePlanError, plan_deployment
+from tessera.policies.placement import (
+    Candidate,
+    InfeasiblePlanError,
+    plan_deployment,
+    ranked_candidates,
+)
 
 
 def parse_capacity(values: tuple[str, ...]) -> dict[str, int]:
@@ -54,6 +60,32 @@ def plan_table(deployment: ModelDeployment, plan: Plan) -> Table:
     return table
 
 
+def alternatives_table(candidates: list[Candidate]) -> Table:
+    table = Table(title="Top alternatives (best first)")
+    for column in ("#", "mode", "pools", "accelerators", "cost/h", "power W", "TTFT ms", "TPOT ms"):
+        table.add_column(column, justify="left" if column in ("mode", "pools") else "right")
+    for rank, candidate in enumerate(candidates, start=1):
+        table.add_row(
+            str(rank),
+            candidate.mode.value,
+            "\n".join(
+                f"{n}x {s.role.value} {s.offer.name} TP{s.tensor_parallel}"
+                + (
+                    f" +{s.attention_devices}x {s.attention_offer.name}"
+                    if s.attention_offer
+                    else ""
+                )
+                for s, n in candidate.pools
+            ),
+            str(candidate.accelerators),
+            f"{candidate.cost_per_hour:.2f}",
+            f"{candidate.power_w:.0f}",
+            f"{candidate.ttft_ms:.0f}",
+            f"{candidate.tpot_ms:.1f}",
+        )
+    return table
+
+
 @click.command("plan")
 @click.option(
     "-f",
@@ -83,8 +115,13 @@ def plan_table(deployment: ModelDeployment, plan: Plan) -> Table:
     default="table",
     show_default=True,
 )
+@click.option("--explain", is_flag=True, help="Also print the top alternatives with their scores.")
 def plan_command(
-    deployment_file: Path, class_files: tuple[Path, ...], capacity: tuple[str, ...], output: str
+    deployment_file: Path,
+    class_files: tuple[Path, ...],
+    capacity: tuple[str, ...],
+    output: str,
+    explain: bool,
 ) -> None:
     """Plan each ModelDeployment in FILENAME on the AcceleratorClasses in CLASSES."""
     free = parse_capacity(capacity)
@@ -96,7 +133,7 @@ def plan_command(
     if not deployments:
         raise click.ClickException(f"{deployment_file}: no ModelDeployment found")
     offers = [ClassOffer.from_resource(c, free.get(c.metadata.name)) for c in classes]
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     plans: dict[str, object] = {}
     failed = False
     for deployment in deployments:
@@ -108,6 +145,8 @@ def plan_command(
             continue
         if output == "table":
             console.print(plan_table(deployment, plan))
+            if explain:
+                console.print(alternatives_table(ranked_candidates(deployment.spec, offers)))
         plans[deployment.metadata.name] = plan.to_wire()
     if output == "json":
         click.echo(json.dumps(plans, indent=2))

@@ -25,6 +25,7 @@ from tessera.api.model_deployment import (
 )
 from tessera.policies.attention_offload import OffloadedDecodePerformance
 from tessera.policies.capacity import ClassOffer
+from tessera.policies.lengths import length_quantile, max_rate_for_latency, waiting_quantile_s
 from tessera.policies.perfmodel import ReplicaPerformance
 
 TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8)
@@ -236,48 +237,72 @@ def _size_replica(
     perf: ReplicaPerformance | OffloadedDecodePerformance,
     role: PoolRole,
 ) -> PoolSizing | None:
-    """How many requests/s one replica carries in a role within the SLO, or None if it can't."""
+    """How many requests/s one replica carries in a role within the SLO, or None if it can't.
+
+    TTFT is sized at the SLO percentile: the percentile prompt's prefill plus the percentile
+    queueing delay; TPOT with the mean context (decode steps average over the batch).
+    """
     prompt, output = spec.traffic.resolved_lengths()
+    quantile = spec.slo.percentile / 100
     ttft_s = spec.slo.ttft_ms / 1000
     tpot_s = spec.slo.tpot_ms / 1000
-    # Only replicas that prefill (colocated, prefill) have a prefill time; offloaded ones don't.
-    prefill_s = (
-        perf.prefill_time_s(int(prompt.mean)) if isinstance(perf, ReplicaPerformance) else 0.0
-    )
     mean_context = prompt.mean + output.mean / 2
-    if role in (PoolRole.COLOCATED, PoolRole.PREFILL) and prefill_s > ttft_s:
+    if role is PoolRole.DECODE:
+        return _size_decode(spec, offer, perf, role, tpot_s, mean_context, output.mean)
+    # Only replicas that prefill (colocated, prefill) have a prefill time; offloaded ones don't.
+    assert isinstance(perf, ReplicaPerformance)
+    prefill_s = perf.prefill_time_s(int(prompt.mean))
+    tail_prefill_s = perf.prefill_time_s(int(length_quantile(prompt, quantile)))
+    if tail_prefill_s > ttft_s:
         return None
     if role is PoolRole.PREFILL:
-        # M/D/1 waiting at utilisation rho: rho / (2 mu (1 - rho)); keep TTFT within target.
-        rho = TARGET_UTILIZATION
-        waiting_s = rho * prefill_s / (2 * (1 - rho))
-        while rho > 0.1 and prefill_s + waiting_s > ttft_s:
-            rho -= 0.05
-            waiting_s = rho * prefill_s / (2 * (1 - rho))
-        rate = rho / prefill_s
-        note = f"prefill {prefill_s * 1e3:.0f} ms/request at {rho:.0%} load"
-        return PoolSizing(offer, perf, role, rate, prompt.mean, (prefill_s + waiting_s) * 1e3, note)
-    # Decode and colocated: continuous batching, batch bounded by the TPOT target.
-    # Colocated replicas interleave prefills, which stretch decode steps: leave room for them.
-    tpot_budget_s = tpot_s if role is PoolRole.DECODE else tpot_s * 0.7
+        # The KV cache then crosses the network to a decode replica before the first token.
+        tail_prompt = int(length_quantile(prompt, quantile))
+        transfer_s = perf.kv_transfer_time_s(tail_prompt)
+        extra_s = tail_prefill_s - prefill_s + transfer_s
+        rate = max_rate_for_latency(prefill_s, extra_s, ttft_s, quantile, TARGET_UTILIZATION)
+        if rate <= 0:
+            return None
+        waiting_s = waiting_quantile_s(rate, prefill_s, quantile)
+        ttft_ms = (tail_prefill_s + transfer_s + waiting_s) * 1e3
+        note = f"prefill {prefill_s * 1e3:.0f} ms/request at {rate * prefill_s:.0%} load"
+        return PoolSizing(offer, perf, role, rate, prompt.mean, ttft_ms, note)
+    # Colocated: continuous batching with prefills interleaved. Decode steps are stretched by
+    # 1 / (1 - rate * prefill_s); a new prompt waits for queued prefills and the running step.
+    decode = _size_decode(spec, offer, perf, role, tpot_s * 0.7, mean_context, output.mean)
+    if decode is None:
+        return None
+    step_s = decode.predicted_latency_ms / 1e3
+    rate_for_tpot = (1.0 - step_s / tpot_s) / prefill_s
+    busy_per_request = 1.0 / decode.requests_per_second_per_replica * TARGET_UTILIZATION
+    rate_for_load = TARGET_UTILIZATION / (busy_per_request + prefill_s)
+    rate_for_ttft = max_rate_for_latency(
+        prefill_s, tail_prefill_s - prefill_s + step_s, ttft_s, quantile, TARGET_UTILIZATION
+    )
+    rate = min(rate_for_tpot, rate_for_load, rate_for_ttft)
+    if rate <= 0:
+        return None
+    note = f"{decode.note}, prefill {prefill_s * 1e3:.0f} ms"
+    return PoolSizing(offer, perf, role, rate, output.mean, decode.predicted_latency_ms, note)
+
+
+def _size_decode(
+    spec: ModelDeploymentSpec,
+    offer: ClassOffer,
+    perf: ReplicaPerformance | OffloadedDecodePerformance,
+    role: PoolRole,
+    tpot_budget_s: float,
+    mean_context: float,
+    mean_output: float,
+) -> PoolSizing | None:
+    """Continuous-batching decode: the largest batch whose step fits the TPOT budget."""
     batch = perf.max_decode_batch_for_tpot(tpot_budget_s, mean_context)
     if batch == 0:
         return None
     step_s = perf.decode_step_time_s(batch, mean_context)
-    decode_seconds_per_request = output.mean * step_s / batch
-    busy_per_request = decode_seconds_per_request
-    if role is PoolRole.COLOCATED:
-        busy_per_request += prefill_s
-    rate = TARGET_UTILIZATION / busy_per_request
-    if role is PoolRole.COLOCATED:
-        # Prefills interleaved with decoding stretch each decode step by 1 / (1 - rate *
-        # prefill_s); the rate must keep the stretched step within the TPOT target.
-        rate = min(rate, (1.0 - step_s / tpot_s) / prefill_s)
-    note = f"batch {batch} at {step_s * 1e3:.1f} ms/step" + (
-        f", prefill {prefill_s * 1e3:.0f} ms" if role is PoolRole.COLOCATED else ""
-    )
-    latency_ms = step_s * 1e3
-    return PoolSizing(offer, perf, role, rate, output.mean, latency_ms, note)
+    rate = TARGET_UTILIZATION * batch / (mean_output * step_s)
+    note = f"batch {batch} at {step_s * 1e3:.1f} ms/step"
+    return PoolSizing(offer, perf, role, rate, mean_output, step_s * 1e3, note)
 
 
 def _bounded(
@@ -320,16 +345,27 @@ def _candidate(
         ((sizing, replicas),) = sized
         prompt, _ = spec.traffic.resolved_lengths()
         assert isinstance(sizing.performance, ReplicaPerformance)
+        quantile = spec.slo.percentile / 100
         prefill_s = sizing.performance.prefill_time_s(int(prompt.mean))
-        ttft_ms = prefill_s * 1e3
+        tail_prefill_s = sizing.performance.prefill_time_s(int(length_quantile(prompt, quantile)))
+        rate = spec.traffic.request_rate_per_second / replicas
+        step_s = sizing.predicted_latency_ms / 1e3
+        ttft_ms = (tail_prefill_s + step_s + waiting_quantile_s(rate, prefill_s, quantile)) * 1e3
         # Prefills interleaved with decoding stretch each token by the time spent prefilling.
-        prefill_busy = spec.traffic.request_rate_per_second / replicas * prefill_s
-        tpot_ms = sizing.predicted_latency_ms / max(0.05, 1.0 - prefill_busy)
+        tpot_ms = sizing.predicted_latency_ms / max(0.05, 1.0 - rate * prefill_s)
     else:
-        prefill, decode = sized[0][0], sized[1][0]
+        (prefill, prefill_replicas), (decode, _) = sized[0], sized[1]
         prompt, _ = spec.traffic.resolved_lengths()
-        transfer_ms = prefill.performance.kv_transfer_time_s(int(prompt.mean)) * 1e3
-        ttft_ms = prefill.predicted_latency_ms + transfer_ms
+        assert isinstance(prefill.performance, ReplicaPerformance)
+        quantile = spec.slo.percentile / 100
+        prefill_s = prefill.performance.prefill_time_s(int(prompt.mean))
+        tail_prompt = int(length_quantile(prompt, quantile))
+        tail_prefill_s = prefill.performance.prefill_time_s(tail_prompt)
+        rate = spec.traffic.request_rate_per_second / prefill_replicas
+        transfer_s = prefill.performance.kv_transfer_time_s(tail_prompt)
+        ttft_ms = (
+            tail_prefill_s + waiting_quantile_s(rate, prefill_s, quantile) + transfer_s
+        ) * 1e3
         tpot_ms = decode.predicted_latency_ms
     notes = [f"{s.role.value} on {s.offer.name} TP{s.tensor_parallel}: {s.note}" for s, _ in sized]
     return Candidate(mode, sized, ttft_ms, tpot_ms, notes)

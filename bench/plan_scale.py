@@ -14,7 +14,6 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-
 from tessera.api.accelerator_class import AcceleratorClass
 from tessera.api.loader import load_kind
 from tessera.api.model_deployment import ModelDeployment

@@ -1,0 +1,331 @@
+"""`tessera simulate`: replay a trace (or synthetic traffic) on a simulated cluster under one or
+more serving policies, and print, save and plot what happened.
+
+With no arguments it runs the bundled example: the Llama-3-8B chat deployment on one H100 node
+and two A100 nodes, fed the first ten minutes of the Azure 2023 conversation trace, under the
+vLLM-like, Sarathi-like, disaggregated and Tessera policies, with a goodput sweep.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from tessera.api.loader import InvalidResourceError, load_kind
+from tessera.api.model_deployment import ModelDeployment
+from tessera.policies.dispatch import DispatchPolicy
+from tessera.policies.placement import InfeasiblePlanError
+from tessera.sim.baselines import Baseline
+from tessera.sim.cluster import ClusterError, load_cluster
+from tessera.sim.engine import SimConfig, SimulationSetupError
+from tessera.sim.experiment import WorkloadSpec, run_policy, sweep_policy
+from tessera.sim.metrics import RunResult, SweepResult
+from tessera.sim.report import (
+    plot_attainment,
+    plot_latency_cdfs,
+    plot_power,
+    summary_tables,
+    write_json,
+    write_requests_csv,
+)
+from tessera.sim.workload import (
+    TraceFormatError,
+    parse_duration_s,
+    parse_window,
+    resolve_trace,
+)
+
+DEFAULT_POLICIES = ("vllm", "sarathi", "disaggregated", "tessera")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def example_file(name: str) -> Path:
+    """An example from the checkout's examples/, else the copy shipped in tessera.sim's data."""
+    checkout = EXAMPLES / name
+    if checkout.is_file():
+        return checkout
+    return Path(str(resources.files("tessera.sim").joinpath("data", f"example-{name}")))
+
+
+def _parse_caps(values: tuple[str, ...]) -> dict[str, float]:
+    caps: dict[str, float] = {}
+    for value in values:
+        name, _, watts = value.partition("=")
+        try:
+            caps[name] = float(watts)
+        except ValueError:
+            raise click.BadParameter(
+                f"expected CLASS=WATTS, got {value!r}", param_hint="--power-cap"
+            ) from None
+        if not name:
+            raise click.BadParameter(
+                f"expected CLASS=WATTS, got {value!r}", param_hint="--power-cap"
+            )
+    return caps
+
+
+def _describe_sweep(progress: Progress, task: Any, policy: str) -> Callable[[float], None]:
+    def describe(scale: float) -> None:
+        progress.update(task, description=f"{policy}: sweep x{scale:.2f}")
+
+    return describe
+
+
+@click.command("simulate")
+@click.option(
+    "--cluster",
+    "cluster_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML with AcceleratorClasses and node counts (repeatable). "
+    "Default: examples/sim-cluster.yaml.",
+)
+@click.option(
+    "--deployment",
+    "deployment_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML with ModelDeployment(s) (repeatable). Default: examples/llama3-8b-chat.yaml.",
+)
+@click.option(
+    "--trace",
+    default="azure-conv",
+    show_default=True,
+    help="Trace CSV path or bundled name (azure-conv, azure-code); ignored with --synthetic.",
+)
+@click.option(
+    "--synthetic",
+    type=click.Choice(["poisson", "gamma"]),
+    default=None,
+    help="Synthetic arrivals at each deployment's traffic rate and lengths instead of a trace.",
+)
+@click.option("--cv", default=2.0, show_default=True, help="Burstiness of gamma arrivals (CV).")
+@click.option(
+    "--duration",
+    default="10m",
+    show_default=True,
+    help="Length of synthetic traffic (90s, 10m, 1h).",
+)
+@click.option(
+    "--window", default=None, help="Part of the trace to replay: END or START:END (5m:15m)."
+)
+@click.option("--rate-scale", default=1.0, show_default=True, help="Multiply the arrival rate.")
+@click.option(
+    "--rate-mode",
+    type=click.Choice(["compress", "superpose"]),
+    default="compress",
+    show_default=True,
+    help="compress: divide timestamps; superpose: overlay shifted copies (keeps duration).",
+)
+@click.option(
+    "--policy",
+    "policies",
+    multiple=True,
+    type=click.Choice([b.value for b in Baseline]),
+    help=f"Policy to simulate (repeatable). Default: {', '.join(DEFAULT_POLICIES)}.",
+)
+@click.option(
+    "--dispatch",
+    type=click.Choice([p.value for p in DispatchPolicy]),
+    default=DispatchPolicy.LEAST_TOKENS.value,
+    show_default=True,
+    help="Request dispatch policy (tessera.policies.dispatch).",
+)
+@click.option(
+    "--sweep/--no-sweep",
+    default=True,
+    show_default=True,
+    help="Find each policy's goodput by a rate sweep (bisection on --rate-scale).",
+)
+@click.option("--sweep-steps", default=5, show_default=True, help="Bisection steps of the sweep.")
+@click.option(
+    "--power-cap",
+    "power_caps",
+    multiple=True,
+    help="Device power cap of a class, CLASS=WATTS (repeatable); overrides the cluster file.",
+)
+@click.option("--kv-link-gbps", type=float, default=None, help="Bandwidth of KV transfers, GB/s.")
+@click.option("--seed", default=0, show_default=True, help="Seed of every random draw.")
+@click.option(
+    "--out",
+    "out_dir",
+    default="results/simulate",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for results.json and the plots.",
+)
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots.")
+@click.option("--per-request", is_flag=True, help="Also write requests-<policy>.csv.")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Step every decode iteration instead of summing runs in closed form (slow; a check).",
+)
+def simulate_command(
+    cluster_files: tuple[Path, ...],
+    deployment_files: tuple[Path, ...],
+    trace: str,
+    synthetic: str | None,
+    cv: float,
+    duration: str,
+    window: str | None,
+    rate_scale: float,
+    rate_mode: str,
+    policies: tuple[str, ...],
+    dispatch: str,
+    sweep: bool,
+    sweep_steps: int,
+    power_caps: tuple[str, ...],
+    kv_link_gbps: float | None,
+    seed: int,
+    out_dir: Path,
+    plots: bool,
+    per_request: bool,
+    exact: bool,
+) -> None:
+    """Simulate deployments on a cluster under serving policies, replaying a trace."""
+    console = Console(stderr=False)
+    started = time.perf_counter()
+    cluster_paths = cluster_files or (example_file("sim-cluster.yaml"),)
+    deployment_paths = deployment_files or (example_file("llama3-8b-chat.yaml"),)
+    try:
+        cluster = load_cluster(cluster_paths)
+        deployments = load_kind(deployment_paths, ModelDeployment)
+        window_s = parse_window(window) if window else None
+        workload = WorkloadSpec(
+            trace=None if synthetic else resolve_trace(trace),
+            synthetic_arrival="gamma" if synthetic == "gamma" else "poisson",
+            synthetic_cv=cv if synthetic == "gamma" else 1.0,
+            synthetic_duration_s=parse_duration_s(duration),
+            window_s=window_s,
+            rate_scale=rate_scale,
+            rate_mode="superpose" if rate_mode == "superpose" else "compress",
+            seed=seed,
+        )
+    except (
+        InvalidResourceError,
+        ClusterError,
+        TraceFormatError,
+        ValueError,
+        FileNotFoundError,
+    ) as error:
+        raise click.ClickException(str(error)) from error
+    if not deployments:
+        raise click.ClickException("no ModelDeployment in " + ", ".join(map(str, deployment_paths)))
+    caps = _parse_caps(power_caps)
+    if caps or kv_link_gbps is not None:
+        try:
+            cluster = replace(
+                cluster,
+                power_cap_w={**cluster.power_cap_w, **caps},
+                kv_link_gbps=kv_link_gbps or cluster.kv_link_gbps,
+            )
+        except ClusterError as error:
+            raise click.ClickException(str(error)) from error
+    chosen = [Baseline(p) for p in (policies or DEFAULT_POLICIES)]
+    config = SimConfig(seed=seed)
+    dispatch_policy = DispatchPolicy(dispatch)
+    workloads = workload.build(deployments)
+    rate = sum(w.rate_per_s for w in workloads)
+    console.print(
+        f"[bold]{cluster.name}[/]: "
+        + ", ".join(f"{n}x{c} node(s)" for c, n in sorted(cluster.nodes.items()))
+        + f" ({cluster.total_accelerators} devices); "
+        + ", ".join(d.metadata.name for d in deployments)
+        + f"; {sum(len(w) for w in workloads)} requests at {rate:.2f} req/s "
+        + f"({workloads[0].name})"
+    )
+    results: list[RunResult] = []
+    sweeps: dict[str, SweepResult] = {}
+    skipped: dict[str, str] = {}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        for baseline in chosen:
+            task = progress.add_task(f"{baseline.value}", total=sum(len(w) for w in workloads))
+
+            def advance(done: int, total: int, task: Any = task) -> None:
+                progress.update(task, completed=done, total=total)
+
+            try:
+                result = run_policy(
+                    baseline,
+                    cluster,
+                    deployments,
+                    workloads,
+                    config,
+                    dispatch_policy,
+                    not exact,
+                    advance,
+                )
+            except (InfeasiblePlanError, SimulationSetupError) as error:
+                skipped[baseline.value] = str(error)
+                progress.remove_task(task)
+                continue
+            results.append(result)
+            if sweep:
+                progress.update(task, description=f"{baseline.value}: goodput sweep")
+                sweeps[baseline.value] = sweep_policy(
+                    baseline,
+                    cluster,
+                    deployments,
+                    workload,
+                    config,
+                    dispatch_policy,
+                    not exact,
+                    bisections=sweep_steps,
+                    on_point=_describe_sweep(progress, task, baseline.value),
+                )
+            progress.remove_task(task)
+    for name, reason in skipped.items():
+        console.print(f"[yellow]{name} skipped[/]: {reason}")
+    if not results:
+        raise click.ClickException("no policy could be simulated")
+    for table in summary_tables(results, sweeps, workloads[0].name):
+        console.print(table)
+    for result in results:
+        for name, plan in result.plans.items():
+            console.print(f"[dim]{result.policy} plan for {name}: {plan['rationale']}[/]")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_config: dict[str, Any] = {
+        "cluster": [str(p) for p in cluster_paths],
+        "deployments": [str(p) for p in deployment_paths],
+        "trace": None if synthetic else trace,
+        "synthetic": synthetic,
+        "window": window,
+        "rate_scale": rate_scale,
+        "rate_mode": rate_mode,
+        "dispatch": dispatch,
+        "seed": seed,
+        "exact": exact,
+        "power_cap_w": cluster.power_cap_w,
+        "requests": sum(len(w) for w in workloads),
+        "rate_per_s": rate,
+    }
+    write_json(out_dir / "results.json", results, sweeps, run_config, skipped)
+    written = [out_dir / "results.json"]
+    if per_request:
+        for result in results:
+            path = out_dir / f"requests-{result.policy}.csv"
+            write_requests_csv(path, result)
+            written.append(path)
+    if plots:
+        plot_latency_cdfs(out_dir / "latency_cdf.png", results)
+        plot_attainment(out_dir / "attainment_vs_rate.png", results, sweeps, rate)
+        plot_power(out_dir / "power.png", results)
+        written += [out_dir / n for n in ("latency_cdf.png", "attainment_vs_rate.png", "power.png")]
+    console.print(
+        f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - started:.1f} s"
+    )

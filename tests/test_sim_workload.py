@@ -1,0 +1,150 @@
+"""Workloads (trace windows, rate scaling, synthetic traffic) and the simulated cluster files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from api_samples import EXAMPLES
+from sim_samples import deployment
+from tessera.api.model_deployment import LengthDistribution
+from tessera.sim.cluster import ClusterError, load_cluster
+from tessera.sim.workload import (
+    TraceFormatError,
+    bundled_trace_path,
+    load_trace,
+    parse_window,
+    resolve_trace,
+    sample_lengths,
+    synthetic_workload,
+)
+
+SIM_DATA = Path(__file__).resolve().parent.parent / "sim" / "data"
+
+
+def test_bundled_conversation_window_is_ten_minutes_of_the_azure_trace() -> None:
+    trace = resolve_trace("azure-conv")
+    assert len(trace) == 2867
+    assert trace.arrival_s[0] == 0.0
+    assert trace.arrival_s[-1] < 600.0
+    assert (np.diff(trace.arrival_s) >= 0).all()
+    assert trace.rate_per_s == pytest.approx(2867 / 600, rel=0.01)
+    assert 800 < trace.prompt_tokens.mean() < 1500
+    assert (trace.output_tokens > 0).all()
+    assert len(resolve_trace("azure-code")) == 1482
+
+
+def test_bundled_data_carries_its_attribution() -> None:
+    provenance = (SIM_DATA / "PROVENANCE.md").read_text()
+    assert "CC-BY 4.0" in provenance and "Splitwise" in provenance
+    for name in ("azure-conv", "azure-code"):
+        assert bundled_trace_path(name).name in provenance
+
+
+def test_example_copies_shipped_with_the_package_match_the_examples() -> None:
+    for name in ("sim-cluster.yaml", "llama3-8b-chat.yaml"):
+        assert (SIM_DATA / f"example-{name}").read_text() == (EXAMPLES / name).read_text()
+
+
+def test_window_and_compression_scale_the_rate() -> None:
+    trace = resolve_trace("azure-conv")
+    part = trace.window(60, 180)
+    assert part.duration_s == 120
+    assert (part.arrival_s >= 0).all() and (part.arrival_s < 120).all()
+    faster = part.scaled(2.0)
+    assert faster.rate_per_s == pytest.approx(2 * part.rate_per_s)
+    assert np.array_equal(faster.prompt_tokens, part.prompt_tokens)
+    assert np.allclose(faster.arrival_s, part.arrival_s / 2)
+
+
+def test_superposition_keeps_the_window_and_multiplies_requests() -> None:
+    part = resolve_trace("azure-conv").window(0, 120)
+    rng = np.random.default_rng(3)
+    more = part.scaled(3.5, "superpose", rng)
+    assert more.duration_s == part.duration_s
+    assert (more.arrival_s < part.duration_s).all()
+    assert (np.diff(more.arrival_s) >= 0).all()
+    assert len(more) == pytest.approx(3.5 * len(part), rel=0.05)
+
+
+def test_trace_errors_name_the_file_and_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,prompt,output\n1,2,3\n")
+    with pytest.raises(TraceFormatError, match="expected columns"):
+        load_trace(bad)
+    with pytest.raises(FileNotFoundError, match="azure-conv"):
+        resolve_trace(str(tmp_path / "missing.csv"))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("600", (0.0, 600.0)), ("5m:15m", (300.0, 900.0)), ("1h", (0.0, 3600.0))],
+)
+def test_parse_window(text: str, expected: tuple[float, float]) -> None:
+    assert parse_window(text) == expected
+
+
+@pytest.mark.parametrize("arrival", ["poisson", "gamma"])
+def test_synthetic_traffic_has_the_declared_rate_and_lengths(arrival: str) -> None:
+    traffic = deployment().spec.traffic
+    rng = np.random.default_rng(11)
+    load = synthetic_workload(traffic, 2000.0, rng, arrival, burstiness_cv=2.0)  # type: ignore[arg-type]
+    assert load.rate_per_s == pytest.approx(traffic.request_rate_per_second, rel=0.1)
+    prompt, output = traffic.resolved_lengths()
+    assert load.prompt_tokens.mean() == pytest.approx(prompt.mean, rel=0.1)
+    assert load.output_tokens.max() <= (output.max or np.inf)
+    gaps = np.diff(load.arrival_s)
+    cv = gaps.std() / gaps.mean()
+    assert cv == pytest.approx(1.0 if arrival == "poisson" else 2.0, rel=0.15)
+
+
+@pytest.mark.parametrize("family", ["fixed", "normal", "lognormal", "exponential"])
+def test_length_distributions_keep_their_mean_and_bounds(family: str) -> None:
+    dist = LengthDistribution(distribution=family, mean=400, stddev=150, max=1500)  # type: ignore[arg-type]
+    values = sample_lengths(dist, 20000, np.random.default_rng(5))
+    assert values.min() >= 1 and values.max() <= 1500
+    assert values.mean() == pytest.approx(400, rel=0.05)
+
+
+def test_example_cluster_loads_node_counts_from_status() -> None:
+    cluster = load_cluster([EXAMPLES / "sim-cluster.yaml"])
+    assert cluster.nodes == {"h100": 1, "a100": 2}
+    assert cluster.total_accelerators == 24
+    assert {o.name: o.free_accelerators for o in cluster.offers({"a100": 3})} == {
+        "a100": 13,
+        "h100": 8,
+    }
+
+
+def test_simulated_cluster_document_sets_nodes_caps_and_link(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        (EXAMPLES / "accelerator-classes.yaml").read_text()
+        + "\n---\napiVersion: tessera.dev/v1alpha1\nkind: SimulatedCluster\n"
+        "metadata: {name: lab}\nnodes: {l40s: 3}\npowerCapW: {l40s: 250}\nkvLinkGbps: 10\n"
+    )
+    cluster = load_cluster([path])
+    assert cluster.name == "lab"
+    assert cluster.accelerators("l40s") == 12
+    assert cluster.power_cap_w == {"l40s": 250}
+    assert cluster.kv_link_gbps == 10
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("nodes: {tpu: 1}", "undefined AcceleratorClass"),
+        ("nodes: {l40s: 1}\npowerCapW: {l40s: 50}", "outside"),
+        ("nodez: {l40s: 1}", "nodez"),
+    ],
+)
+def test_cluster_errors_name_the_problem(tmp_path: Path, extra: str, message: str) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        (EXAMPLES / "accelerator-classes.yaml").read_text()
+        + "\n---\napiVersion: tessera.dev/v1alpha1\nkind: SimulatedCluster\n"
+        f"metadata: {{name: lab}}\n{extra}\n"
+    )
+    with pytest.raises((ClusterError, ValueError), match=message):
+        load_cluster([path])

@@ -1,0 +1,41 @@
+"""What a serving instance (an engine process on the node) tells the agent about itself.
+
+The engine implements `InstanceStatsSource`; the agent polls every source once per sampling
+round and ships the result in its telemetry stream and Prometheus metrics. This module imports
+nothing heavy, so an engine can depend on it without pulling in gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class InstanceStats:
+    """One instance's state now, and the latency samples of requests finished since the
+    previous call (a source hands each sample out once)."""
+
+    instance_id: str
+    model: str
+    role: str  # "prefill", "decode" or "colocated"
+    device_uuids: tuple[str, ...] = ()
+    queue_length: int = 0
+    running_batch: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_free: int = 0
+    tokens_per_s: float = 0.0
+    ttft_samples_s: tuple[float, ...] = ()
+    tpot_samples_s: tuple[float, ...] = ()
+    requests_completed_total: int = 0
+    tokens_generated_total: int = 0
+
+
+@runtime_checkable
+class InstanceStatsSource(Protocol):
+    """Anything that can report serving instances: the engine, or an adapter to another one."""
+
+    def instance_stats(self) -> Sequence[InstanceStats]:
+        """The instances this source serves; latency samples since the previous call."""
+        ...

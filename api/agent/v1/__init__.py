@@ -1,0 +1,1 @@
+"""tessera.agent.v1, generated from agent.proto: `python -m tessera.api.agent.protogen`."""

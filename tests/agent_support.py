@@ -1,0 +1,148 @@
+"""Helpers for the node-agent tests: certificates, free ports, polling, agents on loopback."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from tessera.agents.client import ClientTls
+from tessera.agents.instance_stats import InstanceStatsSource
+from tessera.agents.server import AgentServer, ServerTls
+from tessera.agents.sim_backend import SimBackend
+
+T = TypeVar("T")
+SERVER_NAME = "tessera-agent"
+
+
+def wait_for(
+    probe: Callable[[], T | None], what: str, timeout_s: float = 15.0, every_s: float = 0.02
+) -> T:
+    """Poll `probe` until it returns something truthy; fail naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (for programs that cannot report the port they bound)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Certs:
+    folder: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_client_cert: Path  # signed by another CA
+    rogue_client_key: Path
+
+    def server_tls(self) -> ServerTls:
+        return ServerTls.from_files(self.server_cert, self.server_key, self.ca)
+
+    def client_tls(self) -> ClientTls:
+        return ClientTls.from_files(self.ca, self.client_cert, self.client_key, SERVER_NAME)
+
+    def client_tls_without_cert(self) -> ClientTls:
+        return ClientTls.from_files(self.ca, None, None, SERVER_NAME)
+
+    def rogue_client_tls(self) -> ClientTls:
+        return ClientTls.from_files(
+            self.ca, self.rogue_client_cert, self.rogue_client_key, SERVER_NAME
+        )
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _ca(name: str, folder: Path) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=folder,
+    )  # fmt: skip
+
+
+def _leaf(name: str, ca: str, extensions: str, folder: Path) -> None:
+    (folder / f"{name}.ext").write_text(extensions)
+    _openssl(
+        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
+        cwd=folder,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+        "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
+        cwd=folder,
+    )  # fmt: skip
+
+
+def make_certs(folder: Path) -> Certs:
+    """A CA, an agent certificate for SERVER_NAME and 127.0.0.1, an operator client
+    certificate, and a client certificate from an unrelated CA (with the openssl binary)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl binary is needed to make test certificates")
+    folder.mkdir(parents=True, exist_ok=True)
+    _ca("ca", folder)
+    _ca("rogue-ca", folder)
+    _leaf(
+        "agent",
+        "ca",
+        f"subjectAltName=DNS:{SERVER_NAME},IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        folder,
+    )
+    _leaf("operator", "ca", "extendedKeyUsage=clientAuth\n", folder)
+    _leaf("rogue", "rogue-ca", "extendedKeyUsage=clientAuth\n", folder)
+    return Certs(
+        folder=folder,
+        ca=folder / "ca.pem",
+        server_cert=folder / "agent.pem",
+        server_key=folder / "agent.key",
+        client_cert=folder / "operator.pem",
+        client_key=folder / "operator.key",
+        rogue_client_cert=folder / "rogue.pem",
+        rogue_client_key=folder / "rogue.key",
+    )
+
+
+def start_sim_agent(
+    node_name: str,
+    *,
+    tls: ServerTls | None = None,
+    port: int = 0,
+    telemetry: bool = False,
+    interval_s: float = 0.05,
+    sources: Sequence[InstanceStatsSource] = (),
+    backend: SimBackend | None = None,
+) -> AgentServer:
+    """A started agent on 127.0.0.1 with the simulated backend (two devices by default)."""
+    agent = AgentServer(
+        backend or SimBackend(device_count=2, node_name=node_name),
+        node_name=node_name,
+        listen=f"127.0.0.1:{port}",
+        tls=tls,
+        telemetry_listen="127.0.0.1:0" if telemetry else None,
+        sources=sources,
+        interval_s=interval_s,
+    )
+    agent.start()
+    return agent

@@ -236,7 +236,9 @@ def simulate_command(
     rate = sum(w.rate_per_s for w in workloads)
     console.print(
         f"[bold]{cluster.name}[/]: "
-        + ", ".join(f"{n}x{c} node(s)" for c, n in sorted(cluster.nodes.items()))
+        + ", ".join(
+            f"{n} {c} node{'s' if n != 1 else ''}" for c, n in sorted(cluster.nodes.items())
+        )
         + f" ({cluster.total_accelerators} devices); "
         + ", ".join(d.metadata.name for d in deployments)
         + f"; {sum(len(w) for w in workloads)} requests at {rate:.2f} req/s "

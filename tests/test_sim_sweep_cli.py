@@ -139,3 +139,29 @@ def test_simulate_command_reports_bad_input(args: list[str], message: str, tmp_p
     result = CliRunner().invoke(main, ["simulate", "--no-sweep", "--out", str(tmp_path), *args])
     assert result.exit_code != 0
     assert message in result.output
+
+
+def test_two_deployments_share_the_cluster_and_split_the_trace() -> None:
+    from api_samples import chat_deployment
+    from tessera.api.model_deployment import ModelDeployment
+    from tessera.sim.experiment import WorkloadSpec, run_policy
+    from tessera.sim.workload import resolve_trace
+
+    second = chat_deployment()
+    second["metadata"]["name"] = "batch-chat"
+    second["spec"]["slo"].update(ttftMs=5000, tpotMs=200)
+    second["spec"]["traffic"]["requestRatePerSecond"] = 2.7
+    deployments = [deployment(), ModelDeployment.model_validate(second)]
+    spec = WorkloadSpec(trace=resolve_trace("azure-conv"), window_s=(0.0, 120.0), seed=4)
+    workloads = spec.build(deployments)
+    assert len(workloads[0]) == pytest.approx(2 * len(workloads[1]), rel=0.25)
+    the_cluster = cluster({"h100": 1, "a100": 2})
+    result = run_policy(Baseline.TESSERA, the_cluster, deployments, workloads)
+    assert (result.finish_count == 1).all()
+    assert result.deployments == ["llama3-8b-chat", "batch-chat"]
+    assert {p.deployment for p in result.pools} == {"llama3-8b-chat", "batch-chat"}
+    assert result.attainment(1) >= result.attainment(0)  # looser SLO, half the traffic
+    used: dict[str, int] = {}
+    for p in result.pools:
+        used[p.accelerator_class] = used.get(p.accelerator_class, 0) + p.devices
+    assert all(used[name] <= the_cluster.accelerators(name) for name in used)

@@ -1,0 +1,309 @@
+"""From a ModelDeployment and its plan to the Kubernetes objects that run it (pure).
+
+One apps/v1 Deployment per pool, named `<md>-<pool>`, and Services:
+
+- `<md>`: the entry point clients call. It selects the pools that own the response stream:
+  colocated pools, or in a disaggregated plan the decode pools (the llm-d pattern: a decode
+  replica receives the request, fetches the prompt's KV cache from a prefill replica and streams
+  the tokens, so the token stream is never proxied through prefill).
+- `<md>-prefill` (headless, disaggregated plans only): how decode replicas find prefill
+  replicas. It disappears when the plan stops having prefill pools.
+
+Every object carries an owner reference to the ModelDeployment (so Kubernetes' garbage collector
+removes it with its owner), the Tessera labels, and a hash of its own content: the same inputs
+always render byte-identical objects, so re-applying an unchanged plan is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tessera.api.accelerator_class import AcceleratorClassSpec
+from tessera.api.common import API_VERSION
+from tessera.api.model_deployment import ModelDeploymentSpec, Plan, PoolPlan, PoolRole
+
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "tessera"
+NAME_LABEL = "app.kubernetes.io/name"
+ENGINE_NAME = "tessera-engine"
+DEPLOYMENT_LABEL = "tessera.dev/deployment"
+POOL_LABEL = "tessera.dev/pool"
+ROLE_LABEL = "tessera.dev/role"
+CLASS_LABEL = "tessera.dev/accelerator-class"
+CONFIG_HASH_ANNOTATION = "tessera.dev/config-hash"
+ENGINE_CONTAINER = "engine"
+PORT_NAME = "http"
+HEALTH_PATH = "/health"
+
+_DNS_LABEL_MAX = 63
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The ModelDeployment that owns the rendered children."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": "ModelDeployment",
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def _short_hash(text: str, length: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def dns_label(text: str) -> str:
+    """A valid DNS-1035 label (Service names): lowercase, [-a-z0-9], starts with a letter, <= 63.
+
+    Names that had to be changed get a hash of the original, so two different inputs never
+    collapse onto the same label.
+    """
+    label = re.sub(r"[^a-z0-9-]", "-", text.lower()).strip("-")
+    if not label or not label[0].isalpha():
+        label = f"t-{label}".rstrip("-")
+    if label == text and len(label) <= _DNS_LABEL_MAX:
+        return label
+    suffix = _short_hash(text)
+    return f"{label[: _DNS_LABEL_MAX - len(suffix) - 1].rstrip('-')}-{suffix}"
+
+
+def label_value(text: str) -> str:
+    """A valid label value (<= 63 chars, alphanumeric at both ends); hashed when shortened."""
+    value = re.sub(r"[^A-Za-z0-9_.-]", "-", text).strip("-_.")
+    if value == text and len(value) <= _DNS_LABEL_MAX:
+        return value
+    suffix = _short_hash(text)
+    return f"{value[: _DNS_LABEL_MAX - len(suffix) - 1].rstrip('-_.')}-{suffix}"
+
+
+def workload_name(owner: Owner, pool: PoolPlan) -> str:
+    """`<md>-<pool>`, as a DNS label (pod names and hostnames derive from it)."""
+    return dns_label(f"{owner.name}-{pool.name}")
+
+
+def service_name(owner: Owner) -> str:
+    return dns_label(owner.name)
+
+
+def prefill_service_name(owner: Owner) -> str:
+    return dns_label(f"{owner.name}-prefill")
+
+
+def endpoint_url(owner: Owner, spec: ModelDeploymentSpec) -> str:
+    """In-cluster URL of the entry Service."""
+    return f"http://{service_name(owner)}.{owner.namespace}.svc:{spec.engine.port}"
+
+
+def entry_role(plan: Plan) -> PoolRole:
+    """The role whose pools receive client requests (see the module docstring)."""
+    roles = {pool.role for pool in plan.pools}
+    for role in (PoolRole.COLOCATED, PoolRole.DECODE):
+        if role in roles:
+            return role
+    return plan.pools[0].role
+
+
+def selector_labels(owner: Owner) -> dict[str, str]:
+    """Labels that select every child of one ModelDeployment (used to list and prune)."""
+    return {MANAGED_BY_LABEL: MANAGED_BY, DEPLOYMENT_LABEL: label_value(owner.name)}
+
+
+def children_selector(owner: Owner) -> str:
+    """The labelSelector query for `selector_labels`."""
+    return ",".join(f"{key}={value}" for key, value in sorted(selector_labels(owner).items()))
+
+
+def pool_labels(owner: Owner, pool: PoolPlan) -> dict[str, str]:
+    return {
+        NAME_LABEL: ENGINE_NAME,
+        MANAGED_BY_LABEL: MANAGED_BY,
+        DEPLOYMENT_LABEL: label_value(owner.name),
+        POOL_LABEL: label_value(pool.name),
+        ROLE_LABEL: pool.role.value,
+        CLASS_LABEL: label_value(pool.accelerator_class),
+    }
+
+
+def with_config_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object with an annotation hashing its own content (computed without the annotation)."""
+    digest = _short_hash(json.dumps(obj, sort_keys=True, separators=(",", ":")), 16)
+    obj["metadata"].setdefault("annotations", {})[CONFIG_HASH_ANNOTATION] = digest
+    return obj
+
+
+def engine_args(owner: Owner, spec: ModelDeploymentSpec, plan: Plan, pool: PoolPlan) -> list[str]:
+    """Arguments of the Tessera engine for one pool's replicas."""
+    args = [
+        f"--model={spec.model.name}",
+        f"--role={pool.role.value}",
+        f"--tensor-parallel-size={pool.tensor_parallel}",
+        f"--port={spec.engine.port}",
+        f"--dtype={spec.model.architecture.dtype.value}",
+        f"--max-model-len={spec.model.architecture.max_context_tokens}",
+        f"--served-model-name={owner.name}",
+    ]
+    if spec.model.weights_uri:
+        args.append(f"--weights-uri={spec.model.weights_uri}")
+    has_prefill = any(p.role is PoolRole.PREFILL for p in plan.pools)
+    if pool.role is PoolRole.DECODE and has_prefill:
+        args.append(
+            f"--prefill-service={prefill_service_name(owner)}.{owner.namespace}.svc:"
+            f"{spec.engine.port}"
+        )
+    return args + list(spec.engine.extra_args)
+
+
+def resources_for(class_spec: AcceleratorClassSpec, tensor_parallel: int) -> dict[str, Any]:
+    """Requests/limits for one replica: `<resourceName>: TP`.
+
+    Extended resources (GPUs, NPUs) must have equal requests and limits. A CPU class requests
+    its CPUs without a limit: CFS throttling at a limit would stretch token latencies.
+    """
+    if class_spec.kind == "CPU" or class_spec.resource_name == "cpu":
+        return {"requests": {class_spec.resource_name: str(tensor_parallel)}}
+    quantity = {class_spec.resource_name: str(tensor_parallel)}
+    return {"requests": dict(quantity), "limits": dict(quantity)}
+
+
+def node_affinity(class_spec: AcceleratorClassSpec) -> dict[str, Any] | None:
+    """Required node affinity equal to the class's node selector (None when it has none)."""
+    if not class_spec.node_selector:
+        return None
+    expressions = [
+        {"key": key, "operator": "In", "values": [value]}
+        for key, value in sorted(class_spec.node_selector.items())
+    ]
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": expressions}]
+            }
+        }
+    }
+
+
+def render_deployment(
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    plan: Plan,
+    pool: PoolPlan,
+    class_spec: AcceleratorClassSpec,
+) -> dict[str, Any]:
+    """The apps/v1 Deployment of one pool."""
+    labels = pool_labels(owner, pool)
+    selector = {
+        DEPLOYMENT_LABEL: labels[DEPLOYMENT_LABEL],
+        POOL_LABEL: labels[POOL_LABEL],
+    }
+    container: dict[str, Any] = {
+        "name": ENGINE_CONTAINER,
+        "image": spec.engine.image,
+        "args": engine_args(owner, spec, plan, pool),
+        "ports": [{"name": PORT_NAME, "containerPort": spec.engine.port, "protocol": "TCP"}],
+        "resources": resources_for(class_spec, pool.tensor_parallel),
+        "readinessProbe": {
+            "httpGet": {"path": HEALTH_PATH, "port": PORT_NAME},
+            "periodSeconds": 5,
+        },
+    }
+    pod_spec: dict[str, Any] = {"containers": [container]}
+    affinity = node_affinity(class_spec)
+    if affinity is not None:
+        pod_spec["affinity"] = affinity
+    if class_spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in class_spec.tolerations]
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": workload_name(owner, pool),
+            "namespace": owner.namespace,
+            "labels": labels,
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "replicas": pool.replicas,
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+        },
+    }
+    return with_config_hash(deployment)
+
+
+def _service(
+    owner: Owner, name: str, selector: dict[str, str], port: int, headless: bool
+) -> dict[str, Any]:
+    labels = {NAME_LABEL: ENGINE_NAME, **selector_labels(owner)}
+    spec: dict[str, Any] = {
+        "type": "ClusterIP",
+        "selector": selector,
+        "ports": [{"name": PORT_NAME, "port": port, "targetPort": PORT_NAME, "protocol": "TCP"}],
+    }
+    if headless:
+        spec["clusterIP"] = "None"
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": labels,
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": spec,
+    }
+    return with_config_hash(service)
+
+
+def render_services(owner: Owner, spec: ModelDeploymentSpec, plan: Plan) -> list[dict[str, Any]]:
+    """The entry Service, plus the headless prefill Service of a disaggregated plan."""
+    deployment = label_value(owner.name)
+    entry = {DEPLOYMENT_LABEL: deployment, ROLE_LABEL: entry_role(plan).value}
+    services = [_service(owner, service_name(owner), entry, spec.engine.port, headless=False)]
+    if any(p.role is PoolRole.PREFILL for p in plan.pools) and entry_role(plan) is not (
+        PoolRole.PREFILL
+    ):
+        prefill = {DEPLOYMENT_LABEL: deployment, ROLE_LABEL: PoolRole.PREFILL.value}
+        name = prefill_service_name(owner)
+        services.append(_service(owner, name, prefill, spec.engine.port, headless=True))
+    return services
+
+
+class UnknownAcceleratorClassError(KeyError):
+    """The plan names a class that is not among the classes given to the renderer."""
+
+
+def render_children(
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    plan: Plan,
+    classes: Mapping[str, AcceleratorClassSpec],
+) -> list[dict[str, Any]]:
+    """Every object that runs the plan: Deployments (one per pool) first, then Services."""
+    children: list[dict[str, Any]] = []
+    for pool in plan.pools:
+        class_spec = classes.get(pool.accelerator_class)
+        if class_spec is None:
+            raise UnknownAcceleratorClassError(
+                f"pool {pool.name} runs on AcceleratorClass {pool.accelerator_class}, "
+                f"which is not defined (have: {', '.join(sorted(classes)) or 'none'})"
+            )
+        children.append(render_deployment(owner, spec, plan, pool, class_spec))
+    children.extend(render_services(owner, spec, plan))
+    return children

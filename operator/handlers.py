@@ -4,7 +4,9 @@
 - AcceleratorClass watch events -> stamp a fingerprint of the classes each ModelDeployment may
   use on it; the change of that annotation makes kopf run the deployment's own update handler,
   which re-plans it (one path for every re-plan, serialised per object by kopf).
-- Child Deployment watch events -> recompute Ready/Progressing/readyReplicas of the owner.
+- Child Deployment watch events -> recompute Ready/Progressing/readyReplicas of the owner; a
+  child Deployment or Service deleted by hand -> reconcile the owner, which puts it back.
+  (Hand edits of a child's spec are undone at the owner's next reconcile, not on the edit.)
 
 Status is written through the API under a per-deployment lock shared by the reconcile and the
 readiness handler, so the last writer has always read the newest children.
@@ -25,7 +27,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kubernetes import client
@@ -139,6 +141,32 @@ def _fetch_model_deployment(
     return current
 
 
+def _reconcile_and_report(
+    kube: Kube, memo: kopf.Memo, namespace: str, name: str, meta: Mapping[str, Any]
+) -> None:
+    """Reconcile one ModelDeployment under its lock, write its status, post its events."""
+    started = time.perf_counter()
+    with memo.locks(namespace, name):
+        # kopf's body can predate the status this operator wrote a moment ago; the status
+        # (and events) must be computed from what the server has now.
+        current = _fetch_model_deployment(kube, namespace, name, meta)
+        if current is None:
+            return
+        result = reconcile(kube, current, utc_now())
+        if comparable(result.status) != comparable(current.get("status")):
+            _write_status(kube, namespace, name, result.status)
+    metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+    metrics.RECONCILES.labels(result.outcome.value).inc()
+    metrics.PRUNED.inc(len(result.pruned))
+    for event in result.events:
+        kopf.event(
+            kopf.Body(cast(kopf.RawBody, current)),
+            type=event.type,
+            reason=event.reason,
+            message=event.message,
+        )
+
+
 @kopf.on.resume(GROUP, VERSION, MODEL_DEPLOYMENTS, backoff=RETRY_DELAY_S)
 @kopf.on.create(GROUP, VERSION, MODEL_DEPLOYMENTS, backoff=RETRY_DELAY_S)
 @kopf.on.update(GROUP, VERSION, MODEL_DEPLOYMENTS, backoff=RETRY_DELAY_S)
@@ -148,28 +176,13 @@ def reconcile_model_deployment(
     """Plan, apply and report one ModelDeployment."""
     if namespace is None:
         raise kopf.PermanentError("a ModelDeployment is namespaced; got one without a namespace")
-    kube: Kube = memo.kube
-    started = time.perf_counter()
-    with memo.locks(namespace, name):
-        try:
-            # kopf's body can predate the status this operator wrote a moment ago; the status
-            # (and events) must be computed from what the server has now.
-            current = _fetch_model_deployment(kube, namespace, name, body.get("metadata", {}))
-            if current is None:
-                return
-            result = reconcile(kube, current, utc_now())
-            if comparable(result.status) != comparable(current.get("status")):
-                _write_status(kube, namespace, name, result.status)
-        except ApiException as error:
-            metrics.RECONCILES.labels("Error").inc()
-            raise kopf.TemporaryError(
-                f"Kubernetes API error {error.status} {error.reason}", delay=RETRY_DELAY_S
-            ) from error
-    metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-    metrics.RECONCILES.labels(result.outcome.value).inc()
-    metrics.PRUNED.inc(len(result.pruned))
-    for event in result.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    try:
+        _reconcile_and_report(memo.kube, memo, namespace, name, body.get("metadata", {}))
+    except ApiException as error:
+        metrics.RECONCILES.labels("Error").inc()
+        raise kopf.TemporaryError(
+            f"Kubernetes API error {error.status} {error.reason}", delay=RETRY_DELAY_S
+        ) from error
 
 
 def _model_deployments_in_scope(kube: Kube, namespaces: list[str]) -> list[dict[str, Any]]:
@@ -223,25 +236,48 @@ def on_accelerator_class_event(
         )
 
 
-@kopf.on.event(
-    "apps",
-    "v1",
-    "deployments",
-    labels={render.MANAGED_BY_LABEL: render.MANAGED_BY, render.DEPLOYMENT_LABEL: kopf.PRESENT},
-)
-def on_workload_event(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """Report the owner's readiness when one of its Deployments changes."""
-    if namespace is None:
+def _owner_of(body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Name and uid of the ModelDeployment that controls a child, if any."""
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == "ModelDeployment" and ref.get("controller"):
+            return str(ref["name"]), str(ref["uid"])
+    return None
+
+
+CHILD_LABELS: dict[str, Any] = {
+    render.MANAGED_BY_LABEL: render.MANAGED_BY,
+    render.DEPLOYMENT_LABEL: kopf.PRESENT,
+}
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
+@kopf.on.event("", "v1", "services", labels=CHILD_LABELS)
+def on_child_event(
+    type: str | None,
+    body: kopf.Body,
+    namespace: str | None,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    """A child changed: report the owner's readiness; a child deleted by hand is put back."""
+    owner = _owner_of(body)
+    if namespace is None or owner is None:
         return
-    owners = [
-        ref
-        for ref in body.get("metadata", {}).get("ownerReferences") or []
-        if ref.get("kind") == "ModelDeployment" and ref.get("controller")
-    ]
-    if not owners:
-        return
-    name, uid = owners[0]["name"], owners[0]["uid"]
+    name, uid = owner
     kube: Kube = memo.kube
+    if type == "DELETED":
+        # Level-based: reconcile the owner, which re-creates the child if it is still desired
+        # (a child the operator pruned is not, and an owner being deleted is skipped).
+        try:
+            _reconcile_and_report(kube, memo, namespace, name, {"uid": uid})
+        except ApiException as error:
+            logger.warning(
+                "could not reconcile %s/%s after a child was deleted: %s", namespace, name, error
+            )
+        return
+    if body.get("kind", "Deployment") != "Deployment":
+        return
     with memo.locks(namespace, name):
         md = _fetch_model_deployment(kube, namespace, name, {"uid": uid})
         if md is None:

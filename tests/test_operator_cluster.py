@@ -366,6 +366,34 @@ def test_delete_removes_the_children(
     )
 
 
+def test_a_child_deleted_by_hand_is_put_back(
+    cluster: Cluster, namespace: Namespace, operator: OperatorThread
+) -> None:
+    namespace.create_classes("l40s")
+    document = namespace.chat_deployment()
+    cluster.create_md(namespace.name, document)
+    settled(cluster, namespace.name, "chat", 1, "PlanApplied")
+    before = children(cluster, namespace.name)
+    workload = next(key for key in before if key.startswith("Deployment/"))
+    cluster.apps.delete_namespaced_deployment(
+        workload.split("/", 1)[1], namespace.name, _preload_content=False
+    )
+    cluster.core.delete_namespaced_service("chat", namespace.name, _preload_content=False)
+
+    def replaced() -> dict[str, Any] | None:
+        found = children(cluster, namespace.name)
+        if set(found) != set(before):
+            return None
+        fresh = [
+            key
+            for key in (workload, "Service/chat")
+            if found[key]["metadata"]["uid"] != before[key]["metadata"]["uid"]
+        ]
+        return found if len(fresh) == 2 else None
+
+    wait_for(replaced, "the deleted Deployment and Service to be re-created")
+
+
 # --- infeasible, invalid, dry run --------------------------------------------------------------
 
 

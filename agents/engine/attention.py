@@ -1,0 +1,160 @@
+"""Attention over the paged KV cache: prefill spans and decode tokens.
+
+A batch is flattened: decode tokens first (one per sequence), then prefill spans (a chunk of
+one sequence's prompt each). Decode attention runs the Triton paged kernel on CUDA and a torch
+loop elsewhere; prefill runs torch's scaled_dot_product_attention (flash on CUDA) per span.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tessera.agents.engine import ops
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@dataclass
+class PrefillSpan:
+    """A chunk of one sequence's tokens computed in this step."""
+
+    start: int
+    """Index of the chunk's first token in the flattened batch."""
+    num_tokens: int
+    num_cached: int
+    """Tokens of the same sequence already in the cache before this chunk."""
+    block_table: torch.Tensor
+    """int64 block ids covering num_cached + num_tokens tokens, on the cache's device."""
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token's K/V goes and what each query attends to, for one forward pass."""
+
+    slot_mapping: torch.Tensor
+    """[N] int64 cache slot (block * block_size + offset) of every token of the batch."""
+    num_decode_tokens: int = 0
+    decode_block_tables: torch.Tensor | None = None
+    """[num_decode, W] int32 block ids, padded with 0 (the reserved block)."""
+    decode_context_lens: torch.Tensor | None = None
+    """[num_decode] int32 tokens each decode query attends to (itself included)."""
+    decode_max_context_len: int = 0
+    """Bound on decode_context_lens; fixes the kernel's grid (a CUDA graph's capacity)."""
+    decode_context_lens_host: list[int] | None = None
+    prefill_spans: list[PrefillSpan] = field(default_factory=list)
+
+
+_prefill_backends: list[SDPBackend] | None = None
+
+
+def set_prefill_sdpa_backends(backends: SequenceOf[SDPBackend] | None) -> None:
+    """Restrict causal prefill attention on CUDA to these SDPA backends (in priority order).
+
+    The benchmark times the backends on the device and puts the fastest first; keep a general
+    one (flash, efficient, math) in the list for shapes the fastest cannot take. None: torch's
+    own order.
+    """
+    global _prefill_backends
+    _prefill_backends = list(backends) if backends else None
+
+
+def _restricted(backends: list[SDPBackend]) -> contextlib.AbstractContextManager[None]:
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        return sdpa_kernel(backends, set_priority=True)
+    return sdpa_kernel(backends)
+
+
+def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q: [L, H, D]; k, v: [T, H, D] -> [L, H, D]."""
+    chosen = _prefill_backends if causal and q.is_cuda else None
+    with _restricted(chosen) if chosen else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+        )
+    return out[0].transpose(0, 1)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    span: PrefillSpan,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of one chunk (q, k, v: [L, heads, D]) over its sequence's context.
+
+    A first chunk attends only to itself (fresh K/V, flash attention on CUDA); a later chunk
+    attends to the cached prefix as well, gathered from the blocks it lives in.
+    """
+    group = q.shape[1] // k.shape[1]
+    if span.num_cached == 0:
+        return _sdpa(q, _expand_kv(k, group), _expand_kv(v, group), scale, causal=True)
+    total = span.num_cached + span.num_tokens
+    block_size = k_cache.shape[1]
+    blocks = span.block_table[: -(-total // block_size)]
+    keys = k_cache.index_select(0, blocks).flatten(0, 1)[:total]
+    values = v_cache.index_select(0, blocks).flatten(0, 1)[:total]
+    query_pos = torch.arange(span.num_cached, total, device=q.device)
+    key_pos = torch.arange(total, device=q.device)
+    mask = key_pos[None, :] <= query_pos[:, None]
+    return _sdpa(
+        q, _expand_kv(keys, group), _expand_kv(values, group), scale, causal=False, mask=mask
+    )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence (q: [B, H, D]) over its paged context -> [B, H, D]."""
+    assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+    if ops.use_triton(q):
+        return ops.triton_kernels().paged_decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            scale,
+            meta.decode_max_context_len,
+        )
+    lens = meta.decode_context_lens_host
+    if lens is None:
+        lens = meta.decode_context_lens.tolist()
+    group = q.shape[1] // k_cache.shape[2]
+    block_size = k_cache.shape[1]
+    out = torch.empty_like(q)
+    for i, context_len in enumerate(lens):
+        # Gather only this sequence's live blocks.
+        blocks = meta.decode_block_tables[i, : -(-context_len // block_size)].long()
+        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:context_len]
+        values = v_cache.index_select(0, blocks).flatten(0, 1)[:context_len]
+        out[i] = _sdpa(
+            q[i : i + 1], _expand_kv(keys, group), _expand_kv(values, group), scale, causal=False
+        )[0]
+    return out

@@ -1,0 +1,480 @@
+"""The engine: requests in, tokens out, KV blocks across engines.
+
+Roles:
+- colocated: prefill and decode here.
+- prefill: run a request's prompt, sample its first token, then park it with its KV until
+  `export_kv` hands the blocks to a decode engine.
+- decode: accept requests only as KV imports (`import_kv`) and continue them.
+Any role can export a decoding request (live migration) and import one.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tessera.agents.engine import ops
+from tessera.agents.engine.attention import AttentionMetadata, PrefillSpan
+from tessera.agents.engine.config import LlamaConfig
+from tessera.agents.engine.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphRunner
+from tessera.agents.engine.kv_cache import PagedKVCache
+from tessera.agents.engine.kv_transfer import KVGeometry, KVPackage, KVTransferError
+from tessera.agents.engine.model import LlamaModel
+from tessera.agents.engine.request import (
+    Completion,
+    FinishReason,
+    RequestOutput,
+    RequestState,
+    SamplingParams,
+    Sequence,
+)
+from tessera.agents.engine.sampling import sample
+from tessera.agents.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from tessera.agents.engine.stats import EngineStats, EngineStatsSnapshot
+from tessera.agents.engine.weights import LlamaWeights, load_llama_weights
+
+log = logging.getLogger(__name__)
+
+
+class EngineRole(enum.Enum):
+    COLOCATED = "colocated"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class RoleError(RuntimeError):
+    """The operation is not what this engine's role does (e.g. a prompt sent to decode-only)."""
+
+
+class RequestNotFoundError(KeyError):
+    """No request with this id is in the engine (or not in a state the operation needs)."""
+
+
+class NoProgressError(RuntimeError):
+    """Requests remain but none can be scheduled (the KV cache is held by parked requests)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    role: EngineRole = EngineRole.COLOCATED
+    device: str | None = None
+    """Default: cuda when available, else cpu."""
+    dtype: torch.dtype | None = None
+    """Default: bfloat16 on CUDA, float32 on the CPU."""
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    """Default: `kv_cache_memory_fraction` of free GPU memory, or 1024 blocks on the CPU."""
+    kv_cache_memory_fraction: float = 0.85
+    max_model_len: int | None = None
+    """Default: the model's max_position_embeddings."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    use_cuda_graphs: bool = True
+    cuda_graph_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    seed: int = 0
+
+
+class Engine:
+    """A single-device inference engine for one Llama-architecture model."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        weights: LlamaWeights,
+        engine_config: EngineConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.engine_config = ec = engine_config or EngineConfig()
+        self.role = ec.role
+        self.device = weights.device
+        self.clock = clock
+        self.max_model_len = ec.max_model_len or config.max_position_embeddings
+        self.model = LlamaModel(config, weights, max_positions=self.max_model_len)
+        self.kv_cache = PagedKVCache(
+            config, self._num_blocks(weights), ec.block_size, self.device, weights.dtype
+        )
+        self.scheduler = Scheduler(ec.scheduler, self.kv_cache.allocator, ec.block_size)
+        self.stats = EngineStats(clock=clock)
+        self.generator = torch.Generator().manual_seed(ec.seed)
+        self.requests: dict[str, Sequence] = {}
+        self.parked: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.graphs: DecodeGraphRunner | None = None
+        if self.device.type == "cuda" and ec.use_cuda_graphs and ops.triton_available():
+            self.graphs = DecodeGraphRunner(
+                self.model,
+                self.kv_cache,
+                self.max_model_len,
+                tuple(b for b in ec.cuda_graph_batch_sizes if b <= ec.scheduler.max_num_seqs)
+                or (1,),
+            )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, engine_config: EngineConfig | None = None) -> Engine:
+        """Load a local Hugging Face-layout folder (config.json + safetensors)."""
+        ec = engine_config or EngineConfig()
+        device = ec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = ec.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        config = LlamaConfig.from_pretrained(path)
+        weights = load_llama_weights(path, config, device=device, dtype=dtype)
+        return cls(config, weights, ec)
+
+    def _num_blocks(self, weights: LlamaWeights) -> int:
+        ec = self.engine_config
+        if ec.num_kv_blocks is not None:
+            return ec.num_kv_blocks
+        if self.device.type != "cuda":
+            return 1024
+        free_bytes, _ = torch.cuda.mem_get_info(self.device)
+        budget = int(free_bytes * ec.kv_cache_memory_fraction)
+        return PagedKVCache.num_blocks_for_bytes(self.config, budget, ec.block_size, weights.dtype)
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a prompt; returns its request id."""
+        if self.role is EngineRole.DECODE:
+            raise RoleError("a decode-only engine takes requests through import_kv, not prompts")
+        params = params or SamplingParams()
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids is empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token ids outside the vocabulary (size {self.config.vocab_size}): {bad[:5]}"
+            )
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt of {len(prompt_token_ids)} tokens leaves no room under max_model_len "
+                f"{self.max_model_len}"
+            )
+        longest = min(len(prompt_token_ids) + params.max_new_tokens, self.max_model_len)
+        if self.kv_cache.blocks_for_tokens(longest) > self.kv_cache.allocator.capacity:
+            raise ValueError(
+                f"request needs up to {self.kv_cache.blocks_for_tokens(longest)} KV blocks; "
+                f"the cache has {self.kv_cache.allocator.capacity}"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        seq = Sequence(request_id, list(prompt_token_ids), params, arrival_s=self.clock())
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        seq = self._get(request_id)
+        self._finish(seq, FinishReason.ABORTED)
+
+    def _get(self, request_id: str) -> Sequence:
+        try:
+            return self.requests[request_id]
+        except KeyError:
+            raise RequestNotFoundError(f"no request {request_id!r} in this engine") from None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # ---- stepping ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch (decode tokens and prefill chunks); returns what each request got."""
+        started = time.perf_counter()
+        plan = self.scheduler.schedule()
+        self.stats.preemptions_total += len(plan.preempted)
+        if plan.empty:
+            return []
+        logits, rows, prompt_tokens = self._execute(plan)
+        outputs = self._apply(plan, logits, rows)
+        self.stats.record_step(prompt_tokens, len(rows), time.perf_counter() - started)
+        return outputs
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        size = self.kv_cache.block_size
+        return seq.block_ids[position // size] * size + position % size
+
+    def _execute(
+        self, plan: SchedulerOutput
+    ) -> tuple[torch.Tensor, list[tuple[Sequence, int]], int]:
+        """Run the model; returns logits, the (request, token count) each row samples for, and
+        the number of prompt tokens computed."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        lens: list[int] = []
+        for seq in plan.decodes:
+            position = seq.num_computed_tokens
+            ids.append(seq.token_at(position))
+            positions.append(position)
+            slots.append(self._slot(seq, position))
+            lens.append(position + 1)
+            tables.append(seq.block_ids[: self.kv_cache.blocks_for_tokens(position + 1)])
+        rows: list[tuple[Sequence, int]] = [(seq, 1) for seq in plan.decodes]
+        sample_rows = list(range(len(plan.decodes)))
+        if not plan.prefills and self.graphs is not None and len(ids) <= self.graphs.max_batch:
+            logits = self.graphs.run(ids, positions, slots, tables, lens)
+            return logits, rows, 0
+        spans: list[PrefillSpan] = []
+        prompt_tokens = 0
+        for chunk in plan.prefills:
+            seq, count = chunk.seq, chunk.num_tokens
+            start = seq.num_computed_tokens
+            spans.append(
+                PrefillSpan(
+                    start=len(ids),
+                    num_tokens=count,
+                    num_cached=start,
+                    block_table=torch.tensor(seq.block_ids, dtype=torch.long, device=self.device),
+                )
+            )
+            ids.extend(seq.tokens(start, start + count))
+            positions.extend(range(start, start + count))
+            slots.extend(self._slot(seq, p) for p in range(start, start + count))
+            prompt_tokens += count
+            if start + count == seq.num_tokens:
+                sample_rows.append(len(ids) - 1)
+            rows.append((seq, count))
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            num_decode_tokens=len(plan.decodes),
+            prefill_spans=spans,
+        )
+        if plan.decodes:
+            width = max(len(t) for t in tables)
+            table = torch.zeros(len(tables), width, dtype=torch.int32)
+            for i, blocks in enumerate(tables):
+                table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            meta.decode_block_tables = table.to(device)
+            meta.decode_context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+            meta.decode_max_context_len = max(lens)
+            meta.decode_context_lens_host = lens
+        hidden = self.model.forward(
+            torch.tensor(ids, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            meta,
+            self.kv_cache,
+        )
+        index = torch.tensor(sample_rows, dtype=torch.long, device=device)
+        return self.model.compute_logits(hidden.index_select(0, index)), rows, prompt_tokens
+
+    def _apply(
+        self, plan: SchedulerOutput, logits: torch.Tensor, rows: list[tuple[Sequence, int]]
+    ) -> list[RequestOutput]:
+        now = self.clock()
+        sampling: list[Sequence] = []
+        outputs: list[RequestOutput] = []
+        for seq, count in rows:
+            seq.num_computed_tokens += count
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampling.append(seq)
+            else:
+                outputs.append(RequestOutput(seq.request_id, [], finished=False))
+        tokens = sample(
+            logits,
+            [seq.params for seq in sampling],
+            [len(seq.output_token_ids) for seq in sampling],
+            self.generator,
+        )
+        for row, (seq, token) in enumerate(zip(sampling, tokens, strict=True)):
+            if seq.params.return_logits:
+                seq.logits.append(logits[row].detach().to("cpu", copy=True))
+            seq.output_token_ids.append(token)
+            seq.last_token_s = now
+            if seq.first_token_s is None:
+                seq.first_token_s = now
+                seq.decode_start_s = now
+                seq.decode_start_outputs = 1
+                self.stats.record_ttft(now - seq.arrival_s)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self._finish(seq, reason)
+                outputs.append(RequestOutput(seq.request_id, [token], True, reason))
+            elif self.role is EngineRole.PREFILL:
+                self._park(seq)
+                outputs.append(RequestOutput(seq.request_id, [token], False, parked=True))
+            else:
+                outputs.append(RequestOutput(seq.request_id, [token], False))
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        params = seq.params
+        if token in params.stop_token_ids:
+            return FinishReason.STOP
+        if not params.ignore_eos and token in self.config.eos_token_ids:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= params.max_new_tokens:
+            return FinishReason.LENGTH
+        if seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _park(self, seq: Sequence) -> None:
+        self.scheduler.running.remove(seq)
+        seq.state = RequestState.PARKED
+        self.parked[seq.request_id] = seq
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.request_id in self.parked:
+            del self.parked[seq.request_id]
+            self.scheduler.release(seq)
+        else:
+            self.scheduler.remove(seq)
+        seq.state = RequestState.FINISHED
+        seq.finish_reason = reason
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self.stats.requests_finished_total += 1
+            produced = len(seq.output_token_ids) - seq.decode_start_outputs
+            if produced > 0 and seq.decode_start_s is not None and seq.last_token_s is not None:
+                self.stats.record_tpot((seq.last_token_s - seq.decode_start_s) / produced)
+
+    def pop_finished(self, request_id: str) -> Completion:
+        """Remove a finished request from the engine and return its result."""
+        seq = self._get(request_id)
+        if seq.state is not RequestState.FINISHED:
+            raise RequestNotFoundError(f"request {request_id!r} is {seq.state.value}, not finished")
+        del self.requests[request_id]
+        return Completion(
+            seq.request_id,
+            seq.prompt_token_ids,
+            seq.output_token_ids,
+            seq.finish_reason,
+            seq.logits,
+        )
+
+    def generate(
+        self, prompts: Iterable[list[int]], params: SamplingParams | None = None
+    ) -> list[Completion]:
+        """Run prompts to completion (colocated role); results in prompt order."""
+        ids = [self.add_request(prompt, params) for prompt in prompts]
+        self.run_until_idle()
+        return [self.pop_finished(request_id) for request_id in ids]
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> None:
+        """Step until nothing is waiting or running (parked requests do not count)."""
+        for _ in range(max_steps):
+            if not self.has_unfinished():
+                return
+            if not self.step() and not self.scheduler.running:
+                raise NoProgressError(
+                    f"{len(self.scheduler.waiting)} requests wait but none fits: "
+                    f"{len(self.parked)} parked requests hold KV blocks"
+                )
+        raise NoProgressError(f"requests still unfinished after {max_steps} steps")
+
+    # ---- KV export and import -------------------------------------------------------------
+
+    @property
+    def kv_geometry(self) -> KVGeometry:
+        return KVGeometry(
+            model_signature=self.config.signature,
+            num_layers=self.config.num_hidden_layers,
+            num_kv_heads=self.config.num_key_value_heads,
+            head_dim=self.config.head_dim,
+            block_size=self.kv_cache.block_size,
+            dtype=str(self.kv_cache.dtype).removeprefix("torch."),
+        )
+
+    def export_kv(self, request_id: str) -> KVPackage:
+        """Hand a parked or decoding request's KV blocks out; the request leaves this engine.
+
+        Between steps only: a request is exportable once its prompt is fully computed.
+        """
+        seq = self._get(request_id)
+        exportable = seq.state is RequestState.PARKED or (
+            seq.state is RequestState.RUNNING and seq.num_pending_tokens == 1
+        )
+        if not exportable:
+            raise KVTransferError(
+                f"request {request_id!r} is {seq.state.value} with "
+                f"{seq.num_pending_tokens} tokens pending; export after its prefill completes"
+            )
+        used = self.kv_cache.blocks_for_tokens(seq.num_computed_tokens)
+        package = KVPackage.build(
+            request_id=seq.request_id,
+            geometry=self.kv_geometry,
+            prompt_token_ids=seq.prompt_token_ids,
+            output_token_ids=seq.output_token_ids,
+            num_computed_tokens=seq.num_computed_tokens,
+            sampling=seq.params.to_dict(),
+            blocks=self.kv_cache.read_blocks(seq.block_ids[:used]),
+        )
+        self._finish(seq, FinishReason.EXPORTED)
+        del self.requests[request_id]
+        self.stats.kv_exports_total += 1
+        return package
+
+    def import_kv(self, package: KVPackage) -> str:
+        """Continue a request from another engine's KV blocks; returns its request id.
+
+        Raises OutOfKVBlocksError when the blocks do not fit now (the caller retries later).
+        """
+        if self.role is EngineRole.PREFILL:
+            raise RoleError("a prefill-only engine does not continue imported requests")
+        geometry = self.kv_geometry
+        theirs = package.geometry
+        if (theirs.model_signature, theirs.block_size) != (
+            geometry.model_signature,
+            geometry.block_size,
+        ):
+            raise KVTransferError(
+                f"package for {theirs.model_signature} with block size {theirs.block_size} "
+                f"cannot enter an engine of {geometry.model_signature} with block size "
+                f"{geometry.block_size}"
+            )
+        if package.request_id in self.requests:
+            raise KVTransferError(f"request id {package.request_id!r} is already in the engine")
+        needed = self.kv_cache.blocks_for_tokens(package.num_computed_tokens)
+        if package.num_blocks != needed:
+            raise KVTransferError(
+                f"package has {package.num_blocks} blocks for {package.num_computed_tokens} "
+                f"tokens; {needed} expected"
+            )
+        blocks = self.kv_cache.allocator.allocate(needed)
+        self.kv_cache.write_blocks(blocks, package.blocks)
+        now = self.clock()
+        seq = Sequence(
+            request_id=package.request_id,
+            prompt_token_ids=list(package.prompt_token_ids),
+            params=SamplingParams.from_dict(package.sampling),
+            arrival_s=now,
+            output_token_ids=list(package.output_token_ids),
+            block_ids=blocks,
+            num_computed_tokens=package.num_computed_tokens,
+            imported=True,
+            first_token_s=now,
+            last_token_s=now,
+            decode_start_s=now,
+            decode_start_outputs=len(package.output_token_ids),
+        )
+        self.requests[seq.request_id] = seq
+        self.scheduler.add_running(seq)
+        self.stats.kv_imports_total += 1
+        return seq.request_id
+
+    # ---- telemetry -----------------------------------------------------------------------
+
+    def stats_snapshot(self, drain: bool = False) -> EngineStatsSnapshot:
+        allocator = self.kv_cache.allocator
+        return self.stats.snapshot(
+            role=self.role.value,
+            queue_length=len(self.scheduler.waiting),
+            running_batch=len(self.scheduler.running),
+            parked_requests=len(self.parked),
+            kv_blocks_total=allocator.capacity,
+            kv_blocks_used=allocator.num_used,
+            kv_block_size=self.kv_cache.block_size,
+            drain=drain,
+        )

@@ -1,0 +1,104 @@
+"""The Llama decoder's forward pass over a flattened batch with a paged KV cache.
+
+No torch.nn.Module: the weights are plain tensors and the forward is a function of (tokens,
+positions, attention metadata, cache), which is what a CUDA graph captures and what the
+scheduler's mixed batches (decode tokens and prefill chunks together) need.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tessera.agents.engine import ops
+from tessera.agents.engine.attention import AttentionMetadata, decode_attention, prefill_attention
+from tessera.agents.engine.config import LlamaConfig, rope_inverse_frequencies
+from tessera.agents.engine.kv_cache import PagedKVCache
+from tessera.agents.engine.weights import LlamaWeights
+
+
+class LlamaModel:
+    """A Llama-architecture decoder bound to its weights and a RoPE table."""
+
+    def __init__(
+        self, config: LlamaConfig, weights: LlamaWeights, max_positions: int | None = None
+    ) -> None:
+        self.config = config
+        self.weights = weights
+        self.max_positions = max_positions or config.max_position_embeddings
+        inverse = rope_inverse_frequencies(config)
+        positions = torch.arange(self.max_positions, dtype=torch.float32)
+        angles = positions[:, None] * inverse[None, :]
+        self.rope_cos = angles.cos().to(weights.device)
+        self.rope_sin = angles.sin().to(weights.device)
+        self.scale = config.head_dim**-0.5
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: PagedKVCache,
+    ) -> torch.Tensor:
+        """Hidden states after the final norm, [N, hidden], for N flattened tokens.
+
+        Writes every token's K and V into the cache slots of `meta.slot_mapping`.
+        """
+        cfg = self.config
+        heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_size, kv_size = cfg.q_size, cfg.kv_size
+        tokens = input_ids.shape[0]
+        hidden = F.embedding(input_ids, self.weights.embed)
+        residual: torch.Tensor | None = None
+        for index, layer in enumerate(self.weights.layers):
+            x, residual = ops.rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps, residual)
+            qkv = F.linear(x, layer.qkv)
+            k_cache, v_cache = kv_cache.key_cache(index), kv_cache.value_cache(index)
+            ops.rope_and_cache(
+                qkv, positions, self.rope_cos, self.rope_sin, meta.slot_mapping,
+                k_cache, v_cache, heads, kv_heads, head_dim,
+            )  # fmt: skip
+            q = qkv[:, :q_size].view(tokens, heads, head_dim)
+            attn = self._attention(q, qkv, meta, k_cache, v_cache, q_size, kv_size)
+            hidden = F.linear(attn.reshape(tokens, q_size), layer.o)
+            x, residual = ops.rms_norm(
+                hidden, layer.post_attention_norm, cfg.rms_norm_eps, residual
+            )
+            hidden = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
+        out, _ = ops.rms_norm(hidden, self.weights.final_norm, cfg.rms_norm_eps, residual)
+        return out
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        qkv: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        q_size: int,
+        kv_size: int,
+    ) -> torch.Tensor:
+        num_decode = meta.num_decode_tokens
+        if not meta.prefill_spans:
+            return decode_attention(q, k_cache, v_cache, meta, self.scale)
+        cfg = self.config
+        out = torch.empty_like(q)
+        if num_decode:
+            out[:num_decode] = decode_attention(q[:num_decode], k_cache, v_cache, meta, self.scale)
+        for span in meta.prefill_spans:
+            rows = slice(span.start, span.start + span.num_tokens)
+            k = qkv[rows, q_size : q_size + kv_size].view(-1, cfg.num_key_value_heads, cfg.head_dim)
+            v = qkv[rows, q_size + kv_size :].view(-1, cfg.num_key_value_heads, cfg.head_dim)
+            out[rows] = prefill_attention(q[rows], k, v, span, k_cache, v_cache, self.scale)
+        return out
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [M, vocab] for the rows of `hidden` that need sampling."""
+        return F.linear(hidden, self.weights.lm_head).float()

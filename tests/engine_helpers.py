@@ -1,0 +1,56 @@
+"""Shared pieces of the engine tests: a tiny random Llama checkpoint and its HF reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY: dict[str, Any] = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def write_checkpoint(folder: Path, seed: int = 0, **overrides: Any) -> Any:
+    """Save a random LlamaForCausalLM (safetensors) to `folder`; returns the HF model.
+
+    Weights are drawn wider than HF's init and norms away from one, so that attention, RoPE
+    and the norms all shape the logits (a near-uniform model would hide mistakes).
+    """
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = HFConfig(**{**TINY, **overrides}, attn_implementation="eager")
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim == 1:
+                parameter.normal_(1.0, 0.2)
+            else:
+                parameter.normal_(0.0, 0.15 if "embed" not in name else 1.0)
+    model.eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def reference_logits(model: Any, tokens: list[int]) -> torch.Tensor:
+    """HF logits [len(tokens), vocab] of one sequence, teacher-forced, float32."""
+    with torch.no_grad():
+        out = model(torch.tensor([tokens]), use_cache=False)
+    return out.logits[0].float()
+
+
+def random_prompts(lengths: list[int], vocab: int, seed: int = 1) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]

@@ -1,0 +1,203 @@
+"""Paged KV: the block allocator, and KV export/import between engines (P->D, migration)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from engine_helpers import random_prompts, write_checkpoint
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tessera.agents.engine import (
+    Engine,
+    EngineConfig,
+    EngineRole,
+    KVChecksumError,
+    KVPackage,
+    KVTransferError,
+    OutOfKVBlocksError,
+    RoleError,
+    SamplingParams,
+    SchedulerConfig,
+)
+from tessera.agents.engine.kv_cache import RESERVED_BLOCKS, BlockAllocator, BlockOwnershipError
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_blocks=st.integers(2, 40),
+    operations=st.lists(st.tuples(st.booleans(), st.integers(0, 12)), max_size=60),
+)
+def test_allocator_never_hands_out_a_block_twice(
+    num_blocks: int, operations: list[tuple[bool, int]]
+) -> None:
+    allocator = BlockAllocator(num_blocks)
+    held: list[list[int]] = []
+    for allocate, amount in operations:
+        if allocate:
+            if amount > allocator.num_free:
+                with pytest.raises(OutOfKVBlocksError):
+                    allocator.allocate(amount)
+                continue
+            blocks = allocator.allocate(amount)
+            owned = {b for group in held for b in group}
+            assert not owned & set(blocks)
+            assert all(RESERVED_BLOCKS <= b < num_blocks for b in blocks)
+            held.append(blocks)
+        elif held:
+            allocator.free(held.pop(amount % len(held)))
+        assert allocator.num_used + allocator.num_free == allocator.capacity
+        assert allocator.num_used == sum(len(group) for group in held)
+    for group in held:
+        allocator.free(group)
+    assert allocator.num_free == allocator.capacity
+
+
+def test_allocator_refuses_double_and_foreign_frees() -> None:
+    allocator = BlockAllocator(8)
+    blocks = allocator.allocate(3)
+    allocator.free(blocks[:1])
+    with pytest.raises(BlockOwnershipError):
+        allocator.free(blocks[:1])
+    with pytest.raises(BlockOwnershipError):
+        allocator.free([0])  # the reserved block is never allocated
+    with pytest.raises(BlockOwnershipError):
+        allocator.free([blocks[1], blocks[1]])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama-kv")
+    write_checkpoint(path, seed=11)
+    return path
+
+
+def engine(folder: Path, role: EngineRole = EngineRole.COLOCATED, **kwargs: Any) -> Engine:
+    config = EngineConfig(
+        role=role,
+        block_size=4,
+        num_kv_blocks=kwargs.pop("blocks", 96),
+        scheduler=SchedulerConfig(max_num_batched_tokens=kwargs.pop("budget", 64)),
+        **kwargs,
+    )
+    return Engine.from_pretrained(folder, config)
+
+
+PARAMS = SamplingParams(max_new_tokens=10, ignore_eos=True, return_logits=True)
+SAMPLED = SamplingParams(max_new_tokens=10, ignore_eos=True, temperature=0.9, top_k=40, seed=7)
+
+
+def test_blocks_are_all_free_after_requests_finish_or_abort(folder: Path) -> None:
+    e = engine(folder)
+    e.generate(random_prompts([5, 12, 9], 128), PARAMS)
+    assert e.kv_cache.allocator.num_used == 0
+    request = e.add_request(random_prompts([10], 128)[0], PARAMS)
+    e.step()
+    assert e.kv_cache.allocator.num_used == 3  # 10 tokens in blocks of 4
+    e.abort(request)
+    assert e.kv_cache.allocator.num_used == 0
+    assert e.kv_cache.allocator.num_free == e.kv_cache.allocator.capacity
+
+
+@pytest.mark.parametrize("params", [PARAMS, SAMPLED], ids=["greedy", "seeded-sampling"])
+def test_prefill_export_then_decode_import_equals_colocated(
+    folder: Path, params: SamplingParams
+) -> None:
+    prompts = random_prompts([7, 13, 4], 128, seed=5)
+    colocated = engine(folder).generate(prompts, params)
+
+    prefill = engine(folder, EngineRole.PREFILL)
+    ids = [prefill.add_request(p, params) for p in prompts]
+    prefill.run_until_idle()
+    assert sorted(prefill.parked) == sorted(ids)
+    wires = [prefill.export_kv(request_id).to_bytes() for request_id in ids]
+    assert prefill.kv_cache.allocator.num_used == 0
+
+    decode = engine(folder, EngineRole.DECODE)
+    for wire in wires:
+        decode.import_kv(KVPackage.from_bytes(wire))
+    decode.run_until_idle()
+    for request_id, expected in zip(ids, colocated, strict=True):
+        done = decode.pop_finished(request_id)
+        assert done.output_token_ids == expected.output_token_ids
+        if params.return_logits:
+            # The first token's logits stayed with the prefill engine.
+            ours, theirs = torch.stack(done.logits), torch.stack(expected.logits[1:])
+            assert (ours - theirs).abs().max().item() < 1e-4
+    assert decode.kv_cache.allocator.num_used == 0
+
+
+def test_live_migration_mid_decode(folder: Path) -> None:
+    prompts = random_prompts([9, 6], 128, seed=8)
+    expected = engine(folder).generate(prompts, SAMPLED)
+    source, target = engine(folder), engine(folder, blocks=40)
+    ids = [source.add_request(p, SAMPLED) for p in prompts]
+    for _ in range(4):
+        source.step()
+    package = KVPackage.from_bytes(source.export_kv(ids[0]).to_bytes())
+    assert package.num_computed_tokens == len(prompts[0]) + 3
+    target.import_kv(package)
+    source.run_until_idle()
+    target.run_until_idle()
+    assert target.pop_finished(ids[0]).output_token_ids == expected[0].output_token_ids
+    assert source.pop_finished(ids[1]).output_token_ids == expected[1].output_token_ids
+
+
+def test_corruption_is_detected(folder: Path) -> None:
+    e = engine(folder, EngineRole.PREFILL)
+    request = e.add_request(random_prompts([11], 128)[0], PARAMS)
+    e.run_until_idle()
+    wire = e.export_kv(request).to_bytes()
+    KVPackage.from_bytes(wire).verify()
+
+    payload_flip = bytearray(wire)
+    payload_flip[-5] ^= 0x40
+    with pytest.raises(KVChecksumError, match="block 2"):
+        KVPackage.from_bytes(bytes(payload_flip))
+
+    first = KVPackage.from_bytes(wire).prompt_token_ids[0]
+    original = f'"prompt_token_ids":[{first},'.encode()
+    tampered = wire.replace(original, f'"prompt_token_ids":[{4 if first == 3 else 3},'.encode(), 1)
+    assert tampered != wire
+    with pytest.raises(KVChecksumError, match="header"):
+        KVPackage.from_bytes(tampered)
+
+    with pytest.raises(KVChecksumError):
+        KVPackage.from_bytes(wire[:-3])
+    with pytest.raises(KVTransferError):
+        KVPackage.from_bytes(b"not a package at all")
+
+    package = KVPackage.from_bytes(wire)
+    package.blocks[1, 0, 0, 0, 0, 0] += 1.0
+    with pytest.raises(KVChecksumError, match="block 1"):
+        package.verify()
+
+
+def test_import_refuses_other_layouts_and_roles(folder: Path) -> None:
+    e = engine(folder, EngineRole.PREFILL)
+    request = e.add_request(random_prompts([6], 128)[0], PARAMS)
+    e.run_until_idle()
+    package = e.export_kv(request)
+    other_block_size = Engine.from_pretrained(
+        folder, EngineConfig(role=EngineRole.DECODE, block_size=8, num_kv_blocks=16)
+    )
+    with pytest.raises(KVTransferError, match="block size"):
+        other_block_size.import_kv(package)
+    with pytest.raises(RoleError):
+        engine(folder, EngineRole.DECODE).add_request([5, 6, 7], PARAMS)
+    with pytest.raises(RoleError):
+        e.import_kv(package)
+    tiny = engine(folder, EngineRole.DECODE, blocks=2)
+    with pytest.raises(OutOfKVBlocksError):
+        tiny.import_kv(package)
+    assert tiny.kv_cache.allocator.num_used == 0
+
+
+def test_export_refused_mid_prefill(folder: Path) -> None:
+    e = engine(folder, budget=4)
+    request = e.add_request(random_prompts([10], 128)[0], PARAMS)
+    e.step()
+    with pytest.raises(KVTransferError, match="pending"):
+        e.export_kv(request)

@@ -8,10 +8,10 @@ export PYTHONSAFEPATH=1
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  if ! command -v prometheus >/dev/null || ! command -v unzip >/dev/null || ! command -v npm >/dev/null; then
+  if ! command -v prometheus >/dev/null || ! command -v openssl >/dev/null || ! command -v unzip >/dev/null || ! command -v npm >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      prometheus unzip npm >/dev/null
+      prometheus openssl unzip npm >/dev/null
   fi
 fi
 bash .ci/install-helm.sh

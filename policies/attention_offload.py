@@ -15,14 +15,19 @@ use it as a decode replica.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import cached_property
 
 from tessera.api.accelerator_class import AcceleratorClassSpec
 from tessera.api.model_deployment import ModelArchitecture
 from tessera.policies.efficiency import Calibration, calibration_for
-from tessera.policies.perfmodel import IterationCost, PrefillChunk, ReplicaPerformance
+from tessera.policies.perfmodel import (
+    IterationCost,
+    PrefillChunk,
+    ReplicaPerformance,
+    device_power_w,
+    largest_decode_batch,
+)
 
 MICRO_BATCHES = 2
 
@@ -133,16 +138,9 @@ class OffloadedDecodePerformance:
     def max_decode_batch_for_tpot(
         self, tpot_s: float, mean_context_tokens: float, upper: int = 8192
     ) -> int:
-        kv_limit = self.kv_capacity_tokens // max(1, math.ceil(mean_context_tokens))
-        best = 0
-        low, high = 1, max(1, min(upper, kv_limit))
-        while low <= high:
-            mid = (low + high) // 2
-            if self.decode_step_time_s(mid, mean_context_tokens) <= tpot_s:
-                best, low = mid, mid + 1
-            else:
-                high = mid - 1
-        return best
+        return largest_decode_batch(
+            self.decode_step_time_s, self.kv_capacity_tokens, tpot_s, mean_context_tokens, upper
+        )
 
     def kv_transfer_time_s(self, tokens: int, link_gbps: float | None = None) -> float:
         link = link_gbps or self.memory.network_bandwidth_gbps
@@ -151,9 +149,7 @@ class OffloadedDecodePerformance:
     def power_w(self, busy_fraction: float, compute_bound: bool) -> float:
         """Compute devices at their phase's draw plus memory devices at memory-bound draw."""
         compute_w = self.compute.power_w(busy_fraction, compute_bound)
-        busy = min(1.0, max(0.0, busy_fraction))
-        idle = self.memory.idle_power_w
-        if idle is None:
-            idle = self.memory_calibration.idle_power_fraction * self.memory.tdp_w
-        active = self.memory_calibration.memory_bound_power_fraction * self.memory.tdp_w
-        return compute_w + self.attention_devices * (idle + busy * max(0.0, active - idle))
+        memory_w = device_power_w(
+            self.memory, self.memory_calibration, busy_fraction, compute_bound=False
+        )
+        return compute_w + self.attention_devices * memory_w

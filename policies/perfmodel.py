@@ -12,7 +12,7 @@ measurement exists.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -181,16 +181,9 @@ class ReplicaPerformance:
         self, tpot_s: float, mean_context_tokens: float, upper: int = 4096
     ) -> int:
         """Largest decode batch whose step time stays within `tpot_s` and whose KV fits."""
-        kv_limit = self.kv_capacity_tokens // max(1, math.ceil(mean_context_tokens))
-        best = 0
-        low, high = 1, max(1, min(upper, kv_limit))
-        while low <= high:
-            mid = (low + high) // 2
-            if self.decode_step_time_s(mid, mean_context_tokens) <= tpot_s:
-                best, low = mid, mid + 1
-            else:
-                high = mid - 1
-        return best
+        return largest_decode_batch(
+            self.decode_step_time_s, self.kv_capacity_tokens, tpot_s, mean_context_tokens, upper
+        )
 
     def kv_transfer_time_s(self, tokens: int, link_gbps: float | None = None) -> float:
         """Time to move a request's KV cache out of this replica over a link (GB/s)."""
@@ -200,15 +193,50 @@ class ReplicaPerformance:
     # ---- power --------------------------------------------------------------------------
     def power_w(self, busy_fraction: float, compute_bound: bool) -> float:
         """Draw of the replica's devices at a utilisation, by which roof binds."""
-        busy = min(1.0, max(0.0, busy_fraction))
-        calibration = self.calibration
-        idle = self.accelerator.idle_power_w
-        if idle is None:
-            idle = calibration.idle_power_fraction * self.accelerator.tdp_w
-        active_fraction = (
-            calibration.compute_bound_power_fraction
-            if compute_bound
-            else calibration.memory_bound_power_fraction
+        per_device = device_power_w(
+            self.accelerator, self.calibration, busy_fraction, compute_bound
         )
-        active = active_fraction * self.accelerator.tdp_w
-        return self.tensor_parallel * (idle + busy * max(0.0, active - idle))
+        return self.tensor_parallel * per_device
+
+
+def largest_decode_batch(
+    step_time_s: Callable[[int, float], float],
+    kv_capacity_tokens: int,
+    tpot_s: float,
+    mean_context_tokens: float,
+    upper: int,
+) -> int:
+    """Largest batch whose decode step fits `tpot_s` and whose KV cache fits (0 if none).
+
+    Step time grows with batch, so a binary search over [1, min(upper, KV limit)] finds it.
+    """
+    kv_limit = kv_capacity_tokens // max(1, math.ceil(mean_context_tokens))
+    best = 0
+    low, high = 1, max(1, min(upper, kv_limit))
+    while low <= high:
+        mid = (low + high) // 2
+        if step_time_s(mid, mean_context_tokens) <= tpot_s:
+            best, low = mid, mid + 1
+        else:
+            high = mid - 1
+    return best
+
+
+def device_power_w(
+    accelerator: AcceleratorClassSpec,
+    calibration: Calibration,
+    busy_fraction: float,
+    compute_bound: bool,
+) -> float:
+    """Draw of one device at a utilisation: idle plus busy x (phase draw - idle)."""
+    busy = min(1.0, max(0.0, busy_fraction))
+    idle = accelerator.idle_power_w
+    if idle is None:
+        idle = calibration.idle_power_fraction * accelerator.tdp_w
+    active_fraction = (
+        calibration.compute_bound_power_fraction
+        if compute_bound
+        else calibration.memory_bound_power_fraction
+    )
+    active = active_fraction * accelerator.tdp_w
+    return idle + busy * max(0.0, active - idle)

@@ -360,6 +360,18 @@ class Plan(ApiModel):
     power_w: float = Field(ge=0, description="Provisioned (TDP) power of the plan, watts.")
     predicted_ttft_ms: float | None = Field(default=None, description="Predicted TTFT.")
     predicted_tpot_ms: float | None = Field(default=None, description="Predicted TPOT.")
+    predicted_attainment: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Fraction of requests the planner's queueing model predicts meet the SLO.",
+    )
+    simulated_attainment: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Fraction of requests that met the SLO in a short simulation of the plan.",
+    )
     rationale: str = Field(description="Why this plan: the binding constraint and the choice.")
 
     @property

@@ -22,6 +22,7 @@ from tessera.api.accelerator_class import AcceleratorClassSpec
 from tessera.api.model_deployment import ModelArchitecture
 from tessera.policies.efficiency import Calibration, calibration_for
 from tessera.policies.perfmodel import (
+    OFFLOADED_MAX_RUNNING_REQUESTS,
     IterationCost,
     PrefillChunk,
     ReplicaPerformance,
@@ -52,6 +53,7 @@ class OffloadedDecodePerformance:
         self.memory = memory
         self.attention_devices = attention_devices
         self.memory_calibration = memory_calibration or calibration_for(memory)
+        self.max_running_requests = OFFLOADED_MAX_RUNNING_REQUESTS
 
     @property
     def tensor_parallel(self) -> int:
@@ -136,7 +138,7 @@ class OffloadedDecodePerformance:
         return self.iteration(decode_context_tokens=[int(mean_context_tokens)] * batch).time_s
 
     def max_decode_batch_for_tpot(
-        self, tpot_s: float, mean_context_tokens: float, upper: int = 8192
+        self, tpot_s: float, mean_context_tokens: float, upper: int = OFFLOADED_MAX_RUNNING_REQUESTS
     ) -> int:
         return largest_decode_batch(
             self.decode_step_time_s, self.kv_capacity_tokens, tpot_s, mean_context_tokens, upper

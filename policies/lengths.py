@@ -30,11 +30,14 @@ def length_quantile(distribution: LengthDistribution, quantile: float) -> float:
     return max(1.0, value)
 
 
-def waiting_quantile_s(arrival_rate: float, service_s: float, quantile: float) -> float:
-    """Approximate `quantile` of the waiting time in a single-server queue (M/D/1-like).
+def waiting_quantile_s(
+    arrival_rate: float, service_s: float, quantile: float, service_scv: float = 0.0
+) -> float:
+    """Approximate `quantile` of the waiting time in a single-server queue (M/G/1).
 
-    Uses the exponential tail P(W > t) = rho * exp(-(mu - lambda) t) of M/M/1 with half its
-    spread, since deterministic service halves the waiting-time variance.
+    Uses the exponential tail P(W > t) = rho * exp(-2 (mu - lambda) t / (1 + cs^2)): M/M/1's
+    tail with its spread scaled by the service time's variability (cs^2 is the squared
+    coefficient of variation; 0 is deterministic service, which halves M/M/1's spread).
     """
     if arrival_rate <= 0 or service_s <= 0:
         return 0.0
@@ -43,11 +46,17 @@ def waiting_quantile_s(arrival_rate: float, service_s: float, quantile: float) -
         return math.inf
     if rho <= 1 - quantile:
         return 0.0
-    return 0.5 * math.log(rho / (1 - quantile)) / (1 / service_s - arrival_rate)
+    spread = (1.0 + service_scv) / 2
+    return spread * math.log(rho / (1 - quantile)) / (1 / service_s - arrival_rate)
 
 
 def max_rate_for_latency(
-    service_s: float, extra_s: float, budget_s: float, quantile: float, upper_rho: float
+    service_s: float,
+    extra_s: float,
+    budget_s: float,
+    quantile: float,
+    upper_rho: float,
+    service_scv: float = 0.0,
 ) -> float:
     """Highest arrival rate whose service + extra + waiting quantile fits in `budget_s`."""
     if service_s + extra_s > budget_s:
@@ -55,7 +64,10 @@ def max_rate_for_latency(
     low, high = 0.0, upper_rho / service_s
     for _ in range(40):
         middle = (low + high) / 2
-        if service_s + extra_s + waiting_quantile_s(middle, service_s, quantile) <= budget_s:
+        if (
+            service_s + extra_s + waiting_quantile_s(middle, service_s, quantile, service_scv)
+            <= budget_s
+        ):
             low = middle
         else:
             high = middle

@@ -20,6 +20,16 @@ from tessera.api.accelerator_class import AcceleratorClassSpec
 from tessera.api.model_deployment import ModelArchitecture
 from tessera.policies.efficiency import Calibration, calibration_for
 
+MAX_RUNNING_REQUESTS = 256
+"""Requests a replica decodes at once (vLLM's max_num_seqs): the planner never sizes a batch
+beyond it, and the simulator's scheduler admits no more."""
+OFFLOADED_MAX_RUNNING_REQUESTS = 2048
+"""The same for an attention-offloaded decode replica, whose point is a batch far larger than
+one device's memory allows (Lamina runs batches in the thousands)."""
+PREFILL_CHUNK_TOKENS = 512
+"""Token budget of a chunked-prefill iteration (Sarathi-Serve's setting for tight TPOT):
+decode tokens first, prompt chunks fill the rest. Tessera's colocated engines use it."""
+
 
 class ModelDoesNotFitError(ValueError):
     """The weights (plus a minimum KV cache) do not fit in the replica's memory."""
@@ -64,6 +74,7 @@ class ReplicaPerformance:
         self.accelerator = accelerator
         self.tensor_parallel = tensor_parallel
         self.calibration = calibration or calibration_for(accelerator)
+        self.max_running_requests = MAX_RUNNING_REQUESTS
 
     # ---- memory -------------------------------------------------------------------------
     @cached_property
@@ -178,7 +189,7 @@ class ReplicaPerformance:
         return self.iteration(decode_context_tokens=contexts).time_s
 
     def max_decode_batch_for_tpot(
-        self, tpot_s: float, mean_context_tokens: float, upper: int = 4096
+        self, tpot_s: float, mean_context_tokens: float, upper: int = MAX_RUNNING_REQUESTS
     ) -> int:
         """Largest decode batch whose step time stays within `tpot_s` and whose KV fits."""
         return largest_decode_batch(

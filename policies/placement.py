@@ -10,9 +10,11 @@ analytical reason it was sized so; the chosen one's reason becomes the plan's ra
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from tessera.api.model_deployment import (
     ModelDeploymentSpec,
@@ -23,16 +25,34 @@ from tessera.api.model_deployment import (
     PoolRole,
     ServingMode,
 )
+from tessera.policies.attainment import length_points, squared_cv
 from tessera.policies.attention_offload import OffloadedDecodePerformance
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.lengths import length_quantile, max_rate_for_latency, waiting_quantile_s
 from tessera.policies.perfmodel import ReplicaPerformance
+from tessera.policies.plan_attainment import Attainment, predict_attainment
 
 TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8)
 ATTENTION_DEVICES = (1, 2, 4, 8)
 """Memory-pool devices per offloaded decode replica that the planner considers."""
 TARGET_UTILIZATION = 0.8
 """Busy fraction a pool is sized for: headroom for bursts and queueing at the percentile."""
+PREDICTED_CANDIDATES = 64
+"""Most candidates whose attainment is predicted before the cheapest passing one is taken."""
+GROWTH_REPLICAS = 4
+"""Most replicas added to one candidate's pools to bring its predicted attainment up."""
+SIMULATED_CANDIDATES = 3
+"""Candidates (distinct layouts, cheapest first) an evaluator simulates."""
+
+
+class PlanEvaluator(Protocol):
+    """Measures a plan's SLO attainment, e.g. with a short simulation (tessera.sim.evaluate).
+
+    Injected, so that the planner stays a pure function of its inputs and free of the
+    simulator; an evaluator must be deterministic (seeded) for the same reason.
+    """
+
+    def __call__(self, spec: ModelDeploymentSpec, plan: Plan) -> float: ...
 
 
 class InfeasiblePlanError(ValueError):
@@ -94,6 +114,22 @@ class Candidate:
     ttft_ms: float
     tpot_ms: float
     notes: list[str] = field(default_factory=list)
+    predicted: Attainment | None = None
+    """Predicted fractions of requests meeting the SLO at the declared rate (once scored)."""
+    simulated_attainment: float | None = None
+    """Attainment a short simulation of the plan measured (once an evaluator scored it)."""
+
+    growth: int = 0
+    """Replicas added beyond the analytical sizing to meet the predicted attainment."""
+
+    @property
+    def attainment(self) -> float | None:
+        return None if self.predicted is None else self.predicted.both
+
+    @property
+    def layout(self) -> tuple[object, ...]:
+        """What distinguishes candidates apart from replica counts: mode, classes, TP, batch."""
+        return (self.mode, tuple(self.notes))
 
     @property
     def cost_per_hour(self) -> float:
@@ -116,32 +152,100 @@ class Candidate:
         return primary, self.cost_per_hour
 
 
-def plan_deployment(spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]) -> Plan:
-    """The cheapest plan (by the spec's objective) that meets the SLO, or InfeasiblePlanError."""
+def plan_deployment(
+    spec: ModelDeploymentSpec,
+    offers: Sequence[ClassOffer],
+    evaluator: PlanEvaluator | None = None,
+) -> Plan:
+    """The cheapest plan (by the spec's objective) that meets the SLO, or InfeasiblePlanError.
+
+    Candidates are sized analytically, then scored cheapest first by predicted attainment
+    (growing a pool when the prediction falls short of the target); with an evaluator the
+    cheapest few survivors are simulated and the cheapest that meets the target wins.
+    """
     candidates = enumerate_candidates(spec, offers)
     if not candidates:
         raise InfeasiblePlanError(explain_infeasible(spec, offers))
-    best = min(candidates, key=lambda c: c.score(spec.objective))
-    return to_plan(best, spec)
+    return to_plan(choose_candidate(spec, candidates, evaluator), spec)
+
+
+def choose_candidate(
+    spec: ModelDeploymentSpec,
+    candidates: Sequence[Candidate],
+    evaluator: PlanEvaluator | None = None,
+) -> Candidate:
+    """The cheapest candidate meeting the attainment target: predicted, then simulated."""
+    shortlist = shortlist_candidates(spec, candidates, SIMULATED_CANDIDATES if evaluator else 1)
+    if evaluator is None:
+        return shortlist[0]
+    for candidate in shortlist:
+        candidate.simulated_attainment = evaluator(spec, to_plan(candidate, spec))
+    target = spec.slo.attainment_target
+    for candidate in shortlist:
+        if (candidate.simulated_attainment or 0.0) >= target:
+            return candidate
+    return max(shortlist, key=lambda c: c.simulated_attainment or 0.0)
+
+
+def shortlist_candidates(
+    spec: ModelDeploymentSpec, candidates: Sequence[Candidate], count: int
+) -> list[Candidate]:
+    """The `count` cheapest distinct layouts whose predicted attainment meets the target.
+
+    Best-first over cost: a candidate predicted short of the target is re-queued with one more
+    replica in its weaker pool (at its new cost), up to GROWTH_REPLICAS. When no candidate
+    passes within PREDICTED_CANDIDATES, the best predicted one is returned alone.
+    """
+    target = spec.slo.attainment_target
+    queue = [(c.score(spec.objective), index, c) for index, c in enumerate(candidates)]
+    heapq.heapify(queue)
+    counter = len(queue)
+    shortlist: list[Candidate] = []
+    seen: set[tuple[object, ...]] = set()
+    examined: list[Candidate] = []
+    while queue and len(shortlist) < count and len(examined) < PREDICTED_CANDIDATES:
+        _, _, candidate = heapq.heappop(queue)
+        if candidate.layout in seen:
+            continue
+        if candidate.predicted is None:
+            candidate.predicted = predict_attainment(candidate, spec)
+            examined.append(candidate)
+        if candidate.predicted.both >= target:
+            shortlist.append(candidate)
+            seen.add(candidate.layout)
+            continue
+        grown = _grow(candidate, spec)
+        if grown is not None:
+            heapq.heappush(queue, (grown.score(spec.objective), counter, grown))
+            counter += 1
+    if not shortlist:
+        return [max(examined, key=lambda c: c.attainment or 0.0)]
+    return shortlist
+
+
+def _grow(candidate: Candidate, spec: ModelDeploymentSpec) -> Candidate | None:
+    """The candidate with one more replica in the pool that limits its predicted attainment."""
+    assert candidate.predicted is not None
+    if candidate.growth >= GROWTH_REPLICAS:
+        return None
+    replicas = [n for _, n in candidate.pools]
+    weaker = 0 if candidate.predicted.ttft <= candidate.predicted.tpot else len(replicas) - 1
+    if candidate.mode is not ServingMode.COLOCATED and candidate.predicted.both == 0.0:
+        weaker = len(replicas) - 1  # a saturated decode pool stalls prefill too
+    replicas[weaker] += 1
+    pools = [(sizing, sizing.role) for sizing, _ in candidate.pools]
+    grown = _bounded(pools, spec, candidate.mode, replicas)
+    if not grown:
+        return None
+    return replace(grown[0], growth=candidate.growth + 1)
 
 
 def ranked_candidates(
     spec: ModelDeploymentSpec, offers: Sequence[ClassOffer], top: int = 5
 ) -> list[Candidate]:
-    """The best `top` candidates by the spec's objective, one per distinct layout."""
-    seen: set[tuple[object, ...]] = set()
-    ranked: list[Candidate] = []
-    for candidate in sorted(
-        enumerate_candidates(spec, offers), key=lambda c: c.score(spec.objective)
-    ):
-        layout = (candidate.mode, tuple(note for note in candidate.notes))
-        if layout in seen:
-            continue
-        seen.add(layout)
-        ranked.append(candidate)
-        if len(ranked) == top:
-            break
-    return ranked
+    """The best `top` candidates by the spec's objective, one per distinct layout, each with
+    its predicted attainment (grown to the target where the prediction asked for it)."""
+    return shortlist_candidates(spec, enumerate_candidates(spec, offers), top)
 
 
 def allowed_offers(spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]) -> list[ClassOffer]:
@@ -255,15 +359,16 @@ def _size_replica(
     tail_prefill_s = perf.prefill_time_s(int(length_quantile(prompt, quantile)))
     if tail_prefill_s > ttft_s:
         return None
+    scv = prefill_scv(perf, spec)
     if role is PoolRole.PREFILL:
         # The KV cache then crosses the network to a decode replica before the first token.
         tail_prompt = int(length_quantile(prompt, quantile))
         transfer_s = perf.kv_transfer_time_s(tail_prompt)
         extra_s = tail_prefill_s - prefill_s + transfer_s
-        rate = max_rate_for_latency(prefill_s, extra_s, ttft_s, quantile, TARGET_UTILIZATION)
+        rate = max_rate_for_latency(prefill_s, extra_s, ttft_s, quantile, TARGET_UTILIZATION, scv)
         if rate <= 0:
             return None
-        waiting_s = waiting_quantile_s(rate, prefill_s, quantile)
+        waiting_s = waiting_quantile_s(rate, prefill_s, quantile, scv)
         ttft_ms = (tail_prefill_s + transfer_s + waiting_s) * 1e3
         note = f"prefill {prefill_s * 1e3:.0f} ms/request at {rate * prefill_s:.0%} load"
         return PoolSizing(offer, perf, role, rate, prompt.mean, ttft_ms, note)
@@ -277,13 +382,20 @@ def _size_replica(
     busy_per_request = 1.0 / decode.requests_per_second_per_replica * TARGET_UTILIZATION
     rate_for_load = TARGET_UTILIZATION / (busy_per_request + prefill_s)
     rate_for_ttft = max_rate_for_latency(
-        prefill_s, tail_prefill_s - prefill_s + step_s, ttft_s, quantile, TARGET_UTILIZATION
+        prefill_s, tail_prefill_s - prefill_s + step_s, ttft_s, quantile, TARGET_UTILIZATION, scv
     )
     rate = min(rate_for_tpot, rate_for_load, rate_for_ttft)
     if rate <= 0:
         return None
     note = f"{decode.note}, prefill {prefill_s * 1e3:.0f} ms"
     return PoolSizing(offer, perf, role, rate, output.mean, decode.predicted_latency_ms, note)
+
+
+def prefill_scv(perf: ReplicaPerformance, spec: ModelDeploymentSpec, points: int = 16) -> float:
+    """Variability (squared CV) of prefill times over the prompt-length distribution: heavy
+    tailed prompts make prefill queues wait longer than fixed-length ones at the same load."""
+    prompt, _ = spec.traffic.resolved_lengths()
+    return squared_cv([perf.prefill_time_s(n) for n in length_points(prompt, points)])
 
 
 def _size_decode(
@@ -306,15 +418,21 @@ def _size_decode(
 
 
 def _bounded(
-    pools: list[tuple[PoolSizing, PoolRole]], spec: ModelDeploymentSpec, mode: ServingMode
+    pools: list[tuple[PoolSizing, PoolRole]],
+    spec: ModelDeploymentSpec,
+    mode: ServingMode,
+    replica_counts: Sequence[int] | None = None,
 ) -> list[Candidate]:
-    """The candidate with replica counts sized to the traffic, within bounds and capacity."""
+    """The candidate with replica counts sized to the traffic (or given), within bounds and
+    capacity; empty when they do not allow it."""
     rate = spec.traffic.request_rate_per_second
     sized: list[tuple[PoolSizing, int]] = []
     used: dict[str, int] = {}
-    for sizing, role in pools:
+    for index, (sizing, role) in enumerate(pools):
         bounds = spec.pools.bounds(role)
         needed = math.ceil(rate / sizing.requests_per_second_per_replica - 1e-9)
+        if replica_counts is not None:
+            needed = replica_counts[index]
         replicas = max(needed, bounds.min_replicas, 1)
         if replicas > bounds.max_replicas:
             return []
@@ -350,7 +468,10 @@ def _candidate(
         tail_prefill_s = sizing.performance.prefill_time_s(int(length_quantile(prompt, quantile)))
         rate = spec.traffic.request_rate_per_second / replicas
         step_s = sizing.predicted_latency_ms / 1e3
-        ttft_ms = (tail_prefill_s + step_s + waiting_quantile_s(rate, prefill_s, quantile)) * 1e3
+        waiting_s = waiting_quantile_s(
+            rate, prefill_s, quantile, prefill_scv(sizing.performance, spec)
+        )
+        ttft_ms = (tail_prefill_s + step_s + waiting_s) * 1e3
         # Prefills interleaved with decoding stretch each token by the time spent prefilling.
         tpot_ms = sizing.predicted_latency_ms / max(0.05, 1.0 - rate * prefill_s)
     else:
@@ -363,9 +484,10 @@ def _candidate(
         tail_prefill_s = prefill.performance.prefill_time_s(tail_prompt)
         rate = spec.traffic.request_rate_per_second / prefill_replicas
         transfer_s = prefill.performance.kv_transfer_time_s(tail_prompt)
-        ttft_ms = (
-            tail_prefill_s + waiting_quantile_s(rate, prefill_s, quantile) + transfer_s
-        ) * 1e3
+        waiting_s = waiting_quantile_s(
+            rate, prefill_s, quantile, prefill_scv(prefill.performance, spec)
+        )
+        ttft_ms = (tail_prefill_s + waiting_s + transfer_s) * 1e3
         tpot_ms = decode.predicted_latency_ms
     notes = [f"{s.role.value} on {s.offer.name} TP{s.tensor_parallel}: {s.note}" for s, _ in sized]
     return Candidate(mode, sized, ttft_ms, tpot_ms, notes)
@@ -408,6 +530,13 @@ def to_plan(candidate: Candidate, spec: ModelDeploymentSpec) -> Plan:
         f"{candidate.mode.value}, cheapest by {spec.objective.value} "
         f"at {rate:g} req/s: " + "; ".join(candidate.notes)
     )
+    if candidate.growth:
+        rationale += f"; +{candidate.growth} replica(s) to reach the attainment target"
+    target = spec.slo.attainment_target
+    if candidate.attainment is not None and candidate.attainment < target:
+        rationale += f"; predicted attainment {candidate.attainment:.1%} is below the target"
+    if candidate.simulated_attainment is not None:
+        rationale += f"; simulated attainment {candidate.simulated_attainment:.1%}"
     return Plan(
         mode=candidate.mode,
         pools=pools,
@@ -415,8 +544,14 @@ def to_plan(candidate: Candidate, spec: ModelDeploymentSpec) -> Plan:
         power_w=round(candidate.power_w, 1),
         predicted_ttft_ms=round(candidate.ttft_ms, 2),
         predicted_tpot_ms=round(candidate.tpot_ms, 3),
+        predicted_attainment=_fraction(candidate.attainment),
+        simulated_attainment=_fraction(candidate.simulated_attainment),
         rationale=rationale,
     )
+
+
+def _fraction(value: float | None) -> float | None:
+    return None if value is None else round(min(1.0, max(0.0, value)), 4)
 
 
 def explain_infeasible(spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]) -> str:

@@ -19,13 +19,14 @@ from enum import StrEnum
 
 from tessera.api.model_deployment import ModelDeployment, Plan, PoolRole, ServingMode
 from tessera.policies.dispatch import DispatchPolicy
+from tessera.policies.perfmodel import PREFILL_CHUNK_TOKENS
 from tessera.policies.placement import InfeasiblePlanError, plan_deployment
 from tessera.sim.cluster import Cluster
 from tessera.sim.engine import DeploymentSetup
 from tessera.sim.instance import SchedulerConfig
 
-SARATHI_TOKEN_BUDGET = 512
-"""Sarathi-Serve's token budget for tight inter-token latency targets."""
+SARATHI_TOKEN_BUDGET = PREFILL_CHUNK_TOKENS
+"""Sarathi-Serve's token budget for tight inter-token latency targets (the planner's too)."""
 
 
 class Baseline(StrEnum):

@@ -46,7 +46,8 @@ class SchedulerConfig:
     chunked_prefill: bool = False
     token_budget: int = 8192
     """max_num_batched_tokens: tokens per iteration (prompt chunks + decodes)."""
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None
+    """Requests running at once; None: the performance model's `max_running_requests`."""
     block_size_tokens: int = 16
     kv_capacity_tokens: int | None = None
     """Override of the performance model's KV capacity (tests use it to force preemption)."""
@@ -128,6 +129,7 @@ class Instance:
         self.power = power
         self.network_gbps = network_gbps
         self.block_size = config.block_size_tokens
+        self.max_num_seqs = config.max_num_seqs or cost.perf.max_running_requests
         capacity = config.kv_capacity_tokens
         if capacity is None:
             capacity = cost.perf.kv_capacity_tokens
@@ -289,7 +291,7 @@ class Instance:
                     n = min(request.target - request.prefilled, budget)
                     chunks.append((request, n))
                     budget -= n
-            while budget > 0 and self.waiting and len(self.running) < config.max_num_seqs:
+            while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
                 request = self.waiting[0]
                 if not self._admit(request, reserved):
                     break
@@ -298,7 +300,7 @@ class Instance:
                 budget -= n
         else:
             tokens = 0
-            while self.waiting and len(self.running) < config.max_num_seqs:
+            while self.waiting and len(self.running) < self.max_num_seqs:
                 request = self.waiting[0]
                 if chunks and tokens + request.target > config.token_budget:
                     break

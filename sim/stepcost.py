@@ -35,6 +35,8 @@ class PerformanceModel(Protocol):
     @property
     def kv_capacity_tokens(self) -> int: ...
 
+    max_running_requests: int
+
     def iteration(
         self, prefill: Sequence[PrefillChunk] = (), decode_context_tokens: Sequence[int] = ()
     ) -> IterationCost: ...

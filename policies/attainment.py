@@ -5,8 +5,8 @@ Sizing at the SLO percentile says whether the percentile request meets its targe
 is what the SLO's `attainmentTarget` is stated in, and what the simulator measures. The model:
 
 - TTFT = queueing delay + the request's own first-token time. A pool's prefill work is an
-  M/D/c-like queue (least-loaded dispatch over c replicas; `WaitingTail`); the first-token time depends on the prompt, so the attained
-  fraction is averaged over the prompt-length distribution.
+  M/G/c-like queue (least-loaded dispatch over c replicas; `WaitingTail`); the first-token
+  time depends on the prompt, so the attained fraction is averaged over the prompt lengths.
 - TPOT in a decode pool: the step time at the batch that the load keeps running (Little's law:
   concurrency = rate x output tokens x step time), against the KV capacity.
 - TPOT on a colocated replica: decode steps stretched by the prefill chunks interleaved with
@@ -175,7 +175,7 @@ def poisson_cdf(mean: float, k: float) -> float:
         return 0.5 * math.erfc(-z / math.sqrt(2))
     term = math.exp(-mean)
     total = term
-    for n in range(1, int(math.floor(k)) + 1):
+    for n in range(1, math.floor(k) + 1):
         term *= mean / n
         total += term
         if term < 1e-12 and n > mean:

@@ -19,14 +19,11 @@ from enum import StrEnum
 
 from tessera.api.model_deployment import ModelDeployment, Plan, PoolRole, ServingMode
 from tessera.policies.dispatch import DispatchPolicy
-from tessera.policies.perfmodel import PREFILL_CHUNK_TOKENS
 from tessera.policies.placement import InfeasiblePlanError, plan_deployment
 from tessera.sim.cluster import Cluster
 from tessera.sim.engine import DeploymentSetup
+from tessera.sim.evaluate import SimulatedEvaluator, tessera_schedulers
 from tessera.sim.instance import SchedulerConfig
-
-SARATHI_TOKEN_BUDGET = PREFILL_CHUNK_TOKENS
-"""Sarathi-Serve's token budget for tight inter-token latency targets (the planner's too)."""
 
 
 class Baseline(StrEnum):
@@ -49,28 +46,31 @@ SERVING_MODE: dict[Baseline, ServingMode | None] = {
 def schedulers(
     baseline: Baseline, max_context_tokens: int, fast_forward: bool = True
 ) -> dict[PoolRole, SchedulerConfig]:
-    """Scheduler settings per pool role for a baseline."""
-    whole = SchedulerConfig(
-        chunked_prefill=False,
-        token_budget=max(max_context_tokens, 2048),
-        fast_forward=fast_forward,
-    )
-    chunked = SchedulerConfig(
-        chunked_prefill=True, token_budget=SARATHI_TOKEN_BUDGET, fast_forward=fast_forward
-    )
-    colocated = whole if baseline is Baseline.VLLM else chunked
-    return {PoolRole.COLOCATED: colocated, PoolRole.PREFILL: whole, PoolRole.DECODE: whole}
+    """Scheduler settings per pool role for a baseline: Tessera's, with whole prefills on
+    colocated replicas for the vLLM-like baseline."""
+    settings = tessera_schedulers(max_context_tokens, fast_forward)
+    if baseline is Baseline.VLLM:
+        settings[PoolRole.COLOCATED] = settings[PoolRole.PREFILL]
+    return settings
 
 
 def plan_for(
     baseline: Baseline, deployment: ModelDeployment, cluster: Cluster, allocated: dict[str, int]
 ) -> Plan:
-    """The baseline's plan for a deployment on the cluster's free capacity."""
+    """The baseline's plan for a deployment on the cluster's free capacity.
+
+    Tessera's planner also simulates its cheapest candidates (sim.evaluate); the baselines
+    take the analytical planner's cheapest plan of their fixed layout.
+    """
     mode = SERVING_MODE[baseline]
     spec = deployment.spec
     if mode is not None:
         spec = spec.model_copy(update={"serving_mode": mode})
-    return plan_deployment(spec, cluster.offers(allocated))
+    offers = cluster.offers(allocated)
+    if baseline is not Baseline.TESSERA:
+        return plan_deployment(spec, offers)
+    evaluator = SimulatedEvaluator(cluster.classes, kv_link_gbps=cluster.kv_link_gbps)
+    return plan_deployment(spec, offers, evaluator)
 
 
 def allocate(plan: Plan, allocated: dict[str, int]) -> None:

@@ -89,15 +89,20 @@ def sweep_policy(
     bisections: int = 6,
     on_point: Callable[[float], None] | None = None,
 ) -> SweepResult:
-    """Goodput of a policy: the highest rate scale (of the workload's) meeting every target."""
+    """Goodput of a policy: the highest rate scale (of the workload's) meeting every target.
+
+    The plan is made once, for the declared traffic, and held while the rate is swept: the
+    sweep measures how much traffic that plan carries within the SLO.
+    """
     base = workload.build(deployments, 1.0)
     base_rate = sum(w.rate_per_s for w in base)
+    setups = setups_for(baseline, deployments, cluster, dispatch, fast_forward)
 
     def run_at(scale: float) -> RunResult:
         if on_point is not None:
             on_point(scale)
         workloads = workload.build(deployments, scale)
-        return run_policy(baseline, cluster, deployments, workloads, config, dispatch, fast_forward)
+        return Simulation(cluster, setups, workloads, config, baseline.value).run()
 
     return goodput_sweep(
         baseline.value, run_at, base_rate, start_scale=workload.rate_scale, bisections=bisections

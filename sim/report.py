@@ -52,7 +52,16 @@ def summary_tables(
     ):
         latency.add_column(name, justify="left" if name == "policy" else "right", no_wrap=True)
     cost = Table(title=f"{title}: plan, cost and power")
-    for name in ("policy", "pools", "$/h", "mean\nkW", "J/out\ntoken", "pre-\nempted"):
+    for name in (
+        "policy",
+        "pools",
+        "$/h",
+        "goodput\n/device",
+        "goodput\nreq/$",
+        "mean\nkW",
+        "J/out\ntoken",
+        "pre-\nempted",
+    ):
         cost.add_column(name, justify="left" if name in ("policy", "pools") else "right")
     for result in results:
         s = result.summary()
@@ -66,15 +75,34 @@ def summary_tables(
             f"{s['attainment']:.1%}" + ("" if s["meets_targets"] else " [red]x[/]"),
             _fmt(sweep.goodput_rate_per_s, 2) if sweep else "-",
         )
+        efficiency = goodput_efficiency(result, sweep)
         cost.add_row(
             result.policy,
             plan_label(result),
             _fmt(s["cost_per_hour"], 2),
+            _fmt(efficiency.get("goodput_per_accelerator"), 2),
+            _fmt(efficiency.get("goodput_requests_per_dollar"), 0),
             _fmt(s["mean_power_w"] / 1e3, 2),
             _fmt(s["joules_per_output_token"], 2),
             str(s["preemptions"]),
         )
     return latency, cost
+
+
+def goodput_efficiency(result: RunResult, sweep: SweepResult | None) -> dict[str, float]:
+    """Goodput per accelerator (DistServe's per-GPU goodput) and per dollar (requests served
+    within the SLO per dollar of accelerator time: Splitwise's throughput per cost)."""
+    if sweep is None:
+        return {}
+    summary = result.summary()
+    efficiency = {
+        "goodput_per_accelerator": sweep.goodput_rate_per_s / max(1, summary["accelerators"])
+    }
+    if summary["cost_per_hour"] > 0:
+        efficiency["goodput_requests_per_dollar"] = (
+            sweep.goodput_rate_per_s * 3600 / summary["cost_per_hour"]
+        )
+    return efficiency
 
 
 def write_json(
@@ -99,6 +127,7 @@ def write_json(
                     "power_w": [round(float(w), 1) for w in result.power_w[::stride]],
                 },
                 "sweep": asdict(sweeps[result.policy]) if result.policy in sweeps else None,
+                "goodput_efficiency": goodput_efficiency(result, sweeps.get(result.policy)),
             }
         )
     document = {"config": dict(config), "runs": runs, "skipped": dict(skipped or {})}

@@ -1,0 +1,166 @@
+"""Predicted SLO attainment: the queueing pieces, the planner's use of it, and agreement with
+the simulator (issue 4: predicted within 10 points of simulated)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sim_samples import CLASSES, deployment
+from tessera.api.model_deployment import ModelDeploymentSpec, Plan, ServingMode
+from tessera.policies.attainment import (
+    WaitingTail,
+    erlang_c,
+    poisson_cdf,
+    tandem_waiting_cdf,
+)
+from tessera.policies.capacity import ClassOffer
+from tessera.policies.lengths import waiting_quantile_s
+from tessera.policies.placement import (
+    InfeasiblePlanError,
+    enumerate_candidates,
+    plan_deployment,
+    shortlist_candidates,
+)
+from tessera.sim.evaluate import SimulatedEvaluator
+
+OFFERS = [ClassOffer(name, spec) for name, spec in CLASSES.items()]
+
+
+def spec_with(**changes: Any) -> ModelDeploymentSpec:
+    """The chat example's spec with fields replaced (snake_case, nested dicts merged)."""
+    document = deployment().spec.model_dump()
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(document.get(key), dict):
+            document[key] = {**document[key], **value}
+        else:
+            document[key] = value
+    return ModelDeploymentSpec.model_validate(document)
+
+
+def test_erlang_c_is_the_load_for_one_server_and_falls_with_more_servers() -> None:
+    assert erlang_c(1, 0.7) == pytest.approx(0.7)
+    assert erlang_c(4, 2.8) < erlang_c(2, 1.4) < erlang_c(1, 0.7)
+    assert erlang_c(3, 3.0) == 1.0
+
+
+def test_single_server_tail_inverts_the_sizing_quantile() -> None:
+    for scv in (0.0, 1.5):
+        wait = waiting_quantile_s(6.0, 0.1, 0.9, scv)
+        assert WaitingTail(6.0, 0.1, 1, scv).cdf(wait) == pytest.approx(0.9)
+
+
+def test_tandem_wait_with_an_idle_stage_is_the_other_stage() -> None:
+    busy = WaitingTail(8.0, 0.1)
+    idle = WaitingTail(0.0, 0.05)
+    assert tandem_waiting_cdf(busy, idle, 0.2) == pytest.approx(busy.cdf(0.2))
+    second = WaitingTail(8.0, 0.05)
+    assert tandem_waiting_cdf(busy, second, 0.2) < busy.cdf(0.2)
+
+
+def test_poisson_cdf_matches_the_sum_and_the_normal_approximation() -> None:
+    exact = sum(math.exp(-3.0) * 3.0**n / math.factorial(n) for n in range(5))
+    assert poisson_cdf(3.0, 4) == pytest.approx(exact)
+    assert poisson_cdf(900.0, 900) == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_higher_attainment_target_never_yields_fewer_devices() -> None:
+    loose = plan_deployment(spec_with(slo={"attainment_target": 0.8}), OFFERS)
+    strict = plan_deployment(spec_with(slo={"attainment_target": 0.995}), OFFERS)
+    assert strict.predicted_attainment is not None
+    assert strict.predicted_attainment >= 0.995 or "below the target" in strict.rationale
+    assert strict.cost_per_hour >= loose.cost_per_hour
+
+
+def test_a_candidate_predicted_short_of_the_target_gets_another_replica() -> None:
+    spec = spec_with(
+        serving_mode=ServingMode.DISAGGREGATED,
+        hardware={"accelerator_classes": ["l40s"]},
+        slo={"attainment_target": 0.99, "ttft_ms": 400},
+    )
+    candidates = enumerate_candidates(spec, OFFERS)
+    cheapest = min(candidates, key=lambda c: c.score(spec.objective))
+    (best,) = shortlist_candidates(spec, candidates, 1)
+    assert best.growth >= 1
+    assert best.attainment is not None and best.attainment >= 0.99
+    assert best.cost_per_hour > cheapest.cost_per_hour
+    assert "to reach the attainment target" in plan_deployment(spec, OFFERS).rationale
+
+
+def test_an_evaluator_that_rejects_the_cheapest_plan_moves_the_choice_on() -> None:
+    spec = spec_with(serving_mode=ServingMode.AUTO)
+    cheapest = plan_deployment(spec, OFFERS)
+    scored: list[float] = []
+
+    def evaluator(scored_spec: ModelDeploymentSpec, plan: Plan) -> float:
+        attainment = 0.5 if plan.cost_per_hour == cheapest.cost_per_hour else 0.97
+        scored.append(plan.cost_per_hour)
+        return attainment
+
+    chosen = plan_deployment(spec, OFFERS, evaluator)
+    assert len(scored) >= 2
+    assert chosen.cost_per_hour > cheapest.cost_per_hour
+    assert chosen.simulated_attainment == pytest.approx(0.97)
+    assert "simulated attainment 97.0%" in chosen.rationale
+
+
+LENGTHS = st.sampled_from([(200, 0.5), (600, 1.0), (1500, 1.5)])
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(
+    mode=st.sampled_from([ServingMode.COLOCATED, ServingMode.DISAGGREGATED, ServingMode.AUTO]),
+    classes=st.sampled_from([["a100"], ["h100"], ["l40s"], ["h100", "a100"]]),
+    rate=st.sampled_from([2.0, 8.0, 20.0, 50.0]),
+    ttft_ms=st.sampled_from([300, 500, 1000]),
+    tpot_ms=st.sampled_from([25, 40, 80]),
+    prompt=LENGTHS,
+    output_mean=st.sampled_from([50, 200, 500]),
+)
+def test_predicted_attainment_is_within_ten_points_of_the_simulated(
+    mode: ServingMode,
+    classes: list[str],
+    rate: float,
+    ttft_ms: int,
+    tpot_ms: int,
+    prompt: tuple[int, float],
+    output_mean: int,
+) -> None:
+    prompt_mean, prompt_cv = prompt
+    spec = spec_with(
+        serving_mode=mode,
+        hardware={"accelerator_classes": classes},
+        slo={"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
+        pools={},
+        traffic={
+            "request_rate_per_second": rate,
+            "profile": None,
+            "prompt_tokens": {
+                "distribution": "lognormal",
+                "mean": prompt_mean,
+                "stddev": prompt_mean * prompt_cv,
+                "max": 6000,
+            },
+            "output_tokens": {
+                "distribution": "lognormal",
+                "mean": output_mean,
+                "stddev": output_mean,
+                "max": 2000,
+            },
+        },
+    )
+    try:
+        plan = plan_deployment(spec, OFFERS)
+    except InfeasiblePlanError:
+        return
+    assert plan.predicted_attainment is not None
+    simulated = SimulatedEvaluator(CLASSES, seed=3)(spec, plan)
+    assert abs(plan.predicted_attainment - simulated) <= 0.10, plan.rationale

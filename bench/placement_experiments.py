@@ -42,7 +42,8 @@ def variant(source: Path, folder: Path, name: str, changes: dict[str, Any]) -> P
 
 def simulate(args: list[str], out: Path) -> dict[str, dict[str, Any]]:
     """Run `tessera simulate`, return per-policy summary + goodput efficiency."""
-    command = [sys.executable, "-m", "tessera", "simulate", *args, "--out", str(out), "--no-plots"]
+    command = [sys.executable, "-m", "tessera", "simulate", *args, "--sweep-steps", "8"]
+    command += ["--out", str(out), "--no-plots"]
     print("$", shlex.join(["tessera", *command[3:]]), flush=True)
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     document = json.loads((out / "results.json").read_text())
@@ -123,7 +124,8 @@ def main() -> None:
             "lamina": lamina(folder, duration),
         }
     print()
-    print(f"{'experiment':<34} {'devices':>7} {'$/h':>8} {'goodput':>8} {'/device':>8} {'req/$':>7}")
+    header = ("devices", "$/h", "goodput", "/device", "req/$")
+    print(f"{'experiment':<34} " + " ".join(f"{name:>8}" for name in header))
     rows: list[tuple[str, dict[str, Any]]] = []
     for kv, runs in results["distserve"].items():
         rows += [(f"distserve {kv} {policy}", run) for policy, run in runs.items()]

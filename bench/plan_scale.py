@@ -19,6 +19,7 @@ from tessera.api.loader import load_kind
 from tessera.api.model_deployment import ModelDeployment
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.placement import enumerate_candidates, plan_deployment
+from tessera.sim.evaluate import SimulatedEvaluator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +28,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, nargs="+", default=[10, 100, 1000, 10000])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="Also simulate the cheapest candidates (sim.evaluate), as `tessera simulate` does.",
+    )
     args = parser.parse_args()
     classes = load_kind([ROOT / "examples/accelerator-classes.yaml"], AcceleratorClass)
     deployments = load_kind(
@@ -47,16 +53,20 @@ def main() -> None:
             offers = [
                 ClassOffer.from_resource(c, nodes * c.spec.accelerators_per_node) for c in classes
             ]
+            evaluator = (
+                SimulatedEvaluator({o.name: o.spec for o in offers}) if args.simulate else None
+            )
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                plan = plan_deployment(spec, offers)
+                plan = plan_deployment(spec, offers, evaluator)
                 times.append(time.perf_counter() - start)
             rows.append(
                 {
                     "deployment": deployment.metadata.name,
                     "classes": len(classes),
                     "nodes_per_class": nodes,
+                    "simulated_candidates": args.simulate,
                     "candidates": len(enumerate_candidates(spec, offers)),
                     "median_s": statistics.median(times),
                     "max_s": max(times),
@@ -79,7 +89,8 @@ def main() -> None:
             row["plan"],
         )
     Console(width=160).print(table)
-    out = ROOT / "bench/results/plan_scale.json"
+    name = "plan_scale_simulated.json" if args.simulate else "plan_scale.json"
+    out = ROOT / "bench/results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
     print(f"wrote {out}")

@@ -477,6 +477,18 @@ class Collector:
         )
 
 
+AGENT_SERVICE_ENV = "TESSERA_AGENT_SERVICE"
+
+COLLECTOR_ENVIRONMENT = (
+    AGENT_SERVICE_ENV,
+    "TESSERA_AGENT_GRPC_PORT",
+    "TESSERA_AGENT_CONTROL",
+    "TESSERA_TLS_DIR",
+    "TESSERA_AGENT_TLS_SERVER_NAME",
+)
+"""Every variable `collector_from_environment` reads (the chart's contract is checked on it)."""
+
+
 def collector_from_environment(environ: Mapping[str, str] = os.environ) -> Collector:
     """The collector the Helm chart configures through the operator's environment.
 
@@ -486,7 +498,7 @@ def collector_from_environment(environ: Mapping[str, str] = os.environ) -> Colle
     must be issued for TESSERA_AGENT_TLS_SERVER_NAME, by default the Service's name.
     """
     try:
-        service = environ["TESSERA_AGENT_SERVICE"]
+        service = environ[AGENT_SERVICE_ENV]
         port = int(environ.get("TESSERA_AGENT_GRPC_PORT", "50051"))
     except (KeyError, ValueError) as error:
         raise ValueError(

@@ -12,6 +12,10 @@ What is checked here and why:
 - What the OpenAPI schemas cannot see: selectors select the pods they should, named ports and
   volumes exist, RBAC is least privilege and covers every resource of tessera.api, security
   contexts obey the API server's cross-field rules, mTLS and node selection follow the values.
+- The environment contract: every variable the chart sets on a component is one its command
+  reads (a click option's envvar, or the collector's COLLECTOR_ENVIRONMENT), every variable the
+  command reads is set by the chart or listed here with the reason it is left to its default,
+  and the operator's command line accepts the rendered environment with the values' meaning.
 - The chart's crds/ is byte-identical to the generated crds/; the Grafana dashboard's PromQL parses
   (`promtool`) and queries the metric names the agent and engine export.
 
@@ -29,12 +33,16 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import click
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
+from tessera.agents.cli import agent_command
 from tessera.api.loader import RESOURCE_TYPES
+from tessera.operator.collector import COLLECTOR_ENVIRONMENT
+from tessera.operator.main import operator_command
 
 HELM = shutil.which("helm")
 pytestmark = pytest.mark.skipif(
@@ -541,6 +549,116 @@ def test_operator_finds_the_agents(case: str) -> None:
     grpc = next(p for p in agent_service["spec"]["ports"] if p["name"] == "grpc")
     assert env["TESSERA_AGENT_GRPC_PORT"] == str(grpc["port"])
     assert grpc["port"] == merged_values(case)["agent"]["grpcPort"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment contract: what the chart sets is what the commands read
+
+
+def click_environment(command: click.Command) -> dict[str, str]:
+    """Environment variable -> the name of the option of `command` that reads it."""
+    found: dict[str, str] = {}
+    for param in command.params:
+        names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+        for name in names:
+            found[name] = param.name or ""
+    return found
+
+
+OPERATOR_READS = set(click_environment(operator_command)) | set(COLLECTOR_ENVIRONMENT)
+AGENT_READS = set(click_environment(agent_command))
+
+# Variables a command reads that the chart leaves to their defaults on purpose, and why.
+OPERATOR_READS_NOT_SET = {
+    "TESSERA_AGENT_TLS_SERVER_NAME": "defaults to the agent Service's name, which the agents' "
+    "certificate must carry (operator.extraEnv overrides it)",
+}
+AGENT_READS_NOT_SET = {
+    "TESSERA_AGENT_BACKEND": "auto: the agent finds the node's devices itself",
+    "TESSERA_AGENT_BIND": "every address of the pod",
+    "TESSERA_AGENT_TELEMETRY_PORT": "the operator reads telemetry on the gRPC port",
+}
+
+# Where a variable is set from the downward API, a stand-in value for parsing.
+DOWNWARD_API_STAND_IN = "from-the-downward-api"
+
+
+def chart_environment(case: str, component: str) -> dict[str, str]:
+    """What the chart sets on a component's container, less the values' extraEnv."""
+    kind = "Deployment" if component == "operator" else "DaemonSet"
+    extra = {var["name"] for var in merged_values(case)[component]["extraEnv"]}
+    return {
+        name: value if isinstance(value, str) else DOWNWARD_API_STAND_IN
+        for name, value in env_of(one(case, kind)).items()
+        if name not in extra
+    }
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(
+    ("component", "reads"),
+    [
+        pytest.param("operator", OPERATOR_READS, id="operator"),
+        pytest.param("agent", AGENT_READS, id="agent"),
+    ],
+)
+def test_every_tessera_variable_the_chart_sets_is_read(
+    case: str, component: str, reads: set[str]
+) -> None:
+    if component == "agent" and not merged_values(case)["agent"]["enabled"]:
+        pytest.skip("no agent in this case")
+    tessera = {name for name in chart_environment(case, component) if name.startswith("TESSERA_")}
+    assert tessera - reads == set(), f"the chart sets what `tessera {component}` never reads"
+
+
+@pytest.mark.parametrize(
+    ("component", "reads", "not_set"),
+    [
+        pytest.param("operator", OPERATOR_READS, OPERATOR_READS_NOT_SET, id="operator"),
+        pytest.param("agent", AGENT_READS, AGENT_READS_NOT_SET, id="agent"),
+    ],
+)
+def test_every_variable_the_commands_read_is_set_or_left_to_its_default_on_purpose(
+    component: str, reads: set[str], not_set: dict[str, str]
+) -> None:
+    rendered: set[str] = set()
+    for case in CASES:
+        if component == "operator" or merged_values(case)["agent"]["enabled"]:
+            rendered |= set(chart_environment(case, component))
+    assert reads - rendered == set(not_set), (
+        f"`tessera {component}` reads what the chart never sets"
+    )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_operator_parses_the_rendered_environment_as_the_values_mean_it(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = merged_values(case)["operator"]
+    for name in OPERATOR_READS:
+        monkeypatch.delenv(name, raising=False)
+    environment = chart_environment(case, "operator")
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    args = container(one(case, "Deployment"))["args"]
+    assert args[0] == "operator"
+    with operator_command.make_context("operator", list(args[1:])) as ctx:
+        params = ctx.params
+    assert params["health_port"] == values["healthPort"]
+    assert params["metrics_port"] == values["metricsPort"]
+    assert params["log_level"] == values["logLevel"]
+    assert params["namespaces"] == tuple(values["watchNamespaces"])
+    assert params["leader_election"] is values["leaderElection"]["enabled"]
+    assert params["identity"] == params["leader_election_namespace"] == DOWNWARD_API_STAND_IN
+    if values["leaderElection"]["enabled"]:
+        role = one(case, "Role")
+        [lease] = {name for rule in role["rules"] for name in rule.get("resourceNames", [])}
+        assert params["leader_election_lease"] == lease
+    if merged_values(case)["agent"]["enabled"]:
+        agent_service = one(case, "Service", "agent")["metadata"]["name"]
+        assert environment["TESSERA_AGENT_SERVICE"].split(".")[:2] == [agent_service, NAMESPACE]
+    else:
+        assert not set(COLLECTOR_ENVIRONMENT) & set(environment), "no agents: no collector"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -614,7 +614,7 @@ def test_tessera_operator_command_serves_a_namespace_with_probes_and_metrics(
     command = [sys.executable, "-m", "tessera", "operator", "--standalone"]
     command += ["--kubeconfig", str(cluster.kubeconfig(tmp_path)), "-n", namespace.name]
     command += ["--metrics-port", str(metrics_port)]
-    command += ["--liveness", f"http://127.0.0.1:{liveness_port}/healthz"]
+    command += ["--bind", "127.0.0.1", "--health-port", str(liveness_port)]
     log = (tmp_path / "operator.log").open("w")
     process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -629,6 +629,7 @@ def test_tessera_operator_command_serves_a_namespace_with_probes_and_metrics(
             lambda: http_get(f"http://127.0.0.1:{metrics_port}/metrics"), "the metrics endpoint"
         )
         assert 'tessera_operator_reconciles_total{outcome="PlanApplied"}' in metrics
+        assert "tessera_collector_" not in metrics, "no agents configured: no collector"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:

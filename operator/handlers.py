@@ -152,7 +152,7 @@ def _reconcile_and_report(
         current = _fetch_model_deployment(kube, namespace, name, meta)
         if current is None:
             return
-        result = reconcile(kube, current, utc_now())
+        result = reconcile(kube, current, utc_now(), getattr(memo, "plan_scorer", None))
         if comparable(result.status) != comparable(current.get("status")):
             _write_status(kube, namespace, name, result.status)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)

@@ -29,6 +29,7 @@ from kubernetes import client, config
 from prometheus_client import REGISTRY, CollectorRegistry
 from tessera.operator.collector import AGENT_SERVICE_ENV, Collector, collector_from_environment
 from tessera.operator.leader import LeadershipLost, LeaseElector
+from tessera.operator.plan_scoring import PlanScorer
 from tessera.operator.reconcile import Kube
 
 HANDLER_MODULES = ("tessera.operator.handlers",)
@@ -62,10 +63,12 @@ def make_memo(
     configuration: client.Configuration,
     namespaces: Sequence[str],
     agents: Collector | None = None,
+    plan_scorer: PlanScorer | None = None,
 ) -> kopf.Memo:
     """What the handlers take from kopf's memo (see `tessera.operator.handlers`).
 
-    `agents` is the node-agent telemetry collector (None when no agents are configured).
+    `agents` is the node-agent telemetry collector (None when no agents are configured);
+    `plan_scorer` simulates the planner's cheapest candidates (None: analytical planning only).
     """
     from tessera.operator.handlers import LockTable
 
@@ -75,6 +78,7 @@ def make_memo(
         namespaces=list(namespaces),
         locks=LockTable(),
         agents=agents,
+        plan_scorer=plan_scorer,
     )
 
 
@@ -178,6 +182,7 @@ async def run_operator(
     agents: Collector | None = None,
     metrics_registry: CollectorRegistry = REGISTRY,
     elector: LeaseElector | None = None,
+    plan_scorer: PlanScorer | None = None,
 ) -> None:
     """Run the operator until stopped: cluster-wide when `namespaces` is empty.
 
@@ -201,7 +206,7 @@ async def run_operator(
                 liveness_endpoint=liveness_endpoint,
                 stop_flag=kopf_stop,
                 ready_flag=ready_flag,
-                memo=make_memo(configuration, namespaces, agents),
+                memo=make_memo(configuration, namespaces, agents, plan_scorer),
                 **kwargs,
             )
 
@@ -356,6 +361,14 @@ LOG_LEVELS = {
     show_default=True,
     envvar="TESSERA_LOG_LEVEL",
 )
+@click.option(
+    "--simulate-candidates/--no-simulate-candidates",
+    default=True,
+    show_default=True,
+    envvar="TESSERA_SIMULATE_CANDIDATES",
+    help="Simulate the planner's cheapest candidate plans before choosing (short, seeded runs; "
+    "scores are cached); off: analytical planning only.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (--log-level debug).")
 @click.pass_context
 def operator_command(
@@ -374,6 +387,7 @@ def operator_command(
     leader_election_namespace: str | None,
     identity: str,
     log_level: str,
+    simulate_candidates: bool,
     verbose: bool,
 ) -> None:
     """Run the Tessera operator: plan and run ModelDeployments on the fleet's accelerators.
@@ -435,6 +449,7 @@ def operator_command(
                 liveness_endpoint=liveness_endpoint,
                 agents=agents,
                 elector=elector,
+                plan_scorer=PlanScorer() if simulate_candidates else None,
             )
         )
     except LeadershipLost as error:

@@ -35,6 +35,7 @@ from tessera.api.accelerator_class import AcceleratorClass, AcceleratorClassSpec
 from tessera.api.common import GROUP, VERSION
 from tessera.api.model_deployment import ModelDeploymentSpec, Plan
 from tessera.operator import apply, inventory, render
+from tessera.operator.plan_scoring import PlanScorer
 from tessera.operator.status import Outcome, Rollout, build_status, outcome_of
 from tessera.policies.placement import InfeasiblePlanError, plan_deployment
 
@@ -200,7 +201,9 @@ def rollout_of_existing(kube: Kube, owner: render.Owner) -> Rollout | None:
     return Rollout.of_workloads(deployments) if deployments else None
 
 
-def reconcile(kube: Kube, body: Mapping[str, Any], now: datetime) -> Reconciled:
+def reconcile(
+    kube: Kube, body: Mapping[str, Any], now: datetime, scorer: PlanScorer | None = None
+) -> Reconciled:
     """Bring the children of one ModelDeployment to its spec; the status and events to write.
 
     Raises ApiException (other than 400/422 on apply) for the caller to retry with backoff.
@@ -254,7 +257,8 @@ def reconcile(kube: Kube, body: Mapping[str, Any], now: datetime) -> Reconciled:
         classes, reader.capacity(classes), reader.other_plans(owner.uid)
     )
     try:
-        plan = plan_deployment(spec, offers)
+        evaluator = scorer.evaluator(classes) if scorer is not None else None
+        plan = plan_deployment(spec, offers, evaluator)
     except InfeasiblePlanError as error:
         return keep_previous(Outcome.INFEASIBLE, str(error))
 

@@ -37,6 +37,7 @@ from tessera.api.accelerator_class import AcceleratorClassSpec
 from tessera.api.common import GROUP, VERSION
 from tessera.api.crdgen import build_crds
 from tessera.operator.main import run_operator
+from tessera.operator.plan_scoring import PlanScorer
 from tessera.operator.reconcile import as_object
 from tessera.policies.capacity import ClassOffer
 
@@ -346,9 +347,12 @@ def namespace_fixture(cluster: Cluster) -> Iterator[Namespace]:
 class OperatorThread:
     """The real operator (kopf) in a thread, serving one namespace; stoppable and restartable."""
 
-    def __init__(self, cluster: Cluster, namespace: str) -> None:
+    def __init__(
+        self, cluster: Cluster, namespace: str, plan_scorer: PlanScorer | None = None
+    ) -> None:
         self.cluster = cluster
         self.namespace = namespace
+        self.plan_scorer = plan_scorer
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -362,6 +366,7 @@ class OperatorThread:
                     standalone=True,
                     stop_flag=self._stop,
                     ready_flag=ready,
+                    plan_scorer=self.plan_scorer,
                 )
             )
         except BaseException as error:

@@ -649,6 +649,7 @@ def test_the_operator_parses_the_rendered_environment_as_the_values_mean_it(
     assert params["log_level"] == values["logLevel"]
     assert params["namespaces"] == tuple(values["watchNamespaces"])
     assert params["leader_election"] is values["leaderElection"]["enabled"]
+    assert params["simulate_candidates"] is values["simulateCandidates"]
     assert params["identity"] == params["leader_election_namespace"] == DOWNWARD_API_STAND_IN
     if values["leaderElection"]["enabled"]:
         role = one(case, "Role")

@@ -73,6 +73,8 @@ class PoolSizing:
 
     attention_offer: ClassOffer | None = None
     """For an offloaded decode pool: the memory class its attention runs on."""
+    prefill_scv: float = 0.0
+    """Squared CV of this replica's prefill times over the prompt lengths (prefilling roles)."""
 
     @property
     def tensor_parallel(self) -> int:
@@ -371,7 +373,7 @@ def _size_replica(
         waiting_s = waiting_quantile_s(rate, prefill_s, quantile, scv)
         ttft_ms = (tail_prefill_s + transfer_s + waiting_s) * 1e3
         note = f"prefill {prefill_s * 1e3:.0f} ms/request at {rate * prefill_s:.0%} load"
-        return PoolSizing(offer, perf, role, rate, prompt.mean, ttft_ms, note)
+        return PoolSizing(offer, perf, role, rate, prompt.mean, ttft_ms, note, prefill_scv=scv)
     # Colocated: continuous batching with prefills interleaved. Decode steps are stretched by
     # 1 / (1 - rate * prefill_s); a new prompt waits for queued prefills and the running step.
     decode = _size_decode(spec, offer, perf, role, tpot_s * 0.7, mean_context, output.mean)
@@ -388,7 +390,8 @@ def _size_replica(
     if rate <= 0:
         return None
     note = f"{decode.note}, prefill {prefill_s * 1e3:.0f} ms"
-    return PoolSizing(offer, perf, role, rate, output.mean, decode.predicted_latency_ms, note)
+    latency_ms = decode.predicted_latency_ms
+    return PoolSizing(offer, perf, role, rate, output.mean, latency_ms, note, prefill_scv=scv)
 
 
 def prefill_scv(perf: ReplicaPerformance, spec: ModelDeploymentSpec, points: int = 16) -> float:
@@ -468,9 +471,7 @@ def _candidate(
         tail_prefill_s = sizing.performance.prefill_time_s(int(length_quantile(prompt, quantile)))
         rate = spec.traffic.request_rate_per_second / replicas
         step_s = sizing.predicted_latency_ms / 1e3
-        waiting_s = waiting_quantile_s(
-            rate, prefill_s, quantile, prefill_scv(sizing.performance, spec)
-        )
+        waiting_s = waiting_quantile_s(rate, prefill_s, quantile, sizing.prefill_scv)
         ttft_ms = (tail_prefill_s + step_s + waiting_s) * 1e3
         # Prefills interleaved with decoding stretch each token by the time spent prefilling.
         tpot_ms = sizing.predicted_latency_ms / max(0.05, 1.0 - rate * prefill_s)
@@ -484,9 +485,7 @@ def _candidate(
         tail_prefill_s = prefill.performance.prefill_time_s(tail_prompt)
         rate = spec.traffic.request_rate_per_second / prefill_replicas
         transfer_s = prefill.performance.kv_transfer_time_s(tail_prompt)
-        waiting_s = waiting_quantile_s(
-            rate, prefill_s, quantile, prefill_scv(prefill.performance, spec)
-        )
+        waiting_s = waiting_quantile_s(rate, prefill_s, quantile, prefill.prefill_scv)
         ttft_ms = (tail_prefill_s + waiting_s + transfer_s) * 1e3
         tpot_ms = decode.predicted_latency_ms
     notes = [f"{s.role.value} on {s.offer.name} TP{s.tensor_parallel}: {s.note}" for s, _ in sized]

@@ -95,15 +95,27 @@ def splitwise(folder: Path, window: str) -> dict[str, Any]:
 
 
 def lamina(folder: Path, duration: str) -> dict[str, Any]:
-    args = [
+    """Both long-context specs on H100 + H20: attention offload, plain disaggregation and
+    Tessera's own pick; and the decode-heavy one on H100 alone (no memory class: Lamina's
+    baseline)."""
+    fleet = [
         "--cluster", str(CLASSES),
         "--cluster", str(EXPERIMENTS / "h20-class.yaml"),
         "--cluster", str(EXPERIMENTS / "offload-fleet.yaml"),
-        "--deployment", str(EXPERIMENTS / "llama3-70b-long-context.yaml"),
         "--synthetic", "poisson", "--duration", duration,
-        "--policy", "disaggregated", "--policy", "attention-offload", "--policy", "tessera",
     ]  # fmt: skip
-    return simulate(args, folder / "lamina")
+    policies = ["--policy", "disaggregated", "--policy", "attention-offload", "--policy", "tessera"]
+    results: dict[str, Any] = {}
+    for name in ("llama3-70b-long-context", "llama3-70b-long-decode"):
+        deployment = ["--deployment", str(EXPERIMENTS / f"{name}.yaml")]
+        results[name] = simulate([*fleet, *deployment, *policies], folder / name)
+    source = EXPERIMENTS / "llama3-70b-long-decode.yaml"
+    hardware = {**_spec(source)["hardware"], "acceleratorClasses": ["h100"]}
+    h100_only = variant(source, folder, "long-decode-h100", {"hardware": hardware})
+    only_args = [*fleet, "--deployment", str(h100_only), "--policy", "tessera"]
+    runs = simulate(only_args, folder / "h100")
+    results["llama3-70b-long-decode"]["tessera on h100 only"] = runs["tessera"]
+    return results
 
 
 def _spec(path: Path) -> dict[str, Any]:
@@ -125,17 +137,18 @@ def main() -> None:
         }
     print()
     header = ("devices", "$/h", "goodput", "/device", "req/$")
-    print(f"{'experiment':<34} " + " ".join(f"{name:>8}" for name in header))
+    print(f"{'experiment':<40} " + " ".join(f"{name:>8}" for name in header))
     rows: list[tuple[str, dict[str, Any]]] = []
     for kv, runs in results["distserve"].items():
         rows += [(f"distserve {kv} {policy}", run) for policy, run in runs.items()]
     rows += [(f"splitwise {name}", run) for name, run in results["splitwise"].items()]
-    rows += [(f"lamina {policy}", run) for policy, run in results["lamina"].items()]
+    for name, runs in results["lamina"].items():
+        rows += [(f"{name[len('llama3-70b-') :]} {policy}", run) for policy, run in runs.items()]
     for label, run in rows:
         print(
-            f"{label:<34} {run['accelerators']:>7} {run['cost_per_hour']:>8.2f} "
+            f"{label:<40} {run['accelerators']:>8} {run['cost_per_hour']:>8.2f} "
             f"{run['goodput_rate_per_s'] or 0:>8.2f} {run.get('goodput_per_accelerator', 0):>8.3f} "
-            f"{run.get('goodput_requests_per_dollar', 0):>7.0f}"
+            f"{run.get('goodput_requests_per_dollar', 0):>8.0f}"
         )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

@@ -30,6 +30,10 @@ def load_deployment(name: str) -> ModelDeployment:
             "llama3-70b-long-context.yaml",
             [CLASSES, EXPERIMENTS / "h20-class.yaml", EXPERIMENTS / "offload-fleet.yaml"],
         ),
+        (
+            "llama3-70b-long-decode.yaml",
+            [CLASSES, EXPERIMENTS / "h20-class.yaml", EXPERIMENTS / "offload-fleet.yaml"],
+        ),
         ("distserve-13b-a100.yaml", [CLASSES, EXPERIMENTS / "distserve-fleet.yaml"]),
     ],
 )
@@ -46,3 +50,15 @@ def test_planner_puts_prefill_on_h100_and_decode_on_a100_on_a_mixed_fleet() -> N
     classes = {pool.role: pool.accelerator_class for pool in plan.pools}
     assert plan.mode is ServingMode.DISAGGREGATED
     assert classes == {PoolRole.PREFILL: "h100", PoolRole.DECODE: "a100"}
+
+
+def test_with_a_decode_capable_memory_class_the_planner_decodes_on_it_rather_than_offload() -> None:
+    """bench/decode_economics.py: at 12k context an H20 decoding alone serves more tokens per
+    dollar than H100 replicas with attention offloaded to H20s, so the planner must pick it."""
+    cluster = load_cluster(
+        [CLASSES, EXPERIMENTS / "h20-class.yaml", EXPERIMENTS / "offload-fleet.yaml"]
+    )
+    plan = plan_deployment(load_deployment("llama3-70b-long-decode.yaml").spec, cluster.offers())
+    classes = {pool.role: pool.accelerator_class for pool in plan.pools}
+    assert plan.mode is ServingMode.DISAGGREGATED
+    assert classes == {PoolRole.PREFILL: "h100", PoolRole.DECODE: "h20"}

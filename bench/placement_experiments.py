@@ -72,9 +72,26 @@ def distserve(folder: Path, duration: str) -> dict[str, Any]:
         "--synthetic", "poisson", "--duration", duration,
         "--policy", "vllm", "--policy", "sarathi", "--policy", "disaggregated",
     ]  # fmt: skip
+    # DistServe's Figure 1 microbenchmark: fixed 512-token prompts and 64-token outputs, TTFT
+    # 400 ms and TPOT 40 ms (a tighter TPOT than the chatbot setting).
+    figure1 = variant(
+        source,
+        folder,
+        "distserve-figure1",
+        {
+            "slo": {"ttftMs": 400, "tpotMs": 40, "percentile": 90, "attainmentTarget": 0.9},
+            "traffic": {
+                "requestRatePerSecond": 16.0,
+                "promptTokens": {"distribution": "fixed", "mean": 512},
+                "outputTokens": {"distribution": "fixed", "mean": 64},
+            },
+        },
+    )
+    figure1_args = [arg if arg != str(deployment) else str(figure1) for arg in common]
     return {
         "network_kv": simulate(common, folder / "distserve"),
         "nvlink_kv": simulate([*common, "--kv-link-gbps", "300"], folder / "distserve-nvlink"),
+        "figure1": simulate(figure1_args, folder / "distserve-figure1"),
     }
 
 

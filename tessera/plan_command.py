@@ -54,15 +54,22 @@ def plan_table(deployment: ModelDeployment, plan: Plan) -> Table:
         )
     table.caption = (
         f"{plan.accelerators} accelerators, {plan.cost_per_hour:g}/h, {plan.power_w:g} W; "
-        f"predicted TTFT {plan.predicted_ttft_ms} ms, TPOT {plan.predicted_tpot_ms} ms\n"
+        f"predicted TTFT {plan.predicted_ttft_ms} ms, TPOT {plan.predicted_tpot_ms} ms, "
+        f"attainment {_percent(plan.predicted_attainment)} (simulated "
+        f"{_percent(plan.simulated_attainment)})\n"
         f"{plan.rationale}"
     )
     return table
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def alternatives_table(candidates: list[Candidate]) -> Table:
     table = Table(title="Top alternatives (best first)")
-    for column in ("#", "mode", "pools", "accelerators", "cost/h", "power W", "TTFT ms", "TPOT ms"):
+    columns = ("#", "mode", "pools", "accelerators", "cost/h", "power W", "TTFT ms", "TPOT ms")
+    for column in (*columns, "attain."):
         table.add_column(column, justify="left" if column in ("mode", "pools") else "right")
     for rank, candidate in enumerate(candidates, start=1):
         table.add_row(
@@ -82,6 +89,7 @@ def alternatives_table(candidates: list[Candidate]) -> Table:
             f"{candidate.power_w:.0f}",
             f"{candidate.ttft_ms:.0f}",
             f"{candidate.tpot_ms:.1f}",
+            _percent(candidate.attainment),
         )
     return table
 
@@ -116,12 +124,20 @@ def alternatives_table(candidates: list[Candidate]) -> Table:
     show_default=True,
 )
 @click.option("--explain", is_flag=True, help="Also print the top alternatives with their scores.")
+@click.option(
+    "--simulate",
+    "simulate_candidates",
+    is_flag=True,
+    help="Simulate the cheapest candidates (short seeded runs at the declared rate) before "
+    "choosing, as the operator and `tessera simulate` do.",
+)
 def plan_command(
     deployment_file: Path,
     class_files: tuple[Path, ...],
     capacity: tuple[str, ...],
     output: str,
     explain: bool,
+    simulate_candidates: bool,
 ) -> None:
     """Plan each ModelDeployment in FILENAME on the AcceleratorClasses in CLASSES."""
     free = parse_capacity(capacity)
@@ -136,9 +152,14 @@ def plan_command(
     console = Console(width=None if sys.stdout.isatty() else 140)
     plans: dict[str, object] = {}
     failed = False
+    evaluator = None
+    if simulate_candidates:
+        from tessera.sim.evaluate import SimulatedEvaluator
+
+        evaluator = SimulatedEvaluator({offer.name: offer.spec for offer in offers})
     for deployment in deployments:
         try:
-            plan = plan_deployment(deployment.spec, offers)
+            plan = plan_deployment(deployment.spec, offers, evaluator)
         except InfeasiblePlanError as error:
             click.echo(f"{deployment.metadata.name}: {error}", err=True)
             failed = True

@@ -25,6 +25,7 @@ from tessera.policies.placement import (
     InfeasiblePlanError,
     enumerate_candidates,
     plan_deployment,
+    shortlist_candidates,
     to_plan,
 )
 
@@ -108,12 +109,14 @@ def replan(
         raise InfeasiblePlanError(
             f"no plan carries the observed {observed.request_rate_per_second:g} req/s"
         )
-    best = min(candidates, key=lambda c: c.score(target.objective))
+    # The same choice as plan_deployment's: cheapest whose predicted attainment meets the
+    # target (grown if need be), overall and within the layout in force.
+    (best,) = shortlist_candidates(target, candidates, 1)
     same_layout = [c for c in candidates if layout_of(to_plan(c, target)) == layout_of(current)]
     if not same_layout:
         plan = to_plan(best, target)
         return ReplanDecision(plan, True, "current layout can no longer carry the load")
-    resized = min(same_layout, key=lambda c: c.score(target.objective))
+    (resized,) = shortlist_candidates(target, same_layout, 1)
     gain = 1.0 - best.cost_per_hour / max(resized.cost_per_hour, 1e-9)
     if gain > settings.relayout_min_gain and seconds_since_change >= settings.relayout_delay_s:
         plan = to_plan(best, target)

@@ -378,6 +378,14 @@ class Plan(ApiModel):
     def accelerators(self) -> int:
         return sum(p.tensor_parallel * p.replicas for p in self.pools)
 
+    def devices_by_class(self) -> dict[str, int]:
+        """Devices the plan takes from each accelerator class."""
+        devices: dict[str, int] = {}
+        for pool in self.pools:
+            count = pool.tensor_parallel * pool.replicas
+            devices[pool.accelerator_class] = devices.get(pool.accelerator_class, 0) + count
+        return devices
+
 
 class ModelDeploymentStatus(ApiModel):
     """What the operator reports."""

@@ -53,9 +53,7 @@ def main() -> None:
             offers = [
                 ClassOffer.from_resource(c, nodes * c.spec.accelerators_per_node) for c in classes
             ]
-            evaluator = (
-                SimulatedEvaluator({o.name: o.spec for o in offers}) if args.simulate else None
-            )
+            evaluator = SimulatedEvaluator.for_offers(offers) if args.simulate else None
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()

@@ -63,10 +63,8 @@ def held_by_plans(plans: Iterable[Plan]) -> dict[str, int]:
     """Devices each class gives to the given plans."""
     held: dict[str, int] = {}
     for plan in plans:
-        for pool in plan.pools:
-            held[pool.accelerator_class] = (
-                held.get(pool.accelerator_class, 0) + pool.tensor_parallel * pool.replicas
-            )
+        for name, count in plan.devices_by_class().items():
+            held[name] = held.get(name, 0) + count
     return held
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tessera.api.model_deployment import LengthDistribution
-from tessera.policies.lengths import length_quantile
+from tessera.policies.lengths import WaitingTail, length_quantile
 
 QUANTILE_POINTS = 48
 """Points of a length distribution the averages run over (midpoint quantiles)."""
@@ -34,57 +34,6 @@ SATURATED_BATCH_STEPS = 64
 def length_points(distribution: LengthDistribution, points: int = QUANTILE_POINTS) -> list[int]:
     """Equally likely lengths standing for the distribution (its midpoint quantiles)."""
     return [int(length_quantile(distribution, (i + 0.5) / points)) for i in range(points)]
-
-
-def erlang_c(servers: int, offered_load: float) -> float:
-    """Probability that an arrival waits in an M/M/c queue (Erlang C), offered load = lambda/mu."""
-    if offered_load <= 0:
-        return 0.0
-    if offered_load >= servers:
-        return 1.0
-    blocking = 1.0
-    for k in range(1, servers + 1):  # Erlang B by its stable recurrence
-        blocking = offered_load * blocking / (k + offered_load * blocking)
-    rho = offered_load / servers
-    return blocking / (1.0 - rho * (1.0 - blocking))
-
-
-@dataclass(frozen=True)
-class WaitingTail:
-    """Queueing delay of a pool of `servers` replicas fed by least-loaded dispatch, taken as
-    one M/G/c queue (Allen-Cunneen): P(W > t) = ErlangC * exp(-theta t) with
-    theta = 2 (c mu - lambda) / (1 + cs^2), cs^2 the squared coefficient of variation of the
-    service time (0 for fixed-length prompts, large for heavy-tailed chat prompts). With one
-    server this is the tail `lengths.waiting_quantile_s` inverts, so sizing and prediction
-    agree.
-    """
-
-    arrival_rate: float
-    mean_service_s: float
-    servers: int = 1
-    service_scv: float = 0.0
-
-    @property
-    def stable(self) -> bool:
-        return self.arrival_rate * self.mean_service_s < self.servers
-
-    @property
-    def wait_probability(self) -> float:
-        return erlang_c(self.servers, self.arrival_rate * self.mean_service_s)
-
-    @property
-    def decay_per_s(self) -> float:
-        spread = 1.0 + self.service_scv
-        return 2.0 * (self.servers / self.mean_service_s - self.arrival_rate) / spread
-
-    def cdf(self, wait_s: float) -> float:
-        if wait_s < 0:
-            return 0.0
-        if self.arrival_rate <= 0 or self.mean_service_s <= 0:
-            return 1.0
-        if not self.stable:
-            return 0.0
-        return 1.0 - self.wait_probability * math.exp(-self.decay_per_s * wait_s)
 
 
 def squared_cv(values: Sequence[float]) -> float:

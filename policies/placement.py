@@ -433,9 +433,10 @@ def _bounded(
     used: dict[str, int] = {}
     for index, (sizing, role) in enumerate(pools):
         bounds = spec.pools.bounds(role)
-        needed = math.ceil(rate / sizing.requests_per_second_per_replica - 1e-9)
         if replica_counts is not None:
             needed = replica_counts[index]
+        else:
+            needed = math.ceil(rate / sizing.requests_per_second_per_replica - 1e-9)
         replicas = max(needed, bounds.min_replicas, 1)
         if replicas > bounds.max_replicas:
             return []

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 from tessera.api.model_deployment import ModelDeploymentSpec, ServingMode
 from tessera.policies.attainment import (
     InterleavedDecode,
-    WaitingTail,
     length_points,
     running_batch,
     squared_cv,
@@ -20,6 +19,7 @@ from tessera.policies.attainment import (
     ttft_attainment,
 )
 from tessera.policies.attention_offload import OffloadedDecodePerformance
+from tessera.policies.lengths import WaitingTail
 from tessera.policies.perfmodel import PREFILL_CHUNK_TOKENS, PrefillChunk, ReplicaPerformance
 
 if TYPE_CHECKING:
@@ -128,15 +128,17 @@ def _disaggregated(
     transfer_s = {p: prefill_perf.kv_transfer_time_s(p, link_gbps) for p in prompts}
     mean_prefill = sum(prefill_s.values()) / len(prompts)
     mean_transfer = sum(transfer_s.values()) / len(prompts)
-    # Prefill compute (an M/D/c pool), the prefill replica's egress and the decode replica's
+    prefill_scv = squared_cv(list(prefill_s.values()))
+    transfer_scv = squared_cv(list(transfer_s.values()))
+    # Prefill compute (an M/G/c pool), the prefill replica's egress and the decode replica's
     # ingress are queues in tandem; the two busiest waits add up.
     stages = sorted(
         [
-            WaitingTail(rate, mean_prefill, prefill_replicas, squared_cv(list(prefill_s.values()))),
-            WaitingTail(per_prefill, mean_transfer, 1, squared_cv(list(transfer_s.values()))),
-            WaitingTail(per_decode, mean_transfer, 1, squared_cv(list(transfer_s.values()))),
+            WaitingTail(rate, mean_prefill, prefill_replicas, prefill_scv),
+            WaitingTail(per_prefill, mean_transfer, 1, transfer_scv),
+            WaitingTail(per_decode, mean_transfer, 1, transfer_scv),
         ],
-        key=lambda tail: tail.arrival_rate * tail.mean_service_s / tail.servers,
+        key=lambda tail: tail.utilization,
         reverse=True,
     )
     ttft_budget_s = spec.slo.ttft_ms / 1e3

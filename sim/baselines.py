@@ -75,9 +75,8 @@ def plan_for(
 
 def allocate(plan: Plan, allocated: dict[str, int]) -> None:
     """Count a plan's devices as taken (a later deployment plans on what is left)."""
-    for pool in plan.pools:
-        used = pool.tensor_parallel * pool.replicas
-        allocated[pool.accelerator_class] = allocated.get(pool.accelerator_class, 0) + used
+    for name, count in plan.devices_by_class().items():
+        allocated[name] = allocated.get(name, 0) + count
 
 
 def setups_for(

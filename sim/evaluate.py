@@ -82,12 +82,8 @@ class SimulatedEvaluator:
         return Simulation(cluster, [setup], [workload], SimConfig(seed=self.seed)).run()
 
     def _cluster_for(self, plan: Plan) -> Cluster:
-        devices: dict[str, int] = {}
-        for pool in plan.pools:
-            count = pool.tensor_parallel * pool.replicas
-            devices[pool.accelerator_class] = devices.get(pool.accelerator_class, 0) + count
         nodes = {
             name: math.ceil(count / self.classes[name].accelerators_per_node)
-            for name, count in devices.items()
+            for name, count in plan.devices_by_class().items()
         }
         return Cluster("evaluation", dict(self.classes), nodes, kv_link_gbps=self.kv_link_gbps)

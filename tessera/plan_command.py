@@ -156,7 +156,7 @@ def plan_command(
     if simulate_candidates:
         from tessera.sim.evaluate import SimulatedEvaluator
 
-        evaluator = SimulatedEvaluator({offer.name: offer.spec for offer in offers})
+        evaluator = SimulatedEvaluator.for_offers(offers)
     for deployment in deployments:
         try:
             plan = plan_deployment(deployment.spec, offers, evaluator)

@@ -37,9 +37,7 @@ def test_status_shows_the_simulated_attainment_and_scores_are_reused(
         plan = wait_for(planned, "a plan with a simulated attainment in status")
         spec = ModelDeploymentSpec.model_validate(document["spec"])
         offers = namespace.offers(None)
-        expected = plan_deployment(
-            spec, offers, SimulatedEvaluator({o.name: o.spec for o in offers})
-        )
+        expected = plan_deployment(spec, offers, SimulatedEvaluator.for_offers(offers))
         assert plan == expected.to_wire()
         assert "simulated attainment" in plan["rationale"]
         simulations = scorer.simulations

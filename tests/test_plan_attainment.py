@@ -11,14 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sim_samples import CLASSES, deployment
 from tessera.api.model_deployment import ModelDeploymentSpec, Plan, ServingMode
-from tessera.policies.attainment import (
-    WaitingTail,
-    erlang_c,
-    poisson_cdf,
-    tandem_waiting_cdf,
-)
+from tessera.policies.attainment import poisson_cdf, tandem_waiting_cdf
 from tessera.policies.capacity import ClassOffer
-from tessera.policies.lengths import waiting_quantile_s
+from tessera.policies.lengths import WaitingTail, erlang_c, waiting_quantile_s
 from tessera.policies.placement import (
     InfeasiblePlanError,
     enumerate_candidates,

@@ -54,7 +54,7 @@ class PlanScorer:
 
 
 def _key(classes: Mapping[str, AcceleratorClassSpec], spec: ModelDeploymentSpec, plan: Plan) -> str:
-    used = sorted({pool.accelerator_class for pool in plan.pools})
+    used = sorted(plan.devices_by_class())
     return json.dumps(
         {
             "classes": {name: classes[name].model_dump(mode="json") for name in used},

@@ -71,7 +71,7 @@ def _colocated(
         """(time of the iterations carrying a prompt, of the same iterations decode-only)."""
         chunk = max(16, PREFILL_CHUNK_TOKENS - batch)
         contexts = [int(mean_context)] * batch
-        decode_only = perf.iteration(decode_context_tokens=contexts).time_s if batch else 0.0
+        decode_only = perf.decode_step_time_s(batch, mean_context)
         total = plain = 0.0
         done = 0
         while done < tokens:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -185,13 +185,15 @@ class DecodeCurve:
         i = max(0, bisect.bisect_right(self.nodes, total) - 1)
         return self.values[i] + self.slopes[i] * (total - self.nodes[i])
 
-    def run(self, start_total: int, steps: int) -> tuple[float, float]:
-        """(time, compute-bound time) of `steps` iterations from `start_total`, +batch each."""
+    def _pieces(
+        self, start_total: int, steps: int
+    ) -> Iterator[tuple[int, int, float, float, bool]]:
+        """The linear pieces a run of `steps` iterations from `start_total` crosses, each as
+        (iterations before it, its iterations, time of its first, increase per iteration,
+        compute-bound)."""
         batch = self.batch
         nodes, values, slopes, bound = self.nodes, self.values, self.slopes, self.bound
         i = max(0, bisect.bisect_right(nodes, start_total) - 1)
-        total_s = 0.0
-        compute_s = 0.0
         j = 0
         last = len(nodes) - 1
         while j < steps:
@@ -199,12 +201,19 @@ class DecodeCurve:
             count = end - j
             if count > 0:
                 first = values[i] + slopes[i] * (start_total + j * batch - nodes[i])
-                piece = count * first + slopes[i] * batch * count * (count - 1) / 2
-                total_s += piece
-                if bound[i]:
-                    compute_s += piece
+                yield j, count, first, slopes[i] * batch, bound[i]
                 j = end
             i += 1
+
+    def run(self, start_total: int, steps: int) -> tuple[float, float]:
+        """(time, compute-bound time) of `steps` iterations from `start_total`, +batch each."""
+        total_s = 0.0
+        compute_s = 0.0
+        for _, count, first, slope, compute_bound in self._pieces(start_total, steps):
+            piece = count * first + slope * count * (count - 1) / 2
+            total_s += piece
+            if compute_bound:
+                compute_s += piece
         return total_s, compute_s
 
     def steps_until(self, start_total: int, steps: int, elapsed_s: float) -> int:
@@ -212,31 +221,19 @@ class DecodeCurve:
 
         The smallest j in [1, steps] whose cumulative time exceeds `elapsed_s` (or `steps`).
         """
-        batch = self.batch
-        nodes, values, slopes = self.nodes, self.values, self.slopes
-        i = max(0, bisect.bisect_right(nodes, start_total) - 1)
         done_s = 0.0
-        j = 0
-        last = len(nodes) - 1
-        while j < steps:
-            end = steps if i >= last else min(steps, -((start_total - nodes[i + 1]) // batch))
-            count = end - j
-            if count > 0:
-                first = values[i] + slopes[i] * (start_total + j * batch - nodes[i])
-                slope = slopes[i] * batch
-                piece = count * first + slope * count * (count - 1) / 2
-                if done_s + piece > elapsed_s:
-                    low, high = 1, count  # smallest n with done + sum(n) > elapsed
-                    while low < high:
-                        n = (low + high) // 2
-                        if done_s + n * first + slope * n * (n - 1) / 2 > elapsed_s:
-                            high = n
-                        else:
-                            low = n + 1
-                    return j + low
-                done_s += piece
-                j = end
-            i += 1
+        for before, count, first, slope, _ in self._pieces(start_total, steps):
+            piece = count * first + slope * count * (count - 1) / 2
+            if done_s + piece > elapsed_s:
+                low, high = 1, count  # smallest n with done + sum(n) > elapsed
+                while low < high:
+                    n = (low + high) // 2
+                    if done_s + n * first + slope * n * (n - 1) / 2 > elapsed_s:
+                        high = n
+                    else:
+                        low = n + 1
+                return before + low
+            done_s += piece
         return steps
 
 

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import copy
 import signal
-import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_support import free_port
 from kubernetes import client
 from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     Cluster,
@@ -39,6 +38,7 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     operator_fixture,
     wait_for,
 )
+from operator_process import http_get
 from prometheus_client import REGISTRY
 from tessera.api.model_deployment import ModelDeploymentSpec, Plan
 from tessera.operator.handlers import KOPF_PREFIX
@@ -589,22 +589,6 @@ def test_capacity_comes_from_nodes_less_other_deployments_plans(
 
 
 # --- the command line -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def http_get(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            body: bytes = response.read()
-            return body.decode()
-    except OSError:
-        return None
 
 
 def test_tessera_operator_command_serves_a_namespace_with_probes_and_metrics(

@@ -340,8 +340,12 @@ class PoolLoad(ApiModel):
     utilization: float = Field(ge=0, description="Busy fraction per replica (0..1).")
 
 
+WHOLE_PROMPT_MIN_BATCHED_TOKENS = 2048
+"""Least iteration token budget of an engine that prefills whole prompts (vLLM's default)."""
+
+
 class PoolPlan(ApiModel):
-    """One pool of the plan in force."""
+    """One pool of the plan in force, with the engine scheduler the plan was scored with."""
 
     name: str = Field(description="Pool name, unique in the deployment (e.g. prefill-h100).")
     role: PoolRole = Field(description="What the pool does.")
@@ -349,6 +353,27 @@ class PoolPlan(ApiModel):
     tensor_parallel: int = Field(ge=1, description="Accelerators per replica (TP degree).")
     replicas: int = Field(ge=0, description="Number of replicas.")
     predicted_load: PoolLoad | None = Field(default=None, description="Expected load.")
+    prefill_chunk_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Chunked prefill: tokens per engine iteration (vLLM's max_num_batched_tokens "
+        "with chunked prefill), running decodes first and prompt chunks in the rest. Absent: "
+        "whole prompts, prefilled in iterations of their own that stall running decodes.",
+    )
+    max_running_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests one replica runs at once (vLLM's max_num_seqs), as the plan was "
+        "sized. Absent (attention pools, plans written before it was recorded): the engine's "
+        "default.",
+    )
+
+    def batched_tokens(self, max_context_tokens: int) -> int:
+        """Tokens one engine iteration may hold: the chunk budget, or with whole prompts at
+        least one longest prompt (an engine must fit a whole prompt into one iteration)."""
+        if self.prefill_chunk_tokens is not None:
+            return self.prefill_chunk_tokens
+        return max(max_context_tokens, WHOLE_PROMPT_MIN_BATCHED_TOKENS)
 
 
 class Plan(ApiModel):

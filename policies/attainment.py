@@ -9,9 +9,12 @@ is what the SLO's `attainmentTarget` is stated in, and what the simulator measur
   time depends on the prompt, so the attained fraction is averaged over the prompt lengths.
 - TPOT in a decode pool: the step time at the batch that the load keeps running (Little's law:
   concurrency = rate x output tokens x step time), against the KV capacity.
-- TPOT on a colocated replica: decode steps stretched by the prefill chunks interleaved with
-  them. A request sees the prefills that arrive while it decodes, a Poisson count, so short
-  outputs see a noisier TPOT than long ones; averaged over the output-length distribution.
+- TPOT on a colocated replica: decode steps stretched by the prefills interleaved with them
+  (the chunks riding on decode steps, or whole prompts in iterations of their own). A request
+  sees the prefills that arrive while it decodes, a Poisson count, so short outputs see a
+  noisier TPOT than long ones; averaged over the output-length distribution. Where the time
+  each prefill adds varies (whole prompts of heavy-tailed lengths), the sum is compound
+  Poisson, approximated by a scaled Poisson count with the same mean and variance.
 
 Attainment is P(TTFT met) x P(TPOT met), treating the two as independent.
 """
@@ -141,24 +144,42 @@ class InterleavedDecode:
     prefill_arrival_rate: float
     """Prompts per second this replica prefills."""
     prefill_s: float
-    """Mean time a prompt's prefill chunks add to the steps they ride on."""
+    """Mean time a prompt's prefill adds to the running decodes' tokens (its chunks' cost
+    beyond the steps they ride on, or a whole prompt's full prefill time)."""
+    prefill_scv: float = 0.0
+    """Squared CV of that added time over the prompt lengths."""
 
     @property
     def busy_prefilling(self) -> float:
         return self.prefill_arrival_rate * self.prefill_s
 
     @property
+    def idle(self) -> float:
+        """Fraction of time not prefilling (floored: past saturation the model says little)."""
+        return max(0.05, 1.0 - self.busy_prefilling)
+
+    @property
     def mean_tpot_s(self) -> float:
-        return self.step_s / max(0.05, 1.0 - self.busy_prefilling)
+        return self.step_s / self.idle
 
     def tpot_attainment(self, outputs: Sequence[int], budget_s: float) -> float:
-        """Fraction of requests whose mean time per output token fits `budget_s`."""
+        """Fraction of requests whose mean time per output token fits `budget_s`.
+
+        The prefill time S that a request's decode work w = tokens x step sees is a busy
+        period: prefills arriving during w and during earlier prefills (M/G/1, prefill times X
+        at rate lambda, load rho): E[S] = w rho / (1 - rho), Var[S] = w lambda E[X^2] /
+        (1 - rho)^3. It is taken as c x Poisson(E[S] / c), c = Var[S] / E[S], which has that
+        mean and variance (with one prefill time and rho -> 0, the Poisson count of prefills).
+        """
         if self.step_s > budget_s:
             return 0.0
+        idle = self.idle
+        size_s = max(self.prefill_s * (1.0 + self.prefill_scv) / idle**2, 1e-9)
+        mean_per_work = self.busy_prefilling / idle
         met = 0.0
         for output in outputs:
             tokens = max(1, output - 1)
-            lifetime_s = tokens * self.mean_tpot_s
-            allowed = (budget_s - self.step_s) * tokens / max(self.prefill_s, 1e-9)
-            met += poisson_cdf(self.prefill_arrival_rate * lifetime_s, allowed)
+            work_s = tokens * self.step_s
+            allowed = (budget_s - self.step_s) * tokens / size_s
+            met += poisson_cdf(work_s * mean_per_work / size_s, allowed)
         return met / len(outputs)

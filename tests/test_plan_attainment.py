@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sim_samples import CLASSES, deployment
 from tessera.api.model_deployment import ModelDeploymentSpec, Plan, ServingMode
-from tessera.policies.attainment import poisson_cdf, tandem_waiting_cdf
+from tessera.policies.attainment import InterleavedDecode, poisson_cdf, tandem_waiting_cdf
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.lengths import WaitingTail, erlang_c, waiting_quantile_s
 from tessera.policies.placement import (
@@ -100,6 +100,15 @@ def test_an_evaluator_that_rejects_the_cheapest_plan_moves_the_choice_on() -> No
     assert chosen.cost_per_hour > cheapest.cost_per_hour
     assert chosen.simulated_attainment == pytest.approx(0.97)
     assert "simulated attainment 97.0%" in chosen.rationale
+
+
+def test_spread_prefill_stalls_miss_a_tight_tpot_more_often_than_equal_ones() -> None:
+    steady = InterleavedDecode(0.015, 2.0, 0.12)
+    spread = InterleavedDecode(0.015, 2.0, 0.12, prefill_scv=1.5)
+    assert steady.mean_tpot_s == spread.mean_tpot_s
+    outputs = [50, 150, 400]
+    assert spread.tpot_attainment(outputs, 0.025) < steady.tpot_attainment(outputs, 0.025)
+    assert spread.tpot_attainment(outputs, 0.014) == 0.0
 
 
 LENGTHS = st.sampled_from([(200, 0.5), (600, 1.0), (1500, 1.5)])

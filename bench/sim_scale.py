@@ -43,9 +43,10 @@ from tessera.api.model_deployment import (
     PoolRole,
     ServingMode,
 )
-from tessera.sim.baselines import Baseline, schedulers
+from tessera.policies.perfmodel import PREFILL_CHUNK_TOKENS
 from tessera.sim.cluster import Cluster
 from tessera.sim.engine import DeploymentSetup, SimConfig, Simulation
+from tessera.sim.evaluate import plan_schedulers
 from tessera.sim.metrics import RunResult
 from tessera.sim.workload import Workload, load_trace
 
@@ -98,6 +99,7 @@ def fleet_plan(cluster: Cluster, layout: str) -> Plan:
                 accelerator_class=name,
                 tensor_parallel=TENSOR_PARALLEL,
                 replicas=cluster.accelerators(name) // TENSOR_PARALLEL,
+                prefill_chunk_tokens=PREFILL_CHUNK_TOKENS if role is PoolRole.COLOCATED else None,
             )
         )
     mode = ServingMode.COLOCATED if layout == "colocated" else ServingMode.DISAGGREGATED
@@ -107,12 +109,9 @@ def fleet_plan(cluster: Cluster, layout: str) -> Plan:
 def run(
     name: str, cluster: Cluster, layout: str, workload: Workload, spec: ModelDeploymentSpec
 ) -> dict[str, Any]:
-    baseline = Baseline.SARATHI if layout == "colocated" else Baseline.DISAGGREGATED
+    plan = fleet_plan(cluster, layout)
     setup = DeploymentSetup(
-        "chat",
-        spec,
-        fleet_plan(cluster, layout),
-        schedulers(baseline, spec.model.architecture.max_context_tokens),
+        "chat", spec, plan, plan_schedulers(plan, spec.model.architecture.max_context_tokens)
     )
     started = time.perf_counter()
     simulation = Simulation(cluster, [setup], [workload], SimConfig(seed=0), layout)

@@ -1,11 +1,14 @@
 """The placement planner: a pure function from a ModelDeployment spec and the accelerator
 classes on offer to a Plan.
 
-It enumerates serving modes (colocated; disaggregated prefill/decode with each pool on its own
-class and tensor-parallel degree), keeps the tensor-parallel degrees at which weights and a
+It enumerates serving modes (colocated, with chunked prefill or whole prompts; disaggregated
+prefill/decode with each pool on its own class and tensor-parallel degree; disaggregated with
+attention offloaded to a memory pool), keeps the tensor-parallel degrees at which weights and a
 longest request's KV cache fit, sizes each pool from the traffic and the roofline model, and
 picks the cheapest candidate by the deployment's objective. Each candidate carries the
-analytical reason it was sized so; the chosen one's reason becomes the plan's rationale.
+analytical reason it was sized so; the chosen one's reason becomes the plan's rationale. Each
+pool of the plan records the engine scheduler it was scored with (chunk budget, batch cap), so
+that the simulator and the operator run the plan as it was predicted.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from tessera.policies.attainment import length_points, squared_cv
 from tessera.policies.attention_offload import OffloadedDecodePerformance
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.lengths import length_quantile, max_rate_for_latency, waiting_quantile_s
-from tessera.policies.perfmodel import ReplicaPerformance
+from tessera.policies.perfmodel import PREFILL_CHUNK_TOKENS, ReplicaPerformance
 from tessera.policies.plan_attainment import Attainment, predict_attainment
 
 TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8)
@@ -75,10 +78,24 @@ class PoolSizing:
     """For an offloaded decode pool: the memory class its attention runs on."""
     prefill_scv: float = 0.0
     """Squared CV of this replica's prefill times over the prompt lengths (prefilling roles)."""
+    prefill_chunk_tokens: int | None = None
+    """Chunked-prefill token budget of the replica's engine; None: whole prompts."""
 
     @property
     def tensor_parallel(self) -> int:
         return self.performance.tensor_parallel
+
+    @property
+    def max_running_requests(self) -> int:
+        """The engine's batch cap (max_num_seqs) the pool was sized with."""
+        return self.performance.max_running_requests
+
+    @property
+    def scheduling(self) -> str:
+        """How the replica's engine prefills, in words."""
+        if self.prefill_chunk_tokens is None:
+            return "whole prompts"
+        return f"chunked prefill {self.prefill_chunk_tokens}"
 
     @property
     def attention_devices(self) -> int:
@@ -130,8 +147,16 @@ class Candidate:
 
     @property
     def layout(self) -> tuple[object, ...]:
-        """What distinguishes candidates apart from replica counts: mode, classes, TP, batch."""
+        """What distinguishes candidates apart from replica counts: mode, classes, TP, batch,
+        prefill scheduling (all in the notes)."""
         return (self.mode, tuple(self.notes))
+
+    @property
+    def mode_label(self) -> str:
+        """The serving mode, with how a colocated replica prefills (chunked or whole prompts)."""
+        if self.mode is ServingMode.COLOCATED:
+            return f"{self.mode.value}, {self.pools[0][0].scheduling}"
+        return self.mode.value
 
     @property
     def cost_per_hour(self) -> float:
@@ -158,14 +183,18 @@ def plan_deployment(
     spec: ModelDeploymentSpec,
     offers: Sequence[ClassOffer],
     evaluator: PlanEvaluator | None = None,
+    *,
+    chunked_prefill: bool | None = None,
 ) -> Plan:
     """The cheapest plan (by the spec's objective) that meets the SLO, or InfeasiblePlanError.
 
     Candidates are sized analytically, then scored cheapest first by predicted attainment
     (growing a pool when the prediction falls short of the target); with an evaluator the
     cheapest few survivors are simulated and the cheapest that meets the target wins.
+    `chunked_prefill` keeps only colocated candidates that chunk (True) or prefill whole
+    prompts (False); None keeps both.
     """
-    candidates = enumerate_candidates(spec, offers)
+    candidates = enumerate_candidates(spec, offers, chunked_prefill=chunked_prefill)
     if not candidates:
         raise InfeasiblePlanError(explain_infeasible(spec, offers))
     return to_plan(choose_candidate(spec, candidates, evaluator), spec)
@@ -256,11 +285,19 @@ def allowed_offers(spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]) -> l
 
 
 def enumerate_candidates(
-    spec: ModelDeploymentSpec, offers: Sequence[ClassOffer]
+    spec: ModelDeploymentSpec,
+    offers: Sequence[ClassOffer],
+    *,
+    chunked_prefill: bool | None = None,
 ) -> list[Candidate]:
-    """Every feasible candidate plan, unsorted."""
+    """Every feasible candidate plan, unsorted (colocated ones with chunked prefill and with
+    whole prompts, or only those `chunked_prefill` asks for)."""
     usable = allowed_offers(spec, offers)
-    colocated = [s for s in _sizings(spec, usable, PoolRole.COLOCATED)]
+    colocated = [
+        s
+        for s in _sizings(spec, usable, PoolRole.COLOCATED)
+        if chunked_prefill is None or chunked_prefill is (s.prefill_chunk_tokens is not None)
+    ]
     prefill = [s for s in _sizings(spec, usable, PoolRole.PREFILL)]
     decode = [s for s in _sizings(spec, usable, PoolRole.DECODE)]
     mode = spec.serving_mode
@@ -333,8 +370,23 @@ def _sizings(
             if not performance.fits():
                 continue
             sizing = _size_replica(spec, offer, performance, role)
-            if sizing is not None:
-                yield sizing
+            if sizing is None:
+                continue
+            yield sizing
+            if role is PoolRole.COLOCATED:
+                yield _with_whole_prompts(sizing)
+
+
+def _with_whole_prompts(chunked: PoolSizing) -> PoolSizing:
+    """The same colocated replica prefilling whole prompts (vLLM without chunked prefill): its
+    own candidate, predicted separately (a whole prefill stalls every running decode).
+
+    The analytical sizing is the same (it already stretches decode steps by the full prefill
+    time of the mean prompt); the predicted attainment and growth tell the two apart.
+    """
+    whole = replace(chunked, prefill_chunk_tokens=None)
+    prefix = f"{chunked.scheduling}, "
+    return replace(whole, note=f"{whole.scheduling}, {chunked.note.removeprefix(prefix)}")
 
 
 def _size_replica(
@@ -389,9 +441,20 @@ def _size_replica(
     rate = min(rate_for_tpot, rate_for_load, rate_for_ttft)
     if rate <= 0:
         return None
-    note = f"{decode.note}, prefill {prefill_s * 1e3:.0f} ms"
+    scheduling = f"chunked prefill {PREFILL_CHUNK_TOKENS}"
+    note = f"{scheduling}, {decode.note}, prefill {prefill_s * 1e3:.0f} ms"
     latency_ms = decode.predicted_latency_ms
-    return PoolSizing(offer, perf, role, rate, output.mean, latency_ms, note, prefill_scv=scv)
+    return PoolSizing(
+        offer,
+        perf,
+        role,
+        rate,
+        output.mean,
+        latency_ms,
+        note,
+        prefill_scv=scv,
+        prefill_chunk_tokens=PREFILL_CHUNK_TOKENS,
+    )
 
 
 def prefill_scv(perf: ReplicaPerformance, spec: ModelDeploymentSpec, points: int = 16) -> float:
@@ -513,6 +576,8 @@ def to_plan(candidate: Candidate, spec: ModelDeploymentSpec) -> Plan:
                         TARGET_UTILIZATION * per_replica / sizing.requests_per_second_per_replica, 3
                     ),
                 ),
+                prefill_chunk_tokens=sizing.prefill_chunk_tokens,
+                max_running_requests=sizing.max_running_requests,
             )
         )
         if sizing.attention_offer is not None:

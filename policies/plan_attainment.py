@@ -1,6 +1,7 @@
 """Predicted SLO attainment of a candidate plan at a request rate (see attainment.py for the
-model). Colocated replicas are predicted as Tessera runs them: chunked prefill under
-PREFILL_CHUNK_TOKENS, decode tokens first in every iteration.
+model). Colocated replicas are predicted as their engine is told to run (the pool's
+`prefill_chunk_tokens`): chunked prefill with decode tokens first in every iteration, or whole
+prompts in iterations of their own, first (vLLM without chunked prefill).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tessera.policies.attainment import (
 )
 from tessera.policies.attention_offload import OffloadedDecodePerformance
 from tessera.policies.lengths import WaitingTail
-from tessera.policies.perfmodel import PREFILL_CHUNK_TOKENS, PrefillChunk, ReplicaPerformance
+from tessera.policies.perfmodel import PrefillChunk, ReplicaPerformance
 
 if TYPE_CHECKING:
     from tessera.policies.placement import Candidate, PoolSizing
@@ -66,10 +67,18 @@ def _colocated(
     prompts, outputs = length_points(prompt), length_points(output)
     mean_context = prompt.mean + output.mean / 2
     per_replica = rate / replicas
+    budget = sizing.prefill_chunk_tokens
+    whole = {p: perf.prefill_time_s(p) for p in prompts} if budget is None else {}
 
-    def chunked_steps(tokens: int, batch: int) -> tuple[float, float]:
-        """(time of the iterations carrying a prompt, of the same iterations decode-only)."""
-        chunk = max(16, PREFILL_CHUNK_TOKENS - batch)
+    def prefill_steps(tokens: int, batch: int) -> tuple[float, float]:
+        """(time of the iterations carrying a prompt, of the same iterations decode-only).
+
+        A whole prompt has iterations of its own, so it adds all of its prefill time to the
+        running decodes' tokens; a chunked one adds what its chunks cost beyond decode steps.
+        """
+        if budget is None:
+            return whole[tokens], 0.0
+        chunk = max(16, budget - batch)
         contexts = [int(mean_context)] * batch
         decode_only = perf.decode_step_time_s(batch, mean_context)
         total = plain = 0.0
@@ -85,7 +94,7 @@ def _colocated(
     added_s = step_s = 0.0
     overflow = False
     for _ in range(3):  # the batch sets the chunk size and step; the prefills stretch the batch
-        costs = [chunked_steps(p, batch) for p in prompts]
+        costs = [prefill_steps(p, batch) for p in prompts]
         added_s = sum(t - d for t, d in costs) / len(costs)
 
         def token_time(b: int, added: float = added_s) -> float:
@@ -98,8 +107,10 @@ def _colocated(
         step_s = perf.decode_step_time_s(batch, mean_context)
     if overflow or per_replica * added_s >= 1:
         return Attainment(0.0, 0.0)
-    interleaved = InterleavedDecode(step_s, per_replica, added_s)
-    first_token = {p: chunked_steps(p, batch)[0] + step_s / 2 for p in prompts}
+    # A whole prompt's stall is its own prefill time, as spread as the prompt lengths make it.
+    spread = squared_cv([t for t, _ in costs]) if budget is None else 0.0
+    interleaved = InterleavedDecode(step_s, per_replica, added_s, spread)
+    first_token = {p: prefill_steps(p, batch)[0] + step_s / 2 for p in prompts}
     ttft = ttft_attainment(
         prompts, first_token.__getitem__, rate, spec.slo.ttft_ms / 1e3, servers=replicas
     )

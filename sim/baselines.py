@@ -1,15 +1,16 @@
 """Serving policies to compare, by name: each is a plan plus the engines' scheduler settings.
 
-- `vllm`: colocated replicas, continuous batching, prefills whole and first (vLLM v0 default).
-- `sarathi`: the same replicas with chunked prefill under a 512-token budget (Sarathi-Serve).
+- `vllm`: sarathi's replicas, prefilling whole prompts first (vLLM v0 default).
+- `sarathi`: colocated replicas with chunked prefill under a 512-token budget (Sarathi-Serve).
 - `disaggregated`: prefill and decode pools (Splitwise, DistServe) with KV transfer.
 - `attention-offload`: prefill pool plus decode replicas whose attention runs on a memory pool.
 - `tessera`: whatever the planner chooses for the deployment's servingMode (auto: the cheapest
-  layout that meets the SLO), chunked prefill on colocated replicas.
+  layout that meets the SLO), colocated replicas chunking or not as the plan says.
 
 Plans come from `tessera.policies.placement.plan_deployment` with the serving mode set, on the
 cluster's classes with its free capacity, so the baselines are sized by the same model and
-for the same declared traffic as Tessera's own plan.
+for the same declared traffic as Tessera's own plan. Every pool's engine scheduler is the one
+its plan records (`sim.evaluate.plan_schedulers`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from tessera.policies.dispatch import DispatchPolicy
 from tessera.policies.placement import InfeasiblePlanError, plan_deployment
 from tessera.sim.cluster import Cluster
 from tessera.sim.engine import DeploymentSetup
-from tessera.sim.evaluate import SimulatedEvaluator, tessera_schedulers
-from tessera.sim.instance import SchedulerConfig
+from tessera.sim.evaluate import SimulatedEvaluator, plan_schedulers
 
 
 class Baseline(StrEnum):
@@ -43,15 +43,24 @@ SERVING_MODE: dict[Baseline, ServingMode | None] = {
 }
 
 
-def schedulers(
-    baseline: Baseline, max_context_tokens: int, fast_forward: bool = True
-) -> dict[PoolRole, SchedulerConfig]:
-    """Scheduler settings per pool role for a baseline: Tessera's, with whole prefills on
-    colocated replicas for the vLLM-like baseline."""
-    settings = tessera_schedulers(max_context_tokens, fast_forward)
-    if baseline is Baseline.VLLM:
-        settings[PoolRole.COLOCATED] = settings[PoolRole.PREFILL]
-    return settings
+def with_whole_prompts(plan: Plan) -> Plan:
+    """The plan with its colocated pools prefilling whole prompts, on the same replicas.
+
+    Its predicted attainment is dropped: it was predicted for the chunked engine.
+    """
+    pools = [
+        pool.model_copy(update={"prefill_chunk_tokens": None})
+        if pool.role is PoolRole.COLOCATED
+        else pool
+        for pool in plan.pools
+    ]
+    return plan.model_copy(
+        update={
+            "pools": pools,
+            "predicted_attainment": None,
+            "rationale": f"{plan.rationale}; run with whole prompts on these replicas",
+        }
+    )
 
 
 def plan_for(
@@ -67,10 +76,14 @@ def plan_for(
     if mode is not None:
         spec = spec.model_copy(update={"serving_mode": mode})
     offers = cluster.offers(allocated)
-    if baseline is not Baseline.TESSERA:
-        return plan_deployment(spec, offers)
-    evaluator = SimulatedEvaluator(cluster.classes, kv_link_gbps=cluster.kv_link_gbps)
-    return plan_deployment(spec, offers, evaluator)
+    if baseline is Baseline.TESSERA:
+        evaluator = SimulatedEvaluator(cluster.classes, kv_link_gbps=cluster.kv_link_gbps)
+        return plan_deployment(spec, offers, evaluator)
+    if baseline in (Baseline.VLLM, Baseline.SARATHI):
+        # Both run Sarathi's replicas, so the two differ only in the engine's scheduler.
+        plan = plan_deployment(spec, offers, chunked_prefill=True)
+        return with_whole_prompts(plan) if baseline is Baseline.VLLM else plan
+    return plan_deployment(spec, offers)
 
 
 def allocate(plan: Plan, allocated: dict[str, int]) -> None:
@@ -106,7 +119,7 @@ def setups_for(
                 deployment.metadata.name,
                 deployment.spec,
                 plan,
-                schedulers(baseline, arch.max_context_tokens, fast_forward),
+                plan_schedulers(plan, arch.max_context_tokens, fast_forward),
                 dispatch,
             )
         )

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from tessera.api.accelerator_class import AcceleratorClassSpec
-from tessera.api.model_deployment import ModelDeploymentSpec, Plan, PoolRole
+from tessera.api.model_deployment import ModelDeploymentSpec, Plan, PoolPlan, PoolRole
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.dispatch import DispatchPolicy
-from tessera.policies.perfmodel import PREFILL_CHUNK_TOKENS
 from tessera.sim.cluster import Cluster
 from tessera.sim.engine import DeploymentSetup, SimConfig, Simulation
 from tessera.sim.instance import SchedulerConfig
@@ -28,23 +27,40 @@ EVALUATION_REQUESTS = 1500
 """Requests one evaluation simulates: enough for a tail percentile, few enough to be quick."""
 
 
-def tessera_schedulers(
-    max_context_tokens: int, fast_forward: bool = True
-) -> dict[PoolRole, SchedulerConfig]:
-    """Tessera's engines: chunked prefill on colocated replicas, whole prompts on prefill ones.
+class SchedulerConflictError(ValueError):
+    """Two pools of one role ask for different engine schedulers (the simulator keys by role)."""
 
-    The chunk budget is the planner's (PREFILL_CHUNK_TOKENS), so a simulation runs the plan
-    the way the planner sized it.
-    """
-    whole = SchedulerConfig(
-        chunked_prefill=False,
-        token_budget=max(max_context_tokens, 2048),
+
+def pool_scheduler(
+    pool: PoolPlan, max_context_tokens: int, fast_forward: bool = True
+) -> SchedulerConfig:
+    """The engine scheduler a pool's plan records: chunked prefill or whole prompts, the
+    iteration token budget and the batch cap, as the operator passes them to the engine."""
+    return SchedulerConfig(
+        chunked_prefill=pool.prefill_chunk_tokens is not None,
+        token_budget=pool.batched_tokens(max_context_tokens),
+        max_num_seqs=pool.max_running_requests,
         fast_forward=fast_forward,
     )
-    chunked = SchedulerConfig(
-        chunked_prefill=True, token_budget=PREFILL_CHUNK_TOKENS, fast_forward=fast_forward
-    )
-    return {PoolRole.COLOCATED: chunked, PoolRole.PREFILL: whole, PoolRole.DECODE: whole}
+
+
+def plan_schedulers(
+    plan: Plan, max_context_tokens: int, fast_forward: bool = True
+) -> dict[PoolRole, SchedulerConfig]:
+    """Each pool role's scheduler, from the plan's pools (attention pools run no scheduler), so
+    a simulation runs the plan the way the planner scored it."""
+    settings: dict[PoolRole, SchedulerConfig] = {}
+    for pool in plan.pools:
+        if pool.role is PoolRole.ATTENTION:
+            continue
+        config = pool_scheduler(pool, max_context_tokens, fast_forward)
+        if settings.setdefault(pool.role, config) != config:
+            raise SchedulerConflictError(
+                f"pools of role {pool.role.value} record different engine schedulers "
+                f"(pool {pool.name}: prefillChunkTokens {pool.prefill_chunk_tokens}, "
+                f"maxRunningRequests {pool.max_running_requests}); give them the same settings"
+            )
+    return settings
 
 
 @dataclass(frozen=True)
@@ -75,7 +91,7 @@ class SimulatedEvaluator:
             "evaluated",
             spec,
             plan,
-            tessera_schedulers(spec.model.architecture.max_context_tokens),
+            plan_schedulers(plan, spec.model.architecture.max_context_tokens),
             DispatchPolicy.LEAST_TOKENS,
         )
         cluster = self._cluster_for(plan)

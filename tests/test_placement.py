@@ -10,10 +10,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tessera.api.accelerator_class import AcceleratorClass
 from tessera.api.loader import parse_resource
-from tessera.api.model_deployment import ModelDeployment, ModelDeploymentSpec, PoolRole, ServingMode
+from tessera.api.model_deployment import (
+    ModelDeployment,
+    ModelDeploymentSpec,
+    Plan,
+    PoolRole,
+    ServingMode,
+)
 from tessera.policies.capacity import ClassOffer
-from tessera.policies.perfmodel import ReplicaPerformance
-from tessera.policies.placement import InfeasiblePlanError, plan_deployment
+from tessera.policies.perfmodel import (
+    MAX_RUNNING_REQUESTS,
+    OFFLOADED_MAX_RUNNING_REQUESTS,
+    PREFILL_CHUNK_TOKENS,
+    ReplicaPerformance,
+)
+from tessera.policies.placement import InfeasiblePlanError, enumerate_candidates, plan_deployment
 
 CLASSES = {
     d["metadata"]["name"]: AcceleratorClass.model_validate(d)
@@ -124,6 +135,43 @@ def test_serving_mode_is_respected() -> None:
     plan = plan_deployment(spec(servingMode="disaggregated"), offers())
     assert plan.mode is ServingMode.DISAGGREGATED
     assert {p.role for p in plan.pools} == {PoolRole.PREFILL, PoolRole.DECODE}
+
+
+def test_every_planned_pool_records_the_engine_scheduler_it_was_sized_with() -> None:
+    def schedulers(plan: Plan) -> dict[PoolRole, tuple[int | None, int | None]]:
+        return {p.role: (p.prefill_chunk_tokens, p.max_running_requests) for p in plan.pools}
+
+    colocated = spec(servingMode="colocated")
+    chunked = plan_deployment(colocated, offers(), chunked_prefill=True)
+    whole = plan_deployment(colocated, offers(), chunked_prefill=False)
+    assert schedulers(chunked) == {PoolRole.COLOCATED: (PREFILL_CHUNK_TOKENS, MAX_RUNNING_REQUESTS)}
+    assert schedulers(whole) == {PoolRole.COLOCATED: (None, MAX_RUNNING_REQUESTS)}
+    assert "whole prompts" in whole.rationale and "chunked prefill 512" in chunked.rationale
+    disaggregated = plan_deployment(spec(servingMode="disaggregated"), offers())
+    assert schedulers(disaggregated) == {
+        PoolRole.PREFILL: (None, MAX_RUNNING_REQUESTS),
+        PoolRole.DECODE: (None, MAX_RUNNING_REQUESTS),
+    }
+    offloaded = plan_deployment(spec(servingMode="attention-offload"), offers())
+    assert schedulers(offloaded) == {
+        PoolRole.PREFILL: (None, MAX_RUNNING_REQUESTS),
+        PoolRole.DECODE: (None, OFFLOADED_MAX_RUNNING_REQUESTS),
+        PoolRole.ATTENTION: (None, None),
+    }
+
+
+def test_colocated_replicas_are_candidates_with_chunked_prefill_and_with_whole_prompts() -> None:
+    candidates = enumerate_candidates(spec(servingMode="colocated"), offers())
+    by_replica: dict[tuple[str, int], set[str]] = {}
+    for candidate in candidates:
+        ((sizing, _),) = candidate.pools
+        by_replica.setdefault((sizing.offer.name, sizing.tensor_parallel), set()).add(
+            candidate.mode_label
+        )
+    assert by_replica
+    for labels in by_replica.values():
+        assert labels == {"colocated, chunked prefill 512", "colocated, whole prompts"}
+    assert len({c.layout for c in candidates}) == len(candidates)
 
 
 def test_plan_has_rationale_and_predictions_within_slo() -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sim_samples import CLASSES, deployment
-from tessera.api.model_deployment import ModelDeploymentSpec, Plan, ServingMode
+from tessera.api.model_deployment import ModelDeploymentSpec, Plan, PoolRole, ServingMode
 from tessera.policies.attainment import InterleavedDecode, poisson_cdf, tandem_waiting_cdf
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.lengths import WaitingTail, erlang_c, waiting_quantile_s
@@ -19,8 +19,10 @@ from tessera.policies.placement import (
     enumerate_candidates,
     plan_deployment,
     shortlist_candidates,
+    to_plan,
 )
-from tessera.sim.evaluate import SimulatedEvaluator
+from tessera.policies.plan_attainment import predict_attainment
+from tessera.sim.evaluate import SchedulerConflictError, SimulatedEvaluator, plan_schedulers
 
 OFFERS = [ClassOffer(name, spec) for name, spec in CLASSES.items()]
 
@@ -111,17 +113,91 @@ def test_spread_prefill_stalls_miss_a_tight_tpot_more_often_than_equal_ones() ->
     assert spread.tpot_attainment(outputs, 0.014) == 0.0
 
 
+def long_prompts_tight_tpot(rate: float = 2.0) -> ModelDeploymentSpec:
+    """Heavy-tailed prompts and a tight TPOT: where a whole prefill's stall shows."""
+    return spec_with(
+        serving_mode=ServingMode.COLOCATED,
+        hardware={"accelerator_classes": ["a100"]},
+        slo={"ttft_ms": 1000, "tpot_ms": 25},
+        pools={},
+        traffic={
+            "request_rate_per_second": rate,
+            "profile": None,
+            "prompt_tokens": {
+                "distribution": "lognormal",
+                "mean": 1500,
+                "stddev": 2250,
+                "max": 6000,
+            },
+            "output_tokens": {"distribution": "lognormal", "mean": 500, "stddev": 500, "max": 2000},
+        },
+    )
+
+
+def test_whole_prompts_are_predicted_and_simulated_worse_than_chunks_on_the_same_replicas() -> None:
+    spec = long_prompts_tight_tpot()
+    candidates = enumerate_candidates(spec, OFFERS)
+    chunked = min(
+        (c for c in candidates if c.pools[0][0].prefill_chunk_tokens is not None),
+        key=lambda c: c.cost_per_hour,
+    )
+    (whole,) = [
+        c
+        for c in candidates
+        if c.pools[0][0].prefill_chunk_tokens is None
+        and c.pools[0][0].performance is chunked.pools[0][0].performance
+    ]
+    assert whole.pools[0][1] == chunked.pools[0][1]
+    predicted = {c.mode_label: predict_attainment(c, spec) for c in (chunked, whole)}
+    evaluator = SimulatedEvaluator(CLASSES, seed=3)
+    simulated = {c.mode_label: evaluator(spec, to_plan(c, spec)) for c in (chunked, whole)}
+    chunked_label, whole_label = chunked.mode_label, whole.mode_label
+    assert predicted[whole_label].tpot < predicted[chunked_label].tpot
+    assert simulated[whole_label] < simulated[chunked_label]
+    for label, attainment in simulated.items():
+        assert abs(predicted[label].both - attainment) <= 0.10, label
+
+
+def test_the_evaluator_runs_each_pool_with_the_scheduler_its_plan_records() -> None:
+    spec = long_prompts_tight_tpot(rate=8.0)
+    plan = plan_deployment(spec, OFFERS, chunked_prefill=True)
+    (pool,) = plan.pools
+    context = spec.model.architecture.max_context_tokens
+    (config,) = plan_schedulers(plan, context).values()
+    assert (config.chunked_prefill, config.token_budget, config.max_num_seqs) == (
+        True,
+        pool.prefill_chunk_tokens,
+        pool.max_running_requests,
+    )
+    capped = pool.model_copy(update={"max_running_requests": 2})
+    capped_plan = plan.model_copy(update={"pools": [capped]})
+    assert plan_schedulers(capped_plan, context)[PoolRole.COLOCATED].max_num_seqs == 2
+    evaluator = SimulatedEvaluator(CLASSES, seed=3)
+    assert evaluator(spec, capped_plan) < evaluator(spec, plan) - 0.2
+    twin = pool.model_copy(update={"name": "other", "prefill_chunk_tokens": None})
+    with pytest.raises(SchedulerConflictError, match="prefillChunkTokens"):
+        plan_schedulers(plan.model_copy(update={"pools": [pool, twin]}), context)
+
+
 LENGTHS = st.sampled_from([(200, 0.5), (600, 1.0), (1500, 1.5)])
+LAYOUTS = st.sampled_from(
+    [
+        (ServingMode.COLOCATED, True),
+        (ServingMode.COLOCATED, False),  # whole prompts, vLLM without chunked prefill
+        (ServingMode.DISAGGREGATED, None),
+        (ServingMode.AUTO, None),
+    ]
+)
 
 
 @settings(
-    max_examples=30,
+    max_examples=40,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 @given(
-    mode=st.sampled_from([ServingMode.COLOCATED, ServingMode.DISAGGREGATED, ServingMode.AUTO]),
+    layout=LAYOUTS,
     classes=st.sampled_from([["a100"], ["h100"], ["l40s"], ["h100", "a100"]]),
     rate=st.sampled_from([2.0, 8.0, 20.0, 50.0]),
     ttft_ms=st.sampled_from([300, 500, 1000]),
@@ -130,7 +206,7 @@ LENGTHS = st.sampled_from([(200, 0.5), (600, 1.0), (1500, 1.5)])
     output_mean=st.sampled_from([50, 200, 500]),
 )
 def test_predicted_attainment_is_within_ten_points_of_the_simulated(
-    mode: ServingMode,
+    layout: tuple[ServingMode, bool | None],
     classes: list[str],
     rate: float,
     ttft_ms: int,
@@ -139,6 +215,7 @@ def test_predicted_attainment_is_within_ten_points_of_the_simulated(
     output_mean: int,
 ) -> None:
     prompt_mean, prompt_cv = prompt
+    mode, chunked_prefill = layout
     spec = spec_with(
         serving_mode=mode,
         hardware={"accelerator_classes": classes},
@@ -162,7 +239,7 @@ def test_predicted_attainment_is_within_ten_points_of_the_simulated(
         },
     )
     try:
-        plan = plan_deployment(spec, OFFERS)
+        plan = plan_deployment(spec, OFFERS, chunked_prefill=chunked_prefill)
     except InfeasiblePlanError:
         return
     assert plan.predicted_attainment is not None

@@ -62,6 +62,10 @@ def test_baselines_plan_their_serving_modes_on_the_cluster() -> None:
     setups = {b: setups_for(b, [dep], cluster())[0] for b in (Baseline.VLLM, Baseline.SARATHI)}
     assert not setups[Baseline.VLLM].schedulers[PoolRole.COLOCATED].chunked_prefill
     assert setups[Baseline.SARATHI].schedulers[PoolRole.COLOCATED].chunked_prefill
+    # The same replicas; each plan records the scheduler it runs.
+    (vllm,), (sarathi,) = (setups[b].plan.pools for b in (Baseline.VLLM, Baseline.SARATHI))
+    assert (vllm.prefill_chunk_tokens, sarathi.prefill_chunk_tokens) == (None, 512)
+    assert vllm.model_copy(update={"prefill_chunk_tokens": 512}) == sarathi
 
 
 def test_simulate_command_writes_table_json_and_plots(tmp_path: Path) -> None:

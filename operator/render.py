@@ -146,7 +146,8 @@ def with_config_hash(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def engine_args(owner: Owner, spec: ModelDeploymentSpec, plan: Plan, pool: PoolPlan) -> list[str]:
-    """Arguments of the Tessera engine for one pool's replicas."""
+    """Arguments of the Tessera engine for one pool's replicas; `spec.engine.extraArgs` last,
+    so that a user's own flag overrides one rendered here."""
     args = [
         f"--model={spec.model.name}",
         f"--role={pool.role.value}",
@@ -164,7 +165,25 @@ def engine_args(owner: Owner, spec: ModelDeploymentSpec, plan: Plan, pool: PoolP
             f"--prefill-service={prefill_service_name(owner)}.{owner.namespace}.svc:"
             f"{spec.engine.port}"
         )
-    return args + list(spec.engine.extra_args)
+    return args + scheduler_args(spec, pool) + list(spec.engine.extra_args)
+
+
+def scheduler_args(spec: ModelDeploymentSpec, pool: PoolPlan) -> list[str]:
+    """The engine scheduler the plan was scored with, as vLLM-compatible flags.
+
+    Chunked prefill is named either way: vLLM (V1) and the Tessera engine chunk by default, so
+    a pool planned for whole prompts must turn it off. Attention pools run no scheduler.
+    """
+    if pool.role is PoolRole.ATTENTION:
+        return []
+    args = []
+    if pool.max_running_requests is not None:
+        args.append(f"--max-num-seqs={pool.max_running_requests}")
+    tokens = pool.batched_tokens(spec.model.architecture.max_context_tokens)
+    args.append(f"--max-num-batched-tokens={tokens}")
+    chunked = pool.prefill_chunk_tokens is not None
+    args.append("--enable-chunked-prefill" if chunked else "--no-enable-chunked-prefill")
+    return args
 
 
 def resources_for(class_spec: AcceleratorClassSpec, tensor_parallel: int) -> dict[str, Any]:

@@ -159,16 +159,55 @@ def test_entry_service_selects_the_pools_that_stream_responses() -> None:
     assert [s["metadata"]["name"] for s in colocated] == ["chat"]
 
 
+def engine_args_by_role(spec: ModelDeploymentSpec, plan: Plan) -> dict[str, list[str]]:
+    """The engine container's arguments of each pool, by role."""
+    args: dict[str, list[str]] = {}
+    for child in render.render_children(OWNER, spec, plan, classes()):
+        if child["kind"] == "Deployment":
+            container = child["spec"]["template"]["spec"]["containers"][0]
+            args[child["metadata"]["labels"]["tessera.dev/role"]] = container["args"]
+    return args
+
+
 def test_decode_replicas_are_told_where_prefill_is() -> None:
-    plan = plan_for(DISAGGREGATED)
-    children = render.render_children(OWNER, DISAGGREGATED, plan, classes())
-    by_role = {
-        c["metadata"]["labels"]["tessera.dev/role"]: c["spec"]["template"]["spec"]["containers"][0]
-        for c in children
-        if c["kind"] == "Deployment"
-    }
-    assert "--prefill-service=chat-prefill.serving.svc:8000" in by_role["decode"]["args"]
-    assert not any(a.startswith("--prefill-service") for a in by_role["prefill"]["args"])
+    by_role = engine_args_by_role(DISAGGREGATED, plan_for(DISAGGREGATED))
+    assert "--prefill-service=chat-prefill.serving.svc:8000" in by_role["decode"]
+    assert not any(a.startswith("--prefill-service") for a in by_role["prefill"])
+
+
+def test_engines_get_the_scheduler_their_plan_was_scored_with() -> None:
+    plan = plan_for(COLOCATED)
+    longest = COLOCATED.model.architecture.max_context_tokens
+    for chunk, expected in (
+        (512, ["--max-num-batched-tokens=512", "--enable-chunked-prefill"]),
+        (None, [f"--max-num-batched-tokens={longest}", "--no-enable-chunked-prefill"]),
+    ):
+        pool = plan.pools[0].model_copy(update={"prefill_chunk_tokens": chunk})
+        scheduled = plan.model_copy(update={"pools": [pool]})
+        args = engine_args_by_role(COLOCATED, scheduled)["colocated"]
+        assert args[-3:] == ["--max-num-seqs=256", *expected]
+    offload = spec_of(servingMode="attention-offload")
+    plan = plan_for(offload)
+    by_role = engine_args_by_role(offload, plan)
+    for pool in plan.pools:
+        args = by_role[pool.role.value]
+        if pool.role is PoolRole.ATTENTION:
+            assert not any("num-seqs" in a or "chunked" in a for a in args)
+            continue
+        assert f"--max-num-seqs={pool.max_running_requests}" in args
+        assert "--no-enable-chunked-prefill" in args
+    decode = next(p for p in plan.pools if p.role is PoolRole.DECODE)
+    assert decode.max_running_requests == 2048
+
+
+def test_extra_args_come_last_so_they_override_the_rendered_flags() -> None:
+    extra = ["--max-num-seqs=64", "--max-num-batched-tokens=2048"]
+    spec = COLOCATED.model_copy(
+        update={"engine": COLOCATED.engine.model_copy(update={"extra_args": extra})}
+    )
+    args = engine_args_by_role(spec, plan_for(spec))["colocated"]
+    assert args[-2:] == extra
+    assert args.index("--max-num-seqs=256") < args.index("--max-num-seqs=64")
 
 
 def test_class_placement_affinity_tolerations_and_priority() -> None:

@@ -3,9 +3,10 @@
 A pure function of (spec, plan in force, observed load, offers, time since the last change).
 Hysteresis keeps the operator from thrashing: scaling up happens as soon as the observed rate
 needs it; scaling down waits `scale_down_delay_s` and needs utilisation below
-`scale_down_utilization`; switching to a different layout (other mode, classes or TP degrees)
-needs a cost gain above `relayout_min_gain` and `relayout_delay_s` of stability. Prefill and
-decode pools are always sized from the same rate, so their ratio stays balanced.
+`scale_down_utilization`; switching to a different layout (other mode, classes, TP degrees or
+engine scheduler) needs a cost gain above `relayout_min_gain` and `relayout_delay_s` of
+stability. Prefill and decode pools are always sized from the same rate, so their ratio stays
+balanced.
 """
 
 from __future__ import annotations
@@ -58,9 +59,21 @@ class ReplanDecision:
     reason: str
 
 
-def layout_of(plan: Plan) -> tuple[tuple[str, str, int], ...]:
-    """What a plan runs where, without replica counts."""
-    return tuple(sorted((p.role.value, p.accelerator_class, p.tensor_parallel) for p in plan.pools))
+def layout_of(plan: Plan) -> tuple[tuple[str, str, int, int, int], ...]:
+    """What a plan runs where and how its engines schedule, without replica counts: a plan
+    with whole prompts is another layout than the same replicas chunking prefill."""
+    return tuple(
+        sorted(
+            (
+                p.role.value,
+                p.accelerator_class,
+                p.tensor_parallel,
+                p.prefill_chunk_tokens or 0,
+                p.max_running_requests or 0,
+            )
+            for p in plan.pools
+        )
+    )
 
 
 def observed_spec(spec: ModelDeploymentSpec, observed: ObservedLoad) -> ModelDeploymentSpec:

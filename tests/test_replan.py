@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from api_samples import chat_deployment, example_documents
 from tessera.api.accelerator_class import AcceleratorClass
-from tessera.api.model_deployment import ModelDeployment, ModelDeploymentSpec, PoolRole
+from tessera.api.model_deployment import ModelDeployment, ModelDeploymentSpec, PoolRole, ServingMode
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.placement import plan_deployment
 from tessera.policies.replan import ObservedLoad, ReplanSettings, layout_of, replan
@@ -86,3 +86,16 @@ def test_oscillating_load_does_not_thrash() -> None:
         changes += decision.changed
         plan = decision.plan
     assert changes <= 2
+
+
+def test_the_engine_scheduler_of_the_plan_in_force_is_kept_while_scaling() -> None:
+    spec = chat_spec().model_copy(update={"serving_mode": ServingMode.COLOCATED})
+    current = plan_deployment(spec, OFFERS, chunked_prefill=False)
+    chunked = plan_deployment(spec, OFFERS, chunked_prefill=True)
+    assert layout_of(current) != layout_of(chunked)
+    for rate in (20.0, 60.0):
+        decision = replan(spec, current, ObservedLoad(rate), OFFERS, 0.0, SETTINGS)
+        assert layout_of(decision.plan) == layout_of(current), decision.reason
+        for pool in decision.plan.pools:
+            assert pool.prefill_chunk_tokens is None
+            assert pool.max_running_requests == current.pools[0].max_running_requests

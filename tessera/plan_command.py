@@ -13,7 +13,7 @@ from rich.table import Table
 
 from tessera.api.accelerator_class import AcceleratorClass
 from tessera.api.loader import InvalidResourceError, load_kind
-from tessera.api.model_deployment import ModelDeployment, Plan
+from tessera.api.model_deployment import ModelDeployment, Plan, PoolRole
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.placement import (
     Candidate,
@@ -38,16 +38,21 @@ def parse_capacity(values: tuple[str, ...]) -> dict[str, int]:
 
 def plan_table(deployment: ModelDeployment, plan: Plan) -> Table:
     table = Table(title=f"Plan for {deployment.metadata.name}: {plan.mode.value}")
-    for column in ("pool", "role", "class", "TP", "replicas", "req/s", "tokens/s", "util"):
-        table.add_column(column, justify="left" if column in ("pool", "role", "class") else "right")
+    left = ("pool", "role", "class", "prefill")
+    columns = ("pool", "role", "class", "TP", "replicas", "prefill", "max seqs")
+    for column in (*columns, "req/s", "tokens/s", "util"):
+        table.add_column(column, justify="left" if column in left else "right")
     for pool in plan.pools:
         load = pool.predicted_load
+        prefills = pool.role in (PoolRole.COLOCATED, PoolRole.PREFILL)
         table.add_row(
             pool.name,
             pool.role.value,
             pool.accelerator_class,
             str(pool.tensor_parallel),
             str(pool.replicas),
+            prefill_label(pool.prefill_chunk_tokens) if prefills else "-",
+            str(pool.max_running_requests or "-"),
             f"{load.request_rate_per_second:g}" if load else "-",
             f"{load.tokens_per_second:g}" if load else "-",
             f"{load.utilization:.0%}" if load else "-",
@@ -62,6 +67,10 @@ def plan_table(deployment: ModelDeployment, plan: Plan) -> Table:
     return table
 
 
+def prefill_label(chunk_tokens: int | None) -> str:
+    return "whole prompts" if chunk_tokens is None else f"chunked {chunk_tokens}"
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -74,7 +83,7 @@ def alternatives_table(candidates: list[Candidate]) -> Table:
     for rank, candidate in enumerate(candidates, start=1):
         table.add_row(
             str(rank),
-            candidate.mode.value,
+            candidate.mode_label,
             "\n".join(
                 f"{n}x {s.role.value} {s.offer.name} TP{s.tensor_parallel}"
                 + (

@@ -26,6 +26,8 @@ def test_json_plan_carries_predicted_and_simulated_attainment() -> None:
     assert code == 0
     (analytical,) = json.loads(out).values()
     assert 0.9 <= analytical["predictedAttainment"] <= 1.0
+    for pool in analytical["pools"]:
+        assert pool["maxRunningRequests"] >= 1
     assert "simulatedAttainment" not in analytical
 
     code, out, _ = run("-f", str(DEPLOYMENT), "--classes", str(CLASSES), "-o", "json", "--simulate")
@@ -40,7 +42,12 @@ def test_explain_lists_alternatives_with_their_predicted_attainment() -> None:
     assert code == 0
     assert "Top alternatives" in out
     assert "attain." in out
-    assert "%" in out.split("Top alternatives", 1)[1]
+    plan, alternatives = out.split("Top alternatives", 1)
+    assert "%" in alternatives
+    # The colocated variants are alternatives of their own, named by how they prefill.
+    assert "colocated, chunked prefill 512" in alternatives
+    assert "colocated, whole prompts" in alternatives
+    assert "max seqs" in plan and "whole prompts" in plan
 
 
 def test_an_infeasible_deployment_fails_naming_the_constraint(tmp_path: Path) -> None:

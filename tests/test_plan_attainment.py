@@ -113,25 +113,44 @@ def test_spread_prefill_stalls_miss_a_tight_tpot_more_often_than_equal_ones() ->
     assert spread.tpot_attainment(outputs, 0.014) == 0.0
 
 
-def long_prompts_tight_tpot(rate: float = 2.0) -> ModelDeploymentSpec:
-    """Heavy-tailed prompts and a tight TPOT: where a whole prefill's stall shows."""
+def lognormal_spec(
+    mode: ServingMode,
+    classes: list[str],
+    rate: float,
+    slo_ms: tuple[float, float],
+    prompt: tuple[float, float],
+    output_mean: float,
+) -> ModelDeploymentSpec:
+    """The chat spec on `classes` at (TTFT, TPOT) `slo_ms` with lognormal lengths: prompts of
+    (mean, CV) `prompt` up to 6,000 tokens, outputs of CV 1 up to 2,000."""
+    (ttft_ms, tpot_ms), (prompt_mean, prompt_cv) = slo_ms, prompt
     return spec_with(
-        serving_mode=ServingMode.COLOCATED,
-        hardware={"accelerator_classes": ["a100"]},
-        slo={"ttft_ms": 1000, "tpot_ms": 25},
+        serving_mode=mode,
+        hardware={"accelerator_classes": classes},
+        slo={"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
         pools={},
         traffic={
             "request_rate_per_second": rate,
             "profile": None,
             "prompt_tokens": {
                 "distribution": "lognormal",
-                "mean": 1500,
-                "stddev": 2250,
+                "mean": prompt_mean,
+                "stddev": prompt_mean * prompt_cv,
                 "max": 6000,
             },
-            "output_tokens": {"distribution": "lognormal", "mean": 500, "stddev": 500, "max": 2000},
+            "output_tokens": {
+                "distribution": "lognormal",
+                "mean": output_mean,
+                "stddev": output_mean,
+                "max": 2000,
+            },
         },
     )
+
+
+def long_prompts_tight_tpot(rate: float = 2.0) -> ModelDeploymentSpec:
+    """Heavy-tailed prompts and a tight TPOT: where a whole prefill's stall shows."""
+    return lognormal_spec(ServingMode.COLOCATED, ["a100"], rate, (1000, 25), (1500, 1.5), 500)
 
 
 def test_whole_prompts_are_predicted_and_simulated_worse_than_chunks_on_the_same_replicas() -> None:
@@ -214,30 +233,8 @@ def test_predicted_attainment_is_within_ten_points_of_the_simulated(
     prompt: tuple[int, float],
     output_mean: int,
 ) -> None:
-    prompt_mean, prompt_cv = prompt
     mode, chunked_prefill = layout
-    spec = spec_with(
-        serving_mode=mode,
-        hardware={"accelerator_classes": classes},
-        slo={"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
-        pools={},
-        traffic={
-            "request_rate_per_second": rate,
-            "profile": None,
-            "prompt_tokens": {
-                "distribution": "lognormal",
-                "mean": prompt_mean,
-                "stddev": prompt_mean * prompt_cv,
-                "max": 6000,
-            },
-            "output_tokens": {
-                "distribution": "lognormal",
-                "mean": output_mean,
-                "stddev": output_mean,
-                "max": 2000,
-            },
-        },
-    )
+    spec = lognormal_spec(mode, classes, rate, (ttft_ms, tpot_ms), prompt, output_mean)
     try:
         plan = plan_deployment(spec, OFFERS, chunked_prefill=chunked_prefill)
     except InfeasiblePlanError:

@@ -117,6 +117,10 @@ class Served:
     finish_s: list[float] = field(default_factory=list)
     steps: int = 0
     preemptions: int = 0
+    step_ms: list[float] = field(default_factory=list)
+    """Wall time of each engine step (scheduling, launch, GPU work and sampling)."""
+    step_prompt_tokens: list[int] = field(default_factory=list)
+    step_sampled_tokens: list[int] = field(default_factory=list)
 
     def workload(self) -> Workload:
         from tessera.sim.workload import Workload
@@ -127,6 +131,18 @@ class Served:
             np.array(self.output_tokens, dtype=np.int64),
             self.duration_s,
             f"{self.mode}-{self.rate_per_s:g}",
+        )
+
+    def head(self, seconds: float) -> Served:
+        """The requests that arrive in the first `seconds`, not yet served."""
+        cut = sum(1 for a in self.arrival_s if a < seconds)
+        return Served(
+            self.mode,
+            self.rate_per_s,
+            min(seconds, self.duration_s),
+            self.arrival_s[:cut],
+            self.prompt_tokens[:cut],
+            self.output_tokens[:cut],
         )
 
     def arrays(self) -> tuple[np.ndarray, ...]:
@@ -357,7 +373,10 @@ class RealTimeDriver:
         clock: Callable[[], float] = time.perf_counter,
         drain_s: float = 20.0,
         seed: int = 0,
+        profile_steps: tuple[int, int] | None = None,
     ) -> None:
+        self.profile_steps = profile_steps
+        """(first, last) step of the next serve() to run under torch's profiler."""
         self.engine = engine
         self.mode = mode
         self.kv_source = kv_source
@@ -410,9 +429,15 @@ class RealTimeDriver:
                 wait = served.arrival_s[next_arrival] - now if next_arrival < count else 0.0
                 time.sleep(max(0.0, min(wait, 0.05)))
                 continue
+            self._profile(served.steps)
+            prompt_before = engine.stats.prompt_tokens_total
+            sampled_before = engine.stats.generated_tokens_total
             outputs = engine.step()
             served.steps += 1
             stamp = self.clock() - start
+            served.step_ms.append(round((stamp - now) * 1e3, 3))
+            served.step_prompt_tokens.append(engine.stats.prompt_tokens_total - prompt_before)
+            served.step_sampled_tokens.append(engine.stats.generated_tokens_total - sampled_before)
             for output in outputs:
                 i = index_of[output.request_id]
                 if output.new_token_ids and math.isinf(first[i]):
@@ -428,6 +453,31 @@ class RealTimeDriver:
             engine.abort(request_id)
             engine.pop_finished(request_id)
         return served
+
+    def _profile(self, step: int) -> None:
+        """Start or stop torch's profiler at the configured steps; print where time went."""
+        if self.profile_steps is None:
+            return
+        import torch
+
+        first, last = self.profile_steps
+        if step == first:
+            self._profiler = torch.profiler.profile(
+                activities=[
+                    torch.profiler.ProfilerActivity.CPU,
+                    torch.profiler.ProfilerActivity.CUDA,
+                ]
+            )
+            self._profiler.__enter__()
+        elif step == last:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._profiler.__exit__(None, None, None)
+            averages = self._profiler.key_averages()
+            for key in ("self_cpu_time_total", "self_device_time_total"):
+                print(f"---- {self.mode} steps {first}-{last} by {key}", flush=True)
+                print(averages.table(sort_by=key, row_limit=25), flush=True)
+            self.profile_steps = None
 
     def _package(self, i: int, served: Served) -> Any:
         """A request as a prefill replica would hand it over: prompt computed, first token
@@ -510,19 +560,17 @@ def run_engine(args: argparse.Namespace) -> None:
         driver = RealTimeDriver(
             engine, mode, kv_source_for(engine, longest), drain_s=args.drain, seed=args.seed
         )
-        points = [Served(**{**p, "mode": mode}) for p in plan["modes"][mode.value]["points"]]
-        warm = points[0]  # the first seconds of the lowest rate compile every kernel
-        cut = sum(1 for a in warm.arrival_s if a < args.warmup)
-        head = Served(
-            mode,
-            warm.rate_per_s,
-            args.warmup,
-            warm.arrival_s[:cut],
-            warm.prompt_tokens[:cut],
-            warm.output_tokens[:cut],
-        )
-        driver.serve(head)
+        planned_points = plan["modes"][mode.value]["points"]
+        if args.points is not None:
+            planned_points = [planned_points[i] for i in args.points]
+        points = [
+            Served(**{**p, "mode": mode}).head(args.limit or p["duration_s"])
+            for p in planned_points
+        ]
+        driver.serve(points[0].head(args.warmup))  # compiles kernels before anything is timed
         results = []
+        if args.profile:
+            driver.profile_steps = (200, 215)
         for served in points:
             began = time.perf_counter()
             driver.serve(served)
@@ -692,6 +740,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--drain", type=float, default=15.0, help="seconds allowed after")
     parser.add_argument("--warmup", type=float, default=4.0, help="seconds served untimed")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--points", type=int, nargs="*", help="engine: indices of rates to run")
+    parser.add_argument("--profile", action="store_true", help="engine: profile 15 steps")
+    parser.add_argument("--limit", type=float, help="engine: serve only the first seconds")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.deployment = args.deployment.resolve()

@@ -551,6 +551,7 @@ def run_engine(args: argparse.Namespace) -> None:
         per_block = config.kv_bytes_per_token(2) * BLOCK_SIZE
         spare = free - 2 * longest * config.kv_bytes_per_token(2) - 4 * 2**30
         kv_blocks = min(planned, int(spare // per_block))
+    kv_blocks = int(kv_blocks * args.kv_fraction)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"{gpu}: {kv_blocks} KV blocks ({planned} planned)", flush=True)
     out = Path(args.out)
@@ -570,7 +571,7 @@ def run_engine(args: argparse.Namespace) -> None:
         driver.serve(points[0].head(args.warmup))  # compiles kernels before anything is timed
         results = []
         if args.profile:
-            driver.profile_steps = (200, 215)
+            driver.profile_steps = (20, 30)
         for served in points:
             began = time.perf_counter()
             driver.serve(served)
@@ -743,6 +744,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--points", type=int, nargs="*", help="engine: indices of rates to run")
     parser.add_argument("--profile", action="store_true", help="engine: profile 15 steps")
     parser.add_argument("--limit", type=float, help="engine: serve only the first seconds")
+    parser.add_argument(
+        "--kv-fraction", type=float, default=1.0, help="engine: this fraction of the KV blocks"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.deployment = args.deployment.resolve()

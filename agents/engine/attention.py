@@ -50,13 +50,24 @@ class AttentionMetadata:
 
 _prefill_backends: list[SDPBackend] | None = None
 
+CUDA_PREFILL_BACKENDS = (
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+)
+"""Prefill attention on CUDA unless `set_prefill_sdpa_backends` says otherwise. cuDNN is left
+out: torch prefers it on Hopper, and it builds an execution plan for every new sequence
+length. Prompt lengths vary request by request, so in serving that planning cost hundreds of
+milliseconds of CPU per step (bench/serving_validation.py --profile on an H100: 1.5 s of
+`_cudnn_attention_forward` CPU time in 10 prefill steps, against 75 ms of its GPU time)."""
+
 
 def set_prefill_sdpa_backends(backends: SequenceOf[SDPBackend] | None) -> None:
-    """Restrict causal prefill attention on CUDA to these SDPA backends (in priority order).
+    """Restrict prefill attention on CUDA to these SDPA backends (in priority order).
 
     The benchmark times the backends on the device and puts the fastest first; keep a general
-    one (flash, efficient, math) in the list for shapes the fastest cannot take. None: torch's
-    own order.
+    one (flash, efficient, math) in the list for shapes the fastest cannot take. None: the
+    default, CUDA_PREFILL_BACKENDS.
     """
     global _prefill_backends
     _prefill_backends = list(backends) if backends else None
@@ -81,7 +92,7 @@ def _sdpa(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [L, H, D]; k, v: [T, H, D] -> [L, H, D]."""
-    chosen = _prefill_backends if causal and q.is_cuda else None
+    chosen = (_prefill_backends or list(CUDA_PREFILL_BACKENDS)) if q.is_cuda else None
     with _restricted(chosen) if chosen else contextlib.nullcontext():
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),

@@ -195,6 +195,28 @@ def test_import_refuses_other_layouts_and_roles(folder: Path) -> None:
     assert tiny.kv_cache.allocator.num_used == 0
 
 
+def test_import_leaves_room_for_the_running_requests_next_tokens(folder: Path) -> None:
+    """An import that would take the block a running request's next token needs is refused,
+    so that it never forces a preemption (a recompute from the whole prompt) at the next step."""
+    prefill = engine(folder, EngineRole.PREFILL)
+    short = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    ids = [prefill.add_request(p, short) for p in random_prompts([8, 12], 128, seed=9)]
+    prefill.run_until_idle()
+    first, second = (prefill.export_kv(request_id) for request_id in ids)
+    decode = engine(folder, EngineRole.DECODE, blocks=6)  # 5 usable blocks of 4 tokens
+    decode.import_kv(first)  # 8 tokens: 2 blocks; its first output token starts a third
+    assert decode.scheduler.decode_growth_blocks() == 1
+    assert decode.kv_cache.allocator.num_free == 3
+    with pytest.raises(OutOfKVBlocksError, match="running requests"):
+        decode.import_kv(second)  # 12 tokens: 3 blocks, free only if the first cannot grow
+    assert decode.kv_cache.allocator.num_free == 3
+    decode.run_until_idle()
+    decode.import_kv(second)
+    decode.run_until_idle()
+    assert decode.stats.preemptions_total == 0
+    assert len(decode.pop_finished(second.request_id).output_token_ids) == 4
+
+
 def test_export_refused_mid_prefill(folder: Path) -> None:
     e = engine(folder, budget=4)
     request = e.add_request(random_prompts([10], 128)[0], PARAMS)

@@ -23,7 +23,7 @@ from tessera.agents.engine import ops
 from tessera.agents.engine.attention import AttentionMetadata, PrefillSpan
 from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphRunner
-from tessera.agents.engine.kv_cache import PagedKVCache
+from tessera.agents.engine.kv_cache import OutOfKVBlocksError, PagedKVCache
 from tessera.agents.engine.kv_transfer import KVGeometry, KVPackage, KVTransferError
 from tessera.agents.engine.model import LlamaModel
 from tessera.agents.engine.request import (
@@ -419,7 +419,12 @@ class Engine:
     def import_kv(self, package: KVPackage) -> str:
         """Continue a request from another engine's KV blocks; returns its request id.
 
-        Raises OutOfKVBlocksError when the blocks do not fit now (the caller retries later).
+        Raises OutOfKVBlocksError when the blocks do not fit now beside the blocks the running
+        requests' next tokens need (the caller retries later). Taking those would preempt a
+        running request at the next step, and on a decode-only engine a preempted request is
+        recomputed from its whole prompt: serving on an H100 thrashed that way
+        (bench/serving_validation.py), as the simulator's decode replicas, which leave the same
+        room, do not.
         """
         if self.role is EngineRole.PREFILL:
             raise RoleError("a prefill-only engine does not continue imported requests")
@@ -441,6 +446,12 @@ class Engine:
             raise KVTransferError(
                 f"package has {package.num_blocks} blocks for {package.num_computed_tokens} "
                 f"tokens; {needed} expected"
+            )
+        headroom = self.kv_cache.allocator.num_free - self.scheduler.decode_growth_blocks()
+        if needed > headroom:
+            raise OutOfKVBlocksError(
+                f"import needs {needed} KV blocks; {headroom} are free beyond what the running "
+                "requests' next tokens take"
             )
         blocks = self.kv_cache.allocator.allocate(needed)
         self.kv_cache.write_blocks(blocks, package.blocks)

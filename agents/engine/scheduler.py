@@ -78,6 +78,17 @@ class Scheduler:
             self.waiting.remove(seq)
         self.release(seq)
 
+    def decode_growth_blocks(self) -> int:
+        """Blocks the next step's decodes will take: running requests whose next token starts a
+        new block. An import that would leave fewer free forces a preemption next step."""
+        return sum(
+            1
+            for seq in self.running
+            if seq.num_pending_tokens == 1
+            and blocks_for_tokens(seq.num_computed_tokens + 1, self.block_size)
+            > len(seq.block_ids)
+        )
+
     def release(self, seq: Sequence) -> None:
         if seq.block_ids:
             self.allocator.free(seq.block_ids)

@@ -85,8 +85,7 @@ class Scheduler:
             1
             for seq in self.running
             if seq.num_pending_tokens == 1
-            and blocks_for_tokens(seq.num_computed_tokens + 1, self.block_size)
-            > len(seq.block_ids)
+            and blocks_for_tokens(seq.num_computed_tokens + 1, self.block_size) > len(seq.block_ids)
         )
 
     def release(self, seq: Sequence) -> None:

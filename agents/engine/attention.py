@@ -62,6 +62,9 @@ milliseconds of CPU per step (bench/serving_validation.py --profile on an H100: 
 `_cudnn_attention_forward` CPU time in 10 prefill steps, against 75 ms of its GPU time)."""
 
 
+_CUDA_PREFILL_LIST = list(CUDA_PREFILL_BACKENDS)
+
+
 def set_prefill_sdpa_backends(backends: SequenceOf[SDPBackend] | None) -> None:
     """Restrict prefill attention on CUDA to these SDPA backends (in priority order).
 
@@ -73,8 +76,12 @@ def set_prefill_sdpa_backends(backends: SequenceOf[SDPBackend] | None) -> None:
     _prefill_backends = list(backends) if backends else None
 
 
+_SDPA_KERNEL_TAKES_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
+"""Read once: `_restricted` runs for every prefill span of every layer."""
+
+
 def _restricted(backends: list[SDPBackend]) -> contextlib.AbstractContextManager[None]:
-    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+    if _SDPA_KERNEL_TAKES_PRIORITY:
         return sdpa_kernel(backends, set_priority=True)
     return sdpa_kernel(backends)
 
@@ -92,7 +99,7 @@ def _sdpa(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [L, H, D]; k, v: [T, H, D] -> [L, H, D]."""
-    chosen = (_prefill_backends or list(CUDA_PREFILL_BACKENDS)) if q.is_cuda else None
+    chosen = (_prefill_backends or _CUDA_PREFILL_LIST) if q.is_cuda else None
     with _restricted(chosen) if chosen else contextlib.nullcontext():
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),

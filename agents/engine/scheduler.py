@@ -81,12 +81,12 @@ class Scheduler:
     def decode_growth_blocks(self) -> int:
         """Blocks the next step's decodes will take: running requests whose next token starts a
         new block. An import that would leave fewer free forces a preemption next step."""
-        return sum(
-            1
-            for seq in self.running
-            if seq.num_pending_tokens == 1
-            and blocks_for_tokens(seq.num_computed_tokens + 1, self.block_size) > len(seq.block_ids)
-        )
+        decoding = (seq for seq in self.running if seq.num_pending_tokens == 1)
+        return sum(1 for seq in decoding if self._missing_blocks(seq, seq.num_computed_tokens + 1))
+
+    def _missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks `seq` lacks to hold `num_tokens` tokens (0 when it holds enough)."""
+        return max(0, blocks_for_tokens(num_tokens, self.block_size) - len(seq.block_ids))
 
     def release(self, seq: Sequence) -> None:
         if seq.block_ids:
@@ -95,8 +95,8 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Make `seq` hold blocks for `num_tokens` tokens; False if too few are free."""
-        needed = blocks_for_tokens(num_tokens, self.block_size) - len(seq.block_ids)
-        if needed <= 0:
+        needed = self._missing_blocks(seq, num_tokens)
+        if needed == 0:
             return True
         if not self.allocator.can_allocate(needed):
             return False

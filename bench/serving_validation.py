@@ -74,8 +74,6 @@ RESULTS = ROOT / "bench/results"
 DEFAULT_PLAN = RESULTS / "serving_validation_plan.json"
 RATE_FRACTIONS = (0.7, 0.9, 1.1, 1.3)
 """Engine rates, as fractions of the simulator's goodput for the mode: they bracket it."""
-WHOLE_PROMPT_BUDGET = 4096
-"""Token budget of a whole-prompt step: above the longest prompt, so every prompt fits."""
 BLOCK_SIZE = 16
 
 
@@ -200,8 +198,10 @@ def slo_of(spec: ModelDeploymentSpec) -> Slo:
 
 def sim_plan(mode: Mode, class_name: str) -> Plan:
     """One GPU doing the mode's work; for `prefill` and `decode` the other phase gets four
-    GPUs so that only the measured one binds."""
+    GPUs so that only the measured one binds. Each pool records its engine scheduler as the
+    planner would: chunked prefill (the planner's budget) only for `chunked`."""
     from tessera.api.model_deployment import Plan, PoolPlan, PoolRole, ServingMode
+    from tessera.policies.perfmodel import MAX_RUNNING_REQUESTS, PREFILL_CHUNK_TOKENS
 
     def pool(role: PoolRole, replicas: int) -> PoolPlan:
         return PoolPlan(
@@ -210,6 +210,8 @@ def sim_plan(mode: Mode, class_name: str) -> Plan:
             accelerator_class=class_name,
             tensor_parallel=1,
             replicas=replicas,
+            prefill_chunk_tokens=PREFILL_CHUNK_TOKENS if mode is Mode.CHUNKED else None,
+            max_running_requests=MAX_RUNNING_REQUESTS,
         )
 
     if mode in (Mode.CHUNKED, Mode.WHOLE):
@@ -223,6 +225,17 @@ def sim_plan(mode: Mode, class_name: str) -> Plan:
     return Plan(mode=serving, pools=pools, cost_per_hour=0.0, power_w=0.0, rationale="bench")
 
 
+def engine_scheduler(mode: Mode, class_name: str, max_context_tokens: int) -> dict[str, Any]:
+    """The measured GPU's engine scheduler (the one-replica pool of `sim_plan`), as the
+    engine's SchedulerConfig arguments: what the operator would pass it for that pool."""
+    (pool,) = (p for p in sim_plan(mode, class_name).pools if p.replicas == 1)
+    return {
+        "max_num_seqs": pool.max_running_requests,
+        "max_num_batched_tokens": pool.batched_tokens(max_context_tokens),
+        "enable_chunked_prefill": pool.prefill_chunk_tokens is not None,
+    }
+
+
 def simulate(
     mode: Mode,
     spec: ModelDeploymentSpec,
@@ -231,24 +244,19 @@ def simulate(
     workload: Workload,
     kv_tokens: int,
 ) -> RunResult:
-    """The simulator on exactly these requests, with the engine's scheduler settings and KV
-    capacity. KV moves at NVLink speed (the engine bench hands blocks over on the GPU)."""
-    from tessera.api.model_deployment import PoolRole
-    from tessera.policies.perfmodel import MAX_RUNNING_REQUESTS, PREFILL_CHUNK_TOKENS
+    """The simulator on exactly these requests, with the schedulers the plan's pools record
+    and the engine's KV capacity. KV moves at NVLink speed (the engine bench hands blocks over
+    on the GPU)."""
+    from dataclasses import replace
+
     from tessera.sim.cluster import Cluster
     from tessera.sim.engine import DeploymentSetup, SimConfig, Simulation
-    from tessera.sim.instance import SchedulerConfig
+    from tessera.sim.evaluate import plan_schedulers
 
-    chunked = mode is Mode.CHUNKED
-    scheduler = SchedulerConfig(
-        chunked_prefill=chunked,
-        token_budget=PREFILL_CHUNK_TOKENS if chunked else WHOLE_PROMPT_BUDGET,
-        max_num_seqs=MAX_RUNNING_REQUESTS,
-        kv_capacity_tokens=kv_tokens,
-    )
-    setup = DeploymentSetup(
-        "validation", spec, sim_plan(mode, class_name), {role: scheduler for role in PoolRole}
-    )
+    plan = sim_plan(mode, class_name)
+    schedulers = plan_schedulers(plan, spec.model.architecture.max_context_tokens)
+    schedulers = {role: replace(s, kv_capacity_tokens=kv_tokens) for role, s in schedulers.items()}
+    setup = DeploymentSetup("validation", spec, plan, schedulers)
     cluster = Cluster(
         "validation",
         {class_name: accelerator},
@@ -264,10 +272,10 @@ def sim_latencies(mode: Mode, result: RunResult) -> tuple[np.ndarray, np.ndarray
     finish = np.where(result.finish_count > 0, result.finish_s, np.inf)
     first = np.where(np.isnan(result.first_token_s), np.inf, result.first_token_s)
     arrival = result.arrival_s
-    if mode is Mode.DECODE:
+    if mode is Mode.DECODE:  # TTFT stays the client's; TPOT starts at the decode replica
         arrival = first + np.nan_to_num(result.transfer_s)
-    ttft, tpot = latencies(mode, arrival, first, finish, result.output_tokens)
-    return (first - result.arrival_s if mode is Mode.DECODE else ttft), tpot
+    _, tpot = latencies(mode, arrival, first, finish, result.output_tokens)
+    return first - result.arrival_s, tpot
 
 
 def sim_goodput(
@@ -330,7 +338,8 @@ def run_prepare(args: argparse.Namespace) -> None:
                     )
                 )
             )
-        modes[mode.value] = {"sim_goodput": goodput, "points": points}
+        scheduler = engine_scheduler(mode, args.accelerator_class, arch.max_context_tokens)
+        modes[mode.value] = {"sim_goodput": goodput, "scheduler": scheduler, "points": points}
     plan = {
         "deployment": str(args.deployment.relative_to(ROOT)),
         "accelerator_class": args.accelerator_class,
@@ -501,7 +510,10 @@ class RealTimeDriver:
         )
 
 
-def build_engine(mode: Mode, config: Any, weights: Any, kv_blocks: int) -> Any:
+def build_engine(
+    mode: Mode, config: Any, weights: Any, kv_blocks: int, scheduler: dict[str, Any]
+) -> Any:
+    """The engine for a mode, with the scheduler `prepare` wrote (`engine_scheduler`)."""
     from tessera.agents.engine.engine import Engine, EngineConfig, EngineRole
     from tessera.agents.engine.scheduler import SchedulerConfig
 
@@ -511,14 +523,11 @@ def build_engine(mode: Mode, config: Any, weights: Any, kv_blocks: int) -> Any:
         Mode.PREFILL: EngineRole.PREFILL,
         Mode.DECODE: EngineRole.DECODE,
     }[mode]
-    chunked = mode is Mode.CHUNKED
-    scheduler = SchedulerConfig(
-        max_num_seqs=256,
-        max_num_batched_tokens=512 if chunked else WHOLE_PROMPT_BUDGET,
-        enable_chunked_prefill=chunked,
-    )
     engine_config = EngineConfig(
-        role=role, num_kv_blocks=kv_blocks, block_size=BLOCK_SIZE, scheduler=scheduler
+        role=role,
+        num_kv_blocks=kv_blocks,
+        block_size=BLOCK_SIZE,
+        scheduler=SchedulerConfig(**scheduler),
     )
     return Engine(config, weights, engine_config)
 
@@ -557,11 +566,12 @@ def run_engine(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for mode in [Mode(m) for m in args.modes]:
-        engine = build_engine(mode, config, weights, kv_blocks)
+        modes = plan["modes"][mode.value]
+        engine = build_engine(mode, config, weights, kv_blocks, modes["scheduler"])
         driver = RealTimeDriver(
             engine, mode, kv_source_for(engine, longest), drain_s=args.drain, seed=args.seed
         )
-        planned_points = plan["modes"][mode.value]["points"]
+        planned_points = modes["points"]
         if args.points is not None:
             planned_points = [planned_points[i] for i in args.points]
         points = [

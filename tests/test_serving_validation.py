@@ -13,6 +13,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from engine_helpers import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,18 +38,10 @@ def tiny_engine(mode: object) -> object:
     from tessera.agents.engine.config import LlamaConfig
     from tessera.agents.engine.weights import random_llama_weights
 
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-    )
+    config = LlamaConfig.from_dict({**TINY, "max_position_embeddings": 512})
     weights = random_llama_weights(config, "cpu", torch.float32, seed=0)
-    return bench.build_engine(mode, config, weights, kv_blocks=96)
+    scheduler = bench.engine_scheduler(mode, "h100", config.max_position_embeddings)
+    return bench.build_engine(mode, config, weights, kv_blocks=96, scheduler=scheduler)
 
 
 def served(mode: object, count: int = 12) -> object:
@@ -121,11 +114,24 @@ def test_the_report_simulates_the_served_requests(tmp_path: Path) -> None:
     assert all(p["engine_attainment"] == 1.0 for p in report["points"])
 
 
+def test_each_mode_runs_the_scheduler_its_pool_records() -> None:
+    chunked = bench.engine_scheduler(bench.Mode.CHUNKED, "h100", 4096)
+    assert chunked == {
+        "max_num_seqs": 256,
+        "max_num_batched_tokens": 512,
+        "enable_chunked_prefill": True,
+    }
+    for mode in (bench.Mode.WHOLE, bench.Mode.PREFILL, bench.Mode.DECODE):
+        whole = bench.engine_scheduler(mode, "h100", 4096)
+        assert whole["max_num_batched_tokens"] == 4096 and not whole["enable_chunked_prefill"]
+
+
 def test_prepare_writes_the_requests_the_engine_serves(tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
     bench.main(["prepare", "--modes", "chunked", "--duration", "5", "--out", str(out)])
     plan = json.loads(out.read_text())
     assert plan["model"]["num_key_value_heads"] == 40 and plan["kv_capacity_tokens"] > 0
+    assert plan["modes"]["chunked"]["scheduler"]["enable_chunked_prefill"]
     points = plan["modes"]["chunked"]["points"]
     rates = [p["rate_per_s"] for p in points]
     assert rates == sorted(rates) and len(set(rates)) == len(rates)

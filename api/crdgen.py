@@ -129,9 +129,36 @@ def build_crd(model: type[CustomResource]) -> dict[str, Any]:
     }
 
 
-def build_crds() -> list[dict[str, Any]]:
-    """Every Tessera CRD, in a stable order."""
-    return [build_crd(model) for _, model in sorted(RESOURCE_TYPES.items())]
+CEL_MIN_KUBE_VERSION = (1, 25)
+"""`x-kubernetes-validations` (CEL) is served from Kubernetes 1.25; older servers refuse it."""
+
+
+def parse_kube_version(version: str) -> tuple[int, int]:
+    """'1.20', 'v1.20.2' or '1.20.2-gke.1' -> (1, 20); a ValueError names the expected form."""
+    parts = version.strip().removeprefix("v").split(".")
+    try:
+        major = int(parts[0])
+        minor = int("".join(c for c in parts[1] if c.isdigit()) or "x")
+    except (IndexError, ValueError):
+        raise ValueError(f"kube version {version!r} is not MAJOR.MINOR[.PATCH]") from None
+    return major, minor
+
+
+def _without_cel(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {k: _without_cel(v) for k, v in schema.items() if k != "x-kubernetes-validations"}
+    if isinstance(schema, list):
+        return [_without_cel(item) for item in schema]
+    return schema
+
+
+def build_crds(kube_version: str | None = None) -> list[dict[str, Any]]:
+    """Every Tessera CRD, in a stable order, for a server of `kube_version` (default: the
+    newest): below 1.25 the CEL rules are left out, the schema otherwise identical."""
+    crds = [build_crd(model) for _, model in sorted(RESOURCE_TYPES.items())]
+    if kube_version is not None and parse_kube_version(kube_version) < CEL_MIN_KUBE_VERSION:
+        crds = [_without_cel(crd) for crd in crds]
+    return crds
 
 
 def render_crd_files() -> dict[str, str]:

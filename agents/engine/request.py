@@ -36,6 +36,8 @@ class SamplingParams:
     max_new_tokens: int = 16
     temperature: float = 0.0
     top_k: int | None = None
+    top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p."""
     seed: int | None = None
     """With a seed, sampling is a function of (seed, output index): it reproduces across
     engines, so a request moved mid-generation draws the same tokens."""
@@ -51,6 +53,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 when set, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

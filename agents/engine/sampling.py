@@ -1,4 +1,4 @@
-"""Token selection: greedy, or temperature (optionally top-k) sampling, seeded per request."""
+"""Token selection: greedy, or temperature (with top-k, top-p) sampling, seeded per request."""
 
 from __future__ import annotations
 
@@ -37,9 +37,20 @@ def sample(
             threshold = torch.topk(scaled, param.top_k).values[-1]
             scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
+        if param.top_p < 1:
+            probs = _nucleus(probs, param.top_p)
         if param.seed is None:
             row_generator = generator
         else:
             row_generator = torch.Generator().manual_seed(draw_seed(param.seed, index))
         chosen[row] = int(torch.multinomial(probs, 1, generator=row_generator).item())
     return chosen
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the smallest set whose probability reaches `top_p` (the most
+    likely token always stays)."""
+    sorted_probs, order = torch.sort(probs, descending=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)

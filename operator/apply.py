@@ -5,6 +5,13 @@ force=true) makes the operator the owner of exactly the fields it renders: apply
 object again changes nothing on the server (no new resourceVersion, no rollout), fields other
 actors own (the Deployment status, an HPA's replicas if one were added) are left alone, and a
 field the operator stops rendering is removed. Objects are returned as plain dicts.
+
+Force would also take over an object of the same name that is not this ModelDeployment's (the
+prefill Service `x-prefill` of a deployment `x` is the entry Service of a deployment named
+`x-prefill`; a user's own Service may carry a child's name). So before applying, each desired
+child is read by name, and one that another owner controls is refused: nothing is applied and
+the ModelDeployment reports Degraded/NameConflict, naming the object and who holds it. Whoever
+holds a name keeps it; the two never take it from each other in turns.
 """
 
 from __future__ import annotations
@@ -17,7 +24,15 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from tessera.operator.render import MANAGED_BY, MANAGED_BY_LABEL
+from tessera.api.common import API_VERSION
+from tessera.operator.render import (
+    DEPLOYMENT_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    Owner,
+    children_selector,
+    label_value,
+)
 
 FIELD_MANAGER = "tessera-operator"
 APPLY_PATCH = "application/apply-patch+yaml"
@@ -28,6 +43,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class _KindApi:
     apply: Callable[..., Any]
+    read: Callable[..., Any]
     list: Callable[..., Any]
     delete: Callable[..., Any]
 
@@ -43,11 +59,13 @@ class ChildApplier:
         self._apis = {
             "Deployment": _KindApi(
                 apps.patch_namespaced_deployment,
+                apps.read_namespaced_deployment,
                 apps.list_namespaced_deployment,
                 apps.delete_namespaced_deployment,
             ),
             "Service": _KindApi(
                 core.patch_namespaced_service,
+                core.read_namespaced_service,
                 core.list_namespaced_service,
                 core.delete_namespaced_service,
             ),
@@ -75,6 +93,17 @@ class ChildApplier:
         )
         result: dict[str, Any] = json.loads(response.data)
         return result
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """One object as the server has it; None if there is none of that name."""
+        try:
+            response = self._api(kind).read(name, namespace, _preload_content=False)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        found: dict[str, Any] = json.loads(response.data)
+        return found
 
     def list_children(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         """Every object of the rendered kinds in a namespace that matches a label selector.
@@ -122,21 +151,80 @@ def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
     return obj["kind"], obj["metadata"]["name"]
 
 
+class NameConflictError(Exception):
+    """Desired children whose names are held by objects this ModelDeployment does not control."""
+
+    def __init__(self, owner: Owner, conflicts: Sequence[tuple[str, str]]) -> None:
+        self.owner = owner
+        self.conflicts = list(conflicts)
+        """(`Kind/name`, who holds it) of each refused child."""
+        held = "; ".join(f"{child} belongs to {holder}" for child, holder in self.conflicts)
+        super().__init__(
+            f"ModelDeployment {owner.name} cannot take over what others hold: {held} "
+            "(rename one of them; nothing was applied)"
+        )
+
+
+def foreign_holder(existing: Mapping[str, Any], owner: Owner) -> str | None:
+    """Who holds an existing object of a desired child's name, unless it is `owner` itself.
+
+    Its own are: objects `owner` controls; objects a ModelDeployment of the same name controls
+    (an earlier one of that name, deleted: names are unique in a namespace, so it is this
+    deployment recreated, whose garbage the collector has not removed yet); and objects without
+    a controller that carry `owner`'s child labels (orphaned by `kubectl delete
+    --cascade=orphan`). Anything else is someone else's.
+    """
+    meta = existing.get("metadata") or {}
+    controller = next(
+        (ref for ref in meta.get("ownerReferences") or [] if ref.get("controller")), None
+    )
+    if controller is not None:
+        kind, name = controller.get("kind", "?"), controller.get("name", "?")
+        is_md = kind == "ModelDeployment" and controller.get("apiVersion") == API_VERSION
+        if is_md and (controller.get("uid") == owner.uid or name == owner.name):
+            return None
+        return (
+            f"ModelDeployment {name}"
+            if is_md
+            else f"{kind} {name} ({controller.get('apiVersion')})"
+        )
+    labels = meta.get("labels") or {}
+    if labels.get(MANAGED_BY_LABEL) != MANAGED_BY:
+        return "an object Tessera does not manage"
+    deployment = labels.get(DEPLOYMENT_LABEL)
+    if deployment == label_value(owner.name):
+        return None
+    return f"ModelDeployment {deployment} (orphaned)"
+
+
+def check_names(applier: ChildApplier, owner: Owner, desired: Iterable[Mapping[str, Any]]) -> None:
+    """Raise NameConflictError if any desired child's name is held by another owner."""
+    conflicts = []
+    for obj in desired:
+        kind, name = _key(obj)
+        existing = applier.get(kind, owner.namespace, name)
+        holder = foreign_holder(existing, owner) if existing is not None else None
+        if holder is not None:
+            conflicts.append((f"{kind}/{name}", holder))
+    if conflicts:
+        raise NameConflictError(owner, conflicts)
+
+
 def apply_children(
-    applier: ChildApplier,
-    namespace: str,
-    selector: str,
-    desired: Sequence[Mapping[str, Any]],
+    applier: ChildApplier, owner: Owner, desired: Sequence[Mapping[str, Any]]
 ) -> ApplyResult:
     """Apply every desired child, then delete the listed children that are not desired.
 
-    New pools come up before old ones go (make before break). Only objects carrying the
-    managed-by label and the deployment's selector are ever deleted.
+    Nothing is applied if a desired name is held by another owner (NameConflictError). New
+    pools come up before old ones go (make before break). Only objects carrying the managed-by
+    label and the deployment's selector are ever deleted.
     """
+    check_names(applier, owner, desired)
     applied = [applier.apply(obj) for obj in desired]
     keep = {_key(obj) for obj in desired}
     pruned = []
-    for child in applier.list_children(namespace, selector):
+    namespace = owner.namespace
+    for child in applier.list_children(namespace, children_selector(owner)):
         labels = child.get("metadata", {}).get("labels") or {}
         if _key(child) in keep or labels.get(MANAGED_BY_LABEL) != MANAGED_BY:
             continue

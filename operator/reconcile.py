@@ -13,6 +13,9 @@ Choices a user can observe:
 - Infeasible or invalid spec: Degraded=True with the planner's message or the invalid field.
   Nothing is created; children of an earlier, feasible generation are left running and their
   plan stays in status.plan (a failed update does not take a working service down).
+- Name conflict: a child's name is held by another ModelDeployment's child (or by an object
+  Tessera does not manage): Degraded=True, reason NameConflict, naming both; nothing is applied
+  and what runs keeps running, as for an infeasible spec (see `apply`).
 - Deletion: every child has an owner reference to the ModelDeployment, so Kubernetes' garbage
   collector removes the children; the operator adds no finalizer (nothing outside the cluster
   must be released).
@@ -272,9 +275,9 @@ def reconcile(
 
     desired = render.render_children(owner, spec, plan, classes)
     try:
-        result = apply.apply_children(
-            kube.applier, owner.namespace, render.children_selector(owner), desired
-        )
+        result = apply.apply_children(kube.applier, owner, desired)
+    except apply.NameConflictError as error:
+        return keep_previous(Outcome.NAME_CONFLICT, str(error))
     except ApiException as error:
         if error.status not in PERMANENT_API_ERRORS:
             raise

@@ -5,7 +5,8 @@ Three conditions, in the metav1.Condition shape:
 - Ready: the plan in force has all its replicas ready (True), or why not (False).
 - Progressing: children are being rolled out towards the plan (True until they report ready).
 - Degraded: the operator cannot do what the spec asks: Infeasible (no class fits; the planner's
-  message), InvalidSpec (the field that is wrong) or ApplyFailed (the API server refused a child).
+  message), InvalidSpec (the field that is wrong), ApplyFailed (the API server refused a child)
+  or NameConflict (a child's name is held by another owner; the message names both).
 
 lastTransitionTime changes only when a condition's status changes, so a level-based reconcile
 that runs again on the same state writes the same status.
@@ -36,10 +37,16 @@ class Outcome(StrEnum):
     INFEASIBLE = "Infeasible"
     INVALID_SPEC = "InvalidSpec"
     APPLY_FAILED = "ApplyFailed"
+    NAME_CONFLICT = "NameConflict"
 
     @property
     def degraded(self) -> bool:
-        return self in (Outcome.INFEASIBLE, Outcome.INVALID_SPEC, Outcome.APPLY_FAILED)
+        return self in (
+            Outcome.INFEASIBLE,
+            Outcome.INVALID_SPEC,
+            Outcome.APPLY_FAILED,
+            Outcome.NAME_CONFLICT,
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ def _readiness(rollout: Rollout | None, outcome: Outcome) -> tuple[Condition, Co
             Outcome.INFEASIBLE: "no feasible plan, nothing is applied",
             Outcome.INVALID_SPEC: "the spec is invalid, nothing is applied",
             Outcome.APPLY_FAILED: "the plan could not be applied",
+            Outcome.NAME_CONFLICT: "a child's name is held by another owner, nothing is applied",
             Outcome.APPLIED: "no workloads yet",
         }[outcome]
         return (

@@ -25,7 +25,7 @@ from tessera.api.model_deployment import (
     ServingMode,
 )
 from tessera.operator import inventory, render
-from tessera.operator.apply import apply_children
+from tessera.operator.apply import NameConflictError, apply_children, foreign_holder
 from tessera.operator.reconcile import (
     classes_fingerprint,
     describe_spec_error,
@@ -560,6 +560,9 @@ class RecordingApplier:
         self.objects[obj["kind"], obj["metadata"]["name"]] = obj
         return obj
 
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.objects.get((kind, name))
+
     def list_children(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         wanted = dict(term.split("=", 1) for term in selector.split(","))
         return [
@@ -582,12 +585,7 @@ def test_apply_prunes_only_this_deployments_managed_children() -> None:
     hand_made["metadata"]["name"] = "hand-made"
     del hand_made["metadata"]["labels"][render.MANAGED_BY_LABEL]
     applier = RecordingApplier([*colocated, *others, hand_made])
-    result = apply_children(
-        applier,  # type: ignore[arg-type]
-        "serving",
-        render.children_selector(OWNER),
-        split,
-    )
+    result = apply_children(applier, OWNER, split)  # type: ignore[arg-type]
     assert result.applied == split
     expected = {f"{c['kind']}/{c['metadata']['name']}" for c in colocated} - {
         f"{c['kind']}/{c['metadata']['name']}" for c in split
@@ -596,3 +594,100 @@ def test_apply_prunes_only_this_deployments_managed_children() -> None:
     remaining = {(kind, name) for kind, name in applier.objects}
     assert ("Deployment", "hand-made") in remaining
     assert all((c["kind"], c["metadata"]["name"]) in remaining for c in others)
+
+
+# --- apply: names another owner holds ---------------------------------------------------------
+
+MD_X = render.Owner(name="x", namespace="serving", uid="uid-x")
+MD_X_PREFILL = render.Owner(name="x-prefill", namespace="serving", uid="uid-x-prefill")
+
+
+def children_of(owner: render.Owner, spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
+    return render.render_children(owner, spec, plan_for(spec), classes())
+
+
+def test_x_and_x_prefill_want_the_same_service() -> None:
+    """The collision of issue 11: the prefill Service of `x` is the entry Service of `x-prefill`."""
+    names_x = {(c["kind"], c["metadata"]["name"]) for c in children_of(MD_X, DISAGGREGATED)}
+    names_other = {(c["kind"], c["metadata"]["name"]) for c in children_of(MD_X_PREFILL, COLOCATED)}
+    assert names_x & names_other == {("Service", "x-prefill")}
+
+
+@pytest.mark.parametrize(
+    ("first", "first_spec", "second", "second_spec"),
+    [
+        pytest.param(MD_X, DISAGGREGATED, MD_X_PREFILL, COLOCATED, id="x-first"),
+        pytest.param(MD_X_PREFILL, COLOCATED, MD_X, DISAGGREGATED, id="x-prefill-first"),
+    ],
+)
+def test_a_name_another_deployment_holds_is_refused_and_nothing_is_applied(
+    first: render.Owner,
+    first_spec: ModelDeploymentSpec,
+    second: render.Owner,
+    second_spec: ModelDeploymentSpec,
+) -> None:
+    applier = RecordingApplier([])
+    apply_children(applier, first, children_of(first, first_spec))  # type: ignore[arg-type]
+    before = copy.deepcopy(applier.objects)
+    with pytest.raises(NameConflictError) as raised:
+        apply_children(applier, second, children_of(second, second_spec))  # type: ignore[arg-type]
+    assert applier.objects == before, "a refused apply must change nothing"
+    assert raised.value.conflicts == [("Service/x-prefill", f"ModelDeployment {first.name}")]
+    message = str(raised.value)
+    assert f"ModelDeployment {second.name} " in message
+    assert f"belongs to ModelDeployment {first.name} " in message
+    # The holder keeps applying its own children, again and again.
+    again = apply_children(applier, first, children_of(first, first_spec))  # type: ignore[arg-type]
+    assert again.pruned == []
+    held = applier.objects["Service", "x-prefill"]["metadata"]["ownerReferences"][0]
+    assert held["uid"] == first.uid
+
+
+def _existing(
+    controller: dict[str, Any] | None = None, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": "x-prefill", "labels": labels or {}}
+    if controller is not None:
+        meta["ownerReferences"] = [{"controller": True, **controller}]
+    return {"kind": "Service", "metadata": meta}
+
+
+OURS = {render.MANAGED_BY_LABEL: render.MANAGED_BY, render.DEPLOYMENT_LABEL: "x"}
+MD_REF = {"apiVersion": "tessera.dev/v1alpha1", "kind": "ModelDeployment"}
+
+
+@pytest.mark.parametrize(
+    ("existing", "holder"),
+    [
+        pytest.param(_existing({**MD_REF, "name": "x", "uid": "uid-x"}, OURS), None, id="ours"),
+        pytest.param(
+            _existing({**MD_REF, "name": "x", "uid": "uid-of-a-deleted-x"}, OURS),
+            None,
+            id="an-earlier-x",
+        ),
+        pytest.param(_existing(None, OURS), None, id="orphaned-ours"),
+        pytest.param(
+            _existing({**MD_REF, "name": "x-prefill", "uid": "u2"}),
+            "ModelDeployment x-prefill",
+            id="another-deployment",
+        ),
+        pytest.param(
+            _existing({"apiVersion": "example.com/v1", "kind": "ModelDeployment", "name": "x"}),
+            "ModelDeployment x (example.com/v1)",
+            id="another-group-kind",
+        ),
+        pytest.param(
+            _existing({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "r", "uid": "u3"}),
+            "ReplicaSet r (apps/v1)",
+            id="another-controller",
+        ),
+        pytest.param(_existing(), "an object Tessera does not manage", id="hand-made"),
+        pytest.param(
+            _existing(None, {**OURS, render.DEPLOYMENT_LABEL: "x-prefill"}),
+            "ModelDeployment x-prefill (orphaned)",
+            id="orphaned-other",
+        ),
+    ],
+)
+def test_who_holds_an_existing_object(existing: dict[str, Any], holder: str | None) -> None:
+    assert foreign_holder(existing, MD_X) == holder

@@ -70,13 +70,22 @@ class LeaseElector:
         identity: str,
         timing: LeaseTiming = LeaseTiming(),
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(
+            tz=datetime.UTC
+        ),
     ) -> None:
         self.namespace = namespace
         self.name = name
         self.identity = identity
         self.timing = timing
         self._api = client.CoordinationV1Api(api_client)
+        # The typed create_namespaced_lease validates a dict body into a V1Lease and writes its
+        # times back with isoformat(), which drops the fraction when the microsecond is 0; the
+        # API server wants metav1.MicroTime's six digits. The generic object API sends the body
+        # as given.
+        self._objects = client.CustomObjectsApi(api_client)
         self._clock = clock
+        self._wall_clock = wall_clock
         self.leading = asyncio.Event()
         self.lost = asyncio.Event()
         self.observed_holder: str | None = None
@@ -153,7 +162,7 @@ class LeaseElector:
         self.observed_holder = spec.get("holderIdentity") or ""
 
     def _try_acquire_or_renew(self) -> bool:
-        now = datetime.datetime.now(tz=datetime.UTC).strftime(MICRO_TIME)
+        now = self._wall_clock().strftime(MICRO_TIME)
         lease = self._read()
         if lease is None:
             spec = self._spec(acquire_time=now, renew_time=now, transitions=0)
@@ -163,7 +172,8 @@ class LeaseElector:
                 "metadata": {"name": self.name, "namespace": self.namespace},
                 "spec": spec,
             }
-            if not self._write(self._api.create_namespaced_lease, self.namespace, body):
+            create = self._objects.create_namespaced_custom_object
+            if not self._write(create, "coordination.k8s.io", "v1", self.namespace, "leases", body):
                 return False
             self._observe(spec)
             return True
@@ -221,7 +231,7 @@ class LeaseElector:
             lease = self._read()
             if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
                 return
-            now = datetime.datetime.now(tz=datetime.UTC).strftime(MICRO_TIME)
+            now = self._wall_clock().strftime(MICRO_TIME)
             spec = self._spec(now, now, int(lease["spec"].get("leaseTransitions") or 0))
             if self._update(lease, {**spec, "holderIdentity": "", "leaseDurationSeconds": 1}):
                 log.info("%s: released the Lease", self)

@@ -1,10 +1,13 @@
-"""Fixtures of the operator tests: an API server over HTTP, namespaces, the real kopf operator.
+"""Fixtures of the operator tests: an API server, namespaces, the real kopf operator.
 
-The server is kmock's Kubernetes emulator (tests/kube_emulator.py) on 127.0.0.1, or, when
-TESSERA_TEST_KUBECONFIG names a kubeconfig, that real cluster. Each test gets its own namespace
-and its own AcceleratorClasses (names suffixed with the namespace), and runs the operator in a
-thread (`kopf.operator()` via `tessera.operator.main.run_operator`) watching that namespace only.
-The tests talk to the server with the official `kubernetes` client; nothing is patched between.
+The server is, by default, a real control plane on loopback (tests/kube_control_plane.py:
+etcd, kube-apiserver with RBAC, kube-controller-manager, kube-scheduler), started once per test
+session (the `control_plane` fixture in tests/conftest.py). TESSERA_TEST_SERVER=emulator selects
+kmock's emulator (tests/kube_emulator.py) instead, for fast inner loops; TESSERA_TEST_KUBECONFIG
+names any other cluster. Each test gets its own namespace and its own AcceleratorClasses (names
+suffixed with the namespace), and runs the operator in a thread (`kopf.operator()` via
+`tessera.operator.main.run_operator`) watching that namespace only. The tests talk to the server
+with the official `kubernetes` client; nothing is patched between.
 
 A test module imports the fixtures (`cluster_fixture`, `namespace_fixture`, `operator_fixture`,
 registered under the names `cluster`, `namespace` and `operator`) to use them.
@@ -30,6 +33,7 @@ import aiohttp.test_utils
 import pytest
 import yaml
 from api_samples import chat_deployment, example_documents
+from kube_control_plane import ControlPlane
 from kube_emulator import TesseraKubernetesEmulator
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -52,6 +56,7 @@ __all__ = [  # fixtures, and the helpers tests use
 ]
 
 KUBECONFIG_ENV = "TESSERA_TEST_KUBECONFIG"
+SERVER_ENV = "TESSERA_TEST_SERVER"
 DEADLINE_S = 20.0
 T = TypeVar("T")
 
@@ -124,6 +129,8 @@ class Cluster:
 
     configuration: client.Configuration
     emulated: bool
+    control_plane: ControlPlane | None = None
+    """The local control plane when the server is one (its processes, certificates, logs)."""
     api_client: client.ApiClient = field(init=False)
 
     def __post_init__(self) -> None:
@@ -134,10 +141,12 @@ class Cluster:
         self.extensions = client.ApiextensionsV1Api(self.api_client)
 
     def kubeconfig(self, directory: Path) -> Path:
-        """A kubeconfig file for this server (the given one on a real cluster)."""
+        """A kubeconfig file for this server, as its admin (the given one on another cluster)."""
         given = os.environ.get(KUBECONFIG_ENV)
         if given:
             return Path(given)
+        if self.control_plane is not None:
+            return self.control_plane.admin_kubeconfig
         path = directory / "kubeconfig.yaml"
         document = {
             "apiVersion": "v1",
@@ -150,9 +159,15 @@ class Cluster:
         path.write_text(yaml.safe_dump(document))
         return path
 
+    def server_version(self) -> tuple[int, int]:
+        info = client.VersionApi(self.api_client).get_code()
+        return int(info.major), int("".join(c for c in info.minor if c.isdigit()))
+
     def install_crds(self) -> None:
-        """Server-side apply the generated CRDs and wait until they are served."""
-        for crd in build_crds():
+        """Server-side apply the generated CRDs for this server's version and wait until they
+        are served."""
+        major, minor = self.server_version()
+        for crd in build_crds(kube_version=f"{major}.{minor}"):
             self.extensions.patch_custom_resource_definition(
                 crd["metadata"]["name"],
                 crd,
@@ -161,7 +176,7 @@ class Cluster:
                 _content_type="application/apply-patch+yaml",
             )
         if not self.emulated:
-            for crd in build_crds():
+            for crd in build_crds(kube_version=f"{major}.{minor}"):
                 name: str = crd["metadata"]["name"]
                 wait_for(
                     functools.partial(_established, self.extensions, name),
@@ -249,17 +264,22 @@ def _established(extensions: client.ApiextensionsV1Api, name: str) -> bool:
 
 
 @pytest.fixture(scope="module", name="cluster")
-def cluster_fixture() -> Iterator[Cluster]:
-    """The emulator on loopback, or the real cluster of $TESSERA_TEST_KUBECONFIG."""
+def cluster_fixture(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The local control plane, the emulator ($TESSERA_TEST_SERVER=emulator), or the cluster
+    of $TESSERA_TEST_KUBECONFIG."""
     kubeconfig = os.environ.get(KUBECONFIG_ENV)
     server: EmulatorServer | None = None
+    plane: ControlPlane | None = None
     configuration = client.Configuration()
     if kubeconfig:
         config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    else:
+    elif os.environ.get(SERVER_ENV) == "emulator":
         server = EmulatorServer()
         configuration.host = server.start()
-    the_cluster = Cluster(configuration, emulated=server is not None)
+    else:
+        plane = request.getfixturevalue("control_plane")
+        configuration = plane.configuration()
+    the_cluster = Cluster(configuration, emulated=server is not None, control_plane=plane)
     try:
         the_cluster.install_crds()
         yield the_cluster

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -125,7 +126,6 @@ def test_one_replica_leads_and_hands_the_lease_over_when_it_stops(
 def test_a_dead_leaders_lease_is_taken_after_its_duration_on_the_candidates_clock(
     cluster: Cluster, namespace: Namespace
 ) -> None:
-    coordination = client.CoordinationV1Api(cluster.api_client)
     dead = {
         "holderIdentity": "dead-pod",
         "leaseDurationSeconds": 15,
@@ -135,8 +135,19 @@ def test_a_dead_leaders_lease_is_taken_after_its_duration_on_the_candidates_cloc
         "renewTime": "2099-01-01T00:00:00.000000Z",
         "leaseTransitions": 4,
     }
-    coordination.create_namespaced_lease(
-        namespace.name, {"metadata": {"name": LEASE}, "spec": dead}
+    # Through the generic object API: the typed create rewrites the times in a form the API
+    # server refuses (see LeaseElector).
+    client.CustomObjectsApi(cluster.api_client).create_namespaced_custom_object(
+        "coordination.k8s.io",
+        "v1",
+        namespace.name,
+        "leases",
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": LEASE},
+            "spec": dead,
+        },
     )
     clock = FakeClock()
 
@@ -157,6 +168,27 @@ def test_a_dead_leaders_lease_is_taken_after_its_duration_on_the_candidates_cloc
         await within_deadline(task)
 
     asyncio.run(scenario())
+
+
+def test_a_lease_created_on_a_whole_second_is_accepted(
+    cluster: Cluster, namespace: Namespace
+) -> None:
+    """metav1.MicroTime has six fraction digits; isoformat() writes none at microsecond 0."""
+    whole_second = datetime.datetime(2026, 12, 1, 12, 0, 0, tzinfo=datetime.UTC)
+    candidate = LeaseElector(
+        cluster.api_client, namespace.name, LEASE, "pod-a", LONG, wall_clock=lambda: whole_second
+    )
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(candidate.campaign(stop))
+        await within_deadline(candidate.leading.wait())
+        stop.set()
+        await within_deadline(task)
+
+    asyncio.run(scenario())
+    spec = lease_spec(cluster, namespace.name, LEASE)
+    assert spec is not None and spec["acquireTime"].startswith("2026-12-01T12:00:00")
 
 
 def test_a_leader_that_finds_another_holder_stops_leading(

@@ -11,7 +11,8 @@
 #     null test becomes `data == nil` alone.
 # The binaries are cached outside the clone, keyed by the source version and this recipe's
 # revision, so CI on the same machine reuses them; a fresh machine builds once (about 8 minutes
-# on 2 cores). Prints the folder holding the binaries on its last line.
+# on 2 cores). Prints the folder holding the binaries on its last line; with --bin-dir it only
+# prints that folder, or fails when nothing is built.
 set -euo pipefail
 
 KUBE_DEB_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
@@ -31,6 +32,13 @@ have_binaries() {
 apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
+
+if [ "${1:-}" = "--bin-dir" ]; then
+  # Only tells where the cached binaries are (for the tests); builds nothing.
+  have_binaries || { log "no binaries in $BIN_DIR"; exit 1; }
+  echo "$BIN_DIR"
+  exit 0
+fi
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
   if have_binaries && command -v etcd >/dev/null; then

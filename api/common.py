@@ -22,7 +22,9 @@ class ApiModel(BaseModel):
     """Base of every API object: camelCase on the wire, snake_case in Python, no unknown fields.
 
     Unknown fields are errors (not silently dropped) so that a typo in a spec is reported with
-    the field's name instead of being ignored.
+    the field's name instead of being ignored. Non-finite numbers (YAML's `.inf`, `.nan`) are
+    errors in every float field: no bound like `gt=0` excludes infinity, JSON (and so the API
+    server) cannot carry them, and a planner or simulator fed one divides by it.
     """
 
     model_config = ConfigDict(
@@ -30,6 +32,7 @@ class ApiModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         validate_assignment=True,
+        allow_inf_nan=False,
     )
 
     def to_wire(self) -> dict[str, Any]:

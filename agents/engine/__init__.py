@@ -17,7 +17,13 @@ from tessera.agents.engine.engine import (
 )
 from tessera.agents.engine.kv_cache import OutOfKVBlocksError
 from tessera.agents.engine.kv_transfer import KVChecksumError, KVPackage, KVTransferError
-from tessera.agents.engine.request import Completion, FinishReason, RequestOutput, SamplingParams
+from tessera.agents.engine.request import (
+    Completion,
+    FinishReason,
+    InvalidSamplingParamsError,
+    RequestOutput,
+    SamplingParams,
+)
 from tessera.agents.engine.scheduler import SchedulerConfig
 from tessera.agents.engine.stats import EngineStatsSnapshot
 
@@ -28,6 +34,7 @@ __all__ = [
     "EngineRole",
     "EngineStatsSnapshot",
     "FinishReason",
+    "InvalidSamplingParamsError",
     "KVChecksumError",
     "KVPackage",
     "KVTransferError",

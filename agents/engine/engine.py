@@ -24,7 +24,12 @@ from tessera.agents.engine.attention import AttentionMetadata, PrefillSpan
 from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphRunner
 from tessera.agents.engine.kv_cache import OutOfKVBlocksError, PagedKVCache
-from tessera.agents.engine.kv_transfer import KVGeometry, KVPackage, KVTransferError
+from tessera.agents.engine.kv_transfer import (
+    KVGeometry,
+    KVPackage,
+    KVTransferError,
+    model_identity,
+)
 from tessera.agents.engine.model import LlamaModel
 from tessera.agents.engine.request import (
     Completion,
@@ -34,7 +39,7 @@ from tessera.agents.engine.request import (
     SamplingParams,
     Sequence,
 )
-from tessera.agents.engine.sampling import sample
+from tessera.agents.engine.sampling import SamplingFailure, sample
 from tessera.agents.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tessera.agents.engine.stats import EngineStats, EngineStatsSnapshot
 from tessera.agents.engine.weights import LlamaWeights, load_llama_weights
@@ -96,6 +101,8 @@ class Engine:
         self.clock = clock
         self.max_model_len = ec.max_model_len or config.max_position_embeddings
         self.model = LlamaModel(config, weights, max_positions=self.max_model_len)
+        self.model_identity = model_identity(config, weights)
+        """What a KV package must be made by to enter this engine (config and weights)."""
         self.kv_cache = PagedKVCache(
             config, self._num_blocks(weights), ec.block_size, self.device, weights.dtype
         )
@@ -147,24 +154,9 @@ class Engine:
         if self.role is EngineRole.DECODE:
             raise RoleError("a decode-only engine takes requests through import_kv, not prompts")
         params = params or SamplingParams()
-        if not prompt_token_ids:
-            raise ValueError("prompt_token_ids is empty")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token ids outside the vocabulary (size {self.config.vocab_size}): {bad[:5]}"
-            )
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt of {len(prompt_token_ids)} tokens leaves no room under max_model_len "
-                f"{self.max_model_len}"
-            )
-        longest = min(len(prompt_token_ids) + params.max_new_tokens, self.max_model_len)
-        if self.kv_cache.blocks_for_tokens(longest) > self.kv_cache.allocator.capacity:
-            raise ValueError(
-                f"request needs up to {self.kv_cache.blocks_for_tokens(longest)} KV blocks; "
-                f"the cache has {self.kv_cache.allocator.capacity}"
-            )
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        self._check_request(list(prompt_token_ids), [], params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
@@ -172,6 +164,33 @@ class Engine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def _check_request(
+        self, prompt_token_ids: list[int], output_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Raise ValueError unless the tokens are vocabulary ids and the request fits: room to
+        generate under max_model_len, and its longest KV within the cache."""
+        vocab = self.config.vocab_size
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids is empty")
+        for name, tokens in (
+            ("prompt_token_ids", prompt_token_ids),
+            ("output_token_ids", output_token_ids),
+        ):
+            bad = [t for t in tokens if type(t) is not int or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name} holds ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        num_tokens = len(prompt_token_ids) + len(output_token_ids)
+        if num_tokens >= self.max_model_len:
+            raise ValueError(
+                f"{num_tokens} tokens leave no room under max_model_len {self.max_model_len}"
+            )
+        longest = min(len(prompt_token_ids) + params.max_new_tokens, self.max_model_len)
+        if self.kv_cache.blocks_for_tokens(longest) > self.kv_cache.allocator.capacity:
+            raise ValueError(
+                f"request needs up to {self.kv_cache.blocks_for_tokens(longest)} KV blocks; "
+                f"the cache has {self.kv_cache.allocator.capacity}"
+            )
 
     def abort(self, request_id: str) -> None:
         seq = self._get(request_id)
@@ -184,7 +203,7 @@ class Engine:
             raise RequestNotFoundError(f"no request {request_id!r} in this engine") from None
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return self.scheduler.has_unfinished()
 
     # ---- stepping ------------------------------------------------------------------------
 
@@ -228,8 +247,7 @@ class Engine:
             return logits, rows, 0
         spans: list[PrefillSpan] = []
         prompt_tokens = 0
-        for chunk in plan.prefills:
-            seq, count = chunk.seq, chunk.num_tokens
+        for seq, count in plan.prefills:
             start = seq.num_computed_tokens
             spans.append(
                 PrefillSpan(
@@ -274,21 +292,28 @@ class Engine:
         self, plan: SchedulerOutput, logits: torch.Tensor, rows: list[tuple[Sequence, int]]
     ) -> list[RequestOutput]:
         now = self.clock()
-        sampling: list[Sequence] = []
-        outputs: list[RequestOutput] = []
-        for seq, count in rows:
-            seq.num_computed_tokens += count
-            if seq.num_computed_tokens == seq.num_tokens:
-                sampling.append(seq)
-            else:
-                outputs.append(RequestOutput(seq.request_id, [], finished=False))
+        sampling = [seq for seq, count in rows if seq.num_computed_tokens + count == seq.num_tokens]
+        # Sampled before any request advances: if it raises, the step changed nothing.
         tokens = sample(
             logits,
             [seq.params for seq in sampling],
             [len(seq.output_token_ids) for seq in sampling],
             self.generator,
         )
+        outputs: list[RequestOutput] = []
+        for seq, count in rows:
+            seq.num_computed_tokens += count
+            if seq.num_computed_tokens != seq.num_tokens:
+                outputs.append(RequestOutput(seq.request_id, [], finished=False))
         for row, (seq, token) in enumerate(zip(sampling, tokens, strict=True)):
+            if isinstance(token, SamplingFailure):
+                log.warning("request %s failed in its step: %s", seq.request_id, token.reason)
+                seq.error = token.reason
+                self._finish(seq, FinishReason.ERROR)
+                outputs.append(
+                    RequestOutput(seq.request_id, [], True, FinishReason.ERROR, error=token.reason)
+                )
+                continue
             if seq.params.return_logits:
                 seq.logits.append(logits[row].detach().to("cpu", copy=True))
             seq.output_token_ids.append(token)
@@ -322,8 +347,7 @@ class Engine:
         return None
 
     def _park(self, seq: Sequence) -> None:
-        self.scheduler.running.remove(seq)
-        seq.state = RequestState.PARKED
+        self.scheduler.park(seq)
         self.parked[seq.request_id] = seq
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
@@ -352,6 +376,7 @@ class Engine:
             seq.output_token_ids,
             seq.finish_reason,
             seq.logits,
+            seq.error,
         )
 
     def generate(
@@ -367,9 +392,9 @@ class Engine:
         for _ in range(max_steps):
             if not self.has_unfinished():
                 return
-            if not self.step() and not self.scheduler.running:
+            if not self.step() and not self.scheduler.num_running:
                 raise NoProgressError(
-                    f"{len(self.scheduler.waiting)} requests wait but none fits: "
+                    f"{self.scheduler.num_waiting} requests wait but none fits: "
                     f"{len(self.parked)} parked requests hold KV blocks"
                 )
         raise NoProgressError(f"requests still unfinished after {max_steps} steps")
@@ -379,7 +404,7 @@ class Engine:
     @property
     def kv_geometry(self) -> KVGeometry:
         return KVGeometry(
-            model_signature=self.config.signature,
+            model_signature=self.model_identity,
             num_layers=self.config.num_hidden_layers,
             num_kv_heads=self.config.num_key_value_heads,
             head_dim=self.config.head_dim,
@@ -419,6 +444,11 @@ class Engine:
     def import_kv(self, package: KVPackage) -> str:
         """Continue a request from another engine's KV blocks; returns its request id.
 
+        Everything about the package is checked before a block is taken (its geometry against
+        this engine's model identity, its blocks' shape, dtype and checksums, its tokens and
+        sampling), and the blocks are given back if writing them fails: a refused import leaves
+        the cache as it found it.
+
         Raises OutOfKVBlocksError when the blocks do not fit now beside the blocks the running
         requests' next tokens need (the caller retries later). Taking those would preempt a
         running request at the next step, and on a decode-only engine a preempted request is
@@ -428,25 +458,8 @@ class Engine:
         """
         if self.role is EngineRole.PREFILL:
             raise RoleError("a prefill-only engine does not continue imported requests")
-        geometry = self.kv_geometry
-        theirs = package.geometry
-        if (theirs.model_signature, theirs.block_size) != (
-            geometry.model_signature,
-            geometry.block_size,
-        ):
-            raise KVTransferError(
-                f"package for {theirs.model_signature} with block size {theirs.block_size} "
-                f"cannot enter an engine of {geometry.model_signature} with block size "
-                f"{geometry.block_size}"
-            )
-        if package.request_id in self.requests:
-            raise KVTransferError(f"request id {package.request_id!r} is already in the engine")
-        needed = self.kv_cache.blocks_for_tokens(package.num_computed_tokens)
-        if package.num_blocks != needed:
-            raise KVTransferError(
-                f"package has {package.num_blocks} blocks for {package.num_computed_tokens} "
-                f"tokens; {needed} expected"
-            )
+        params = self._check_import(package)
+        needed = package.num_blocks
         headroom = self.kv_cache.allocator.num_free - self.scheduler.decode_growth_blocks()
         if needed > headroom:
             raise OutOfKVBlocksError(
@@ -454,12 +467,16 @@ class Engine:
                 "requests' next tokens take"
             )
         blocks = self.kv_cache.allocator.allocate(needed)
-        self.kv_cache.write_blocks(blocks, package.blocks)
+        try:
+            self.kv_cache.write_blocks(blocks, package.blocks)
+        except BaseException:
+            self.kv_cache.allocator.free(blocks)
+            raise
         now = self.clock()
         seq = Sequence(
             request_id=package.request_id,
             prompt_token_ids=list(package.prompt_token_ids),
-            params=SamplingParams.from_dict(package.sampling),
+            params=params,
             arrival_s=now,
             output_token_ids=list(package.output_token_ids),
             block_ids=blocks,
@@ -475,14 +492,53 @@ class Engine:
         self.stats.kv_imports_total += 1
         return seq.request_id
 
+    def _check_import(self, package: KVPackage) -> SamplingParams:
+        """Raise KVTransferError unless `package` can continue here; returns its sampling."""
+        if not isinstance(package, KVPackage):
+            raise KVTransferError(f"import_kv takes a KVPackage, not {type(package).__name__}")
+        package.check_compatible(self.kv_geometry)
+        request_id = package.request_id
+        if not isinstance(request_id, str) or not request_id:
+            raise KVTransferError(f"package request_id must be a non-empty string: {request_id!r}")
+        if request_id in self.requests:
+            raise KVTransferError(f"request id {request_id!r} is already in the engine")
+        if not isinstance(package.sampling, dict):
+            raise KVTransferError(f"{request_id}: sampling must be a dict of SamplingParams")
+        try:
+            params = SamplingParams.from_dict(package.sampling)
+            prompt, output = list(package.prompt_token_ids), list(package.output_token_ids)
+            self._check_request(prompt, output, params)
+        except (TypeError, ValueError) as error:
+            raise KVTransferError(f"package {request_id!r}: {error}") from error
+        # An exported request has sampled its next token and not yet computed it.
+        num_tokens, computed = len(prompt) + len(output), package.num_computed_tokens
+        if not output or type(computed) is not int or computed != num_tokens - 1:
+            raise KVTransferError(
+                f"package {request_id!r} has num_computed_tokens {package.num_computed_tokens} "
+                f"for {num_tokens} tokens ({len(output)} generated); an exported request has "
+                "at least one generated token and all but the last computed"
+            )
+        if len(output) >= params.max_new_tokens:
+            raise KVTransferError(
+                f"package {request_id!r} has generated {len(output)} of its max_new_tokens "
+                f"{params.max_new_tokens}: it is finished, nothing to continue"
+            )
+        needed = self.kv_cache.blocks_for_tokens(package.num_computed_tokens)
+        if package.num_blocks != needed:
+            raise KVTransferError(
+                f"package has {package.num_blocks} blocks for {package.num_computed_tokens} "
+                f"tokens; {needed} expected"
+            )
+        return params
+
     # ---- telemetry -----------------------------------------------------------------------
 
     def stats_snapshot(self, drain: bool = False) -> EngineStatsSnapshot:
         allocator = self.kv_cache.allocator
         return self.stats.snapshot(
             role=self.role.value,
-            queue_length=len(self.scheduler.waiting),
-            running_batch=len(self.scheduler.running),
+            queue_length=self.scheduler.num_waiting,
+            running_batch=self.scheduler.num_running,
             parked_requests=len(self.parked),
             kv_blocks_total=allocator.capacity,
             kv_blocks_used=allocator.num_used,

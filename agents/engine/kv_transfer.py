@@ -2,22 +2,29 @@
 
 A package holds one request's KV blocks (block-major, so each block's bytes are contiguous and
 can be sent, checksummed and retried on their own), its tokens, and how it samples. Every block
-has a checksum and the header has one of its own; `from_bytes` verifies all of them before any
-tensor is built, so a corrupted transfer is refused, never decoded from.
+has a checksum and the header has one of its own; `from_bytes` verifies all of them, and the
+header's types and shape, before any tensor is built, so a corrupted or malformed transfer is
+refused with a KVTransferError, never decoded from. `check_compatible` does the same for a
+package handed over in memory, against the importing engine's geometry.
 
-Wire format: MAGIC, u64 little-endian header length, UTF-8 JSON header, then the blocks' bytes.
+Wire format: MAGIC, u64 little-endian header length, UTF-8 JSON header (canonical: sorted keys,
+no spaces), then the blocks' bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tessera.agents.engine.config import LlamaConfig
+from tessera.agents.engine.weights import LlamaWeights
 
 try:
     import xxhash
@@ -29,6 +36,11 @@ except ImportError:  # xxhash is optional; blake2b is in the standard library.
 
 MAGIC = b"TSSRKV01"
 _LENGTH = struct.Struct("<Q")
+
+UNCHECKED = "none"
+"""Checksum algorithm of a package handed over inside one process without checksums (the
+serving benchmark's GPU-resident blocks). `verify` passes it; `to_bytes` and `from_bytes` refuse
+it, so such a package never travels."""
 
 
 class KVTransferError(ValueError):
@@ -46,7 +58,36 @@ def _digest_function(algorithm: str) -> Callable[[bytes], str]:
         return lambda data: xxhash.xxh3_128_hexdigest(data)
     if algorithm == "blake2b_128":
         return lambda data: hashlib.blake2b(data, digest_size=16).hexdigest()
-    raise KVTransferError(f"unknown checksum algorithm {algorithm!r}")
+    raise KVTransferError(
+        f"unknown checksum algorithm {algorithm!r} (known: xxh3_128, blake2b_128)"
+    )
+
+
+def _canonical(header: dict[str, Any]) -> bytes:
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+
+
+def model_identity(config: LlamaConfig, weights: LlamaWeights, sample: int = 256) -> str:
+    """`config.signature` and a digest of the whole config and of every weight tensor's ends.
+
+    The signature is only the shape: a base model and its fine-tune, or two configs that differ
+    in rope_theta or rms_norm_eps, share it, and KV computed by one is garbage to the other.
+    The first and last `sample` values of each tensor change under any full fine-tune or merged
+    adapter, and reading them costs one small copy off the device.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(json.dumps(asdict(config), sort_keys=True, default=str).encode())
+    tensors = [weights.embed, weights.final_norm, weights.lm_head]
+    for layer in weights.layers:
+        tensors.extend(getattr(layer, f.name) for f in dataclasses.fields(layer))
+    ends = []
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        flat = tensor.detach().reshape(-1)
+        ends.extend((flat[:sample], flat[-sample:]))
+    values = torch.cat(ends).cpu().contiguous()
+    digest.update(values.view(torch.uint8).numpy().tobytes())
+    return f"{config.signature}:{digest.hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -66,10 +107,67 @@ class KVGeometry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        dtype = getattr(torch, self.dtype, None)
-        if not isinstance(dtype, torch.dtype):
+        dtype = getattr(torch, self.dtype, None) if isinstance(self.dtype, str) else None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise KVTransferError(f"unknown dtype {self.dtype!r} in KV package")
+        if str(dtype) != f"torch.{self.dtype}":
+            raise KVTransferError(
+                f"dtype {self.dtype!r} in KV package is an alias; write {str(dtype)[6:]!r}"
+            )
         return dtype
+
+    @property
+    def block_nbytes(self) -> int:
+        count = 1
+        for size in self.block_shape:
+            count *= size
+        return count * self.torch_dtype.itemsize
+
+
+_Count = Annotated[int, Field(ge=0)]
+_Size = Annotated[int, Field(ge=1)]
+
+
+class _WireGeometry(BaseModel):
+    """KVGeometry as the header carries it: every field present and of its type, sizes > 0."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model_signature: Annotated[str, Field(min_length=1)]
+    num_layers: _Size
+    num_kv_heads: _Size
+    head_dim: _Size
+    block_size: _Size
+    dtype: str
+
+
+class _WireHeader(BaseModel):
+    """The header's schema (header_checksum apart). Strict, so that a header which parses is
+    exactly what `to_bytes` writes for the package it describes."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    request_id: Annotated[str, Field(min_length=1)]
+    geometry: _WireGeometry
+    prompt_token_ids: list[_Count]
+    output_token_ids: list[_Count]
+    num_computed_tokens: _Count
+    sampling: dict[str, Any]
+    num_blocks: _Count
+    checksum_algorithm: str
+    block_checksums: list[str]
+
+    @model_validator(mode="after")
+    def _one_checksum_per_block(self) -> _WireHeader:
+        if len(self.block_checksums) != self.num_blocks:
+            raise ValueError(
+                f"{len(self.block_checksums)} block_checksums for num_blocks {self.num_blocks}"
+            )
+        return self
+
+
+def _header_error(error: ValidationError) -> KVTransferError:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "header"
+    return KVTransferError(f"KV package header field {where}: {first['msg']}")
 
 
 @dataclass
@@ -123,11 +221,13 @@ class KVPackage:
 
     def block_bytes(self, index: int) -> bytes:
         """The raw bytes of one block (all layers, K then V), as they travel."""
-        block = self.blocks[index].contiguous().reshape(-1)
+        block = self.blocks[index].detach().cpu().contiguous().reshape(-1)
         return bytes(block.view(torch.uint8).numpy().tobytes())
 
     def verify(self) -> None:
         """Raise KVChecksumError naming the first block whose bytes do not match."""
+        if self.checksum_algorithm == UNCHECKED and not self.block_checksums:
+            return
         digest = _digest_function(self.checksum_algorithm)
         if len(self.block_checksums) != self.num_blocks:
             raise KVChecksumError(
@@ -137,6 +237,42 @@ class KVPackage:
         for index, expected in enumerate(self.block_checksums):
             if digest(self.block_bytes(index)) != expected:
                 raise KVChecksumError(f"{self.request_id}: block {index} fails its checksum")
+
+    def check_compatible(self, geometry: KVGeometry) -> None:
+        """Refuse a package made for another geometry (model, layout, dtype), whose blocks do
+        not have the shape and dtype its geometry says, or whose checksums are stale.
+
+        `from_bytes` guarantees all of this for a package off the wire; a package handed over
+        in memory (or edited after it was built) gets the same checks here, before an engine
+        takes a block for it.
+        """
+        theirs = self.geometry
+        if not isinstance(theirs, KVGeometry):
+            raise KVTransferError(f"{self.request_id}: geometry is not a KVGeometry")
+        if theirs != geometry:
+            differ = [
+                f"{f.name} {getattr(theirs, f.name)!r} (engine: {getattr(geometry, f.name)!r})"
+                for f in dataclasses.fields(KVGeometry)
+                if getattr(theirs, f.name) != getattr(geometry, f.name)
+            ]
+            raise KVTransferError(
+                f"package {self.request_id!r} is for another model or layout: " + ", ".join(differ)
+            )
+        blocks = self.blocks
+        if not isinstance(blocks, torch.Tensor):
+            raise KVTransferError(f"{self.request_id}: blocks are not a tensor")
+        if blocks.dtype != geometry.torch_dtype:
+            raise KVTransferError(
+                f"{self.request_id}: blocks are {blocks.dtype}, its geometry says {geometry.dtype}"
+            )
+        if blocks.ndim != 1 + len(geometry.block_shape) or (
+            tuple(blocks.shape[1:]) != geometry.block_shape
+        ):
+            raise KVTransferError(
+                f"{self.request_id}: blocks have shape {tuple(blocks.shape)}, its geometry "
+                f"says (n, {', '.join(map(str, geometry.block_shape))})"
+            )
+        self.verify()
 
     def _header(self) -> dict[str, Any]:
         return {
@@ -153,65 +289,81 @@ class KVPackage:
 
     def to_bytes(self) -> bytes:
         header = self._header()
-        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        header["header_checksum"] = _digest_function(self.checksum_algorithm)(canonical)
-        encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        header["header_checksum"] = _digest_function(self.checksum_algorithm)(_canonical(header))
+        encoded = _canonical(header)
         parts = [MAGIC, _LENGTH.pack(len(encoded)), encoded]
         parts.extend(self.block_bytes(i) for i in range(self.num_blocks))
         return b"".join(parts)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KVPackage:
-        """Parse and verify a package; raises KVChecksumError on any mismatch."""
+        """Parse and verify a package.
+
+        Raises KVChecksumError when bytes do not match their checksums (or are cut short),
+        KVTransferError for anything else malformed: never KeyError, TypeError or struct.error.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise KVTransferError(f"a KV package is bytes, not {type(data).__name__}")
+        data = bytes(data)
         if data[: len(MAGIC)] != MAGIC:
             raise KVTransferError("not a Tessera KV package (bad magic bytes)")
         start = len(MAGIC) + _LENGTH.size
         if len(data) < start:
-            raise KVTransferError("KV package truncated before its header")
+            raise KVChecksumError("KV package truncated before its header")
         (length,) = _LENGTH.unpack_from(data, len(MAGIC))
+        if length > len(data) - start:
+            raise KVChecksumError(
+                f"KV package truncated: header length {length}, {len(data) - start} bytes follow"
+            )
+        encoded = data[start : start + length]
         try:
-            header = json.loads(data[start : start + length])
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            header = json.loads(encoded)
+            if not isinstance(header, dict):
+                raise KVChecksumError("KV package header is corrupted: not a JSON object")
+            expected_header = header.pop("header_checksum", None)
+            if not isinstance(expected_header, str):
+                raise KVChecksumError("KV package header is corrupted: no header_checksum")
+            algorithm = header.get("checksum_algorithm")
+            if not isinstance(algorithm, str):
+                raise KVTransferError("KV package header field checksum_algorithm: not a string")
+            digest = _digest_function(algorithm)
+            if digest(_canonical(header)) != expected_header:
+                raise KVChecksumError("KV package header fails its checksum")
+            if _canonical({**header, "header_checksum": expected_header}) != encoded:
+                raise KVTransferError("KV package header is not in canonical JSON form")
+        except (ValueError, RecursionError) as error:  # JSON, UTF-8 and int-size errors
+            if isinstance(error, KVTransferError):
+                raise
             raise KVChecksumError(f"KV package header is corrupted: {error}") from error
-        if not isinstance(header, dict) or "header_checksum" not in header:
-            raise KVChecksumError("KV package header is corrupted: no header_checksum")
-        expected_header = header.pop("header_checksum")
-        algorithm = str(header.get("checksum_algorithm"))
-        digest = _digest_function(algorithm)
-        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        if digest(canonical) != expected_header:
-            raise KVChecksumError("KV package header fails its checksum")
-        geometry = KVGeometry(**header["geometry"])
-        dtype = geometry.torch_dtype
-        block_numel = 1
-        for size in geometry.block_shape:
-            block_numel *= size
-        block_nbytes = block_numel * torch.tensor([], dtype=dtype).element_size()
-        num_blocks = int(header["num_blocks"])
+        try:
+            wire = _WireHeader.model_validate(header)
+        except ValidationError as error:
+            raise _header_error(error) from None
+        geometry = KVGeometry(**wire.geometry.model_dump())
+        dtype, block_nbytes = geometry.torch_dtype, geometry.block_nbytes
         payload = data[start + length :]
-        if len(payload) != num_blocks * block_nbytes:
+        if len(payload) != wire.num_blocks * block_nbytes:
             raise KVChecksumError(
                 f"KV package payload has {len(payload)} bytes, header says "
-                f"{num_blocks} blocks of {block_nbytes}"
+                f"{wire.num_blocks} blocks of {block_nbytes}"
             )
-        checksums: list[str] = header["block_checksums"]
-        for index in range(num_blocks):
+        for index in range(wire.num_blocks):
             chunk = payload[index * block_nbytes : (index + 1) * block_nbytes]
-            if digest(chunk) != checksums[index]:
-                raise KVChecksumError(f"{header['request_id']}: block {index} fails its checksum")
-        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else None
-        if raw is None:
-            blocks = torch.empty((0, *geometry.block_shape), dtype=dtype)
+            if digest(chunk) != wire.block_checksums[index]:
+                raise KVChecksumError(f"{wire.request_id}: block {index} fails its checksum")
+        if payload:
+            raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            blocks = raw.view(dtype).reshape(wire.num_blocks, *geometry.block_shape)
         else:
-            blocks = raw.view(dtype).reshape(num_blocks, *geometry.block_shape)
+            blocks = torch.empty((0, *geometry.block_shape), dtype=dtype)
         return cls(
-            request_id=header["request_id"],
+            request_id=wire.request_id,
             geometry=geometry,
-            prompt_token_ids=list(header["prompt_token_ids"]),
-            output_token_ids=list(header["output_token_ids"]),
-            num_computed_tokens=int(header["num_computed_tokens"]),
-            sampling=dict(header["sampling"]),
+            prompt_token_ids=wire.prompt_token_ids,
+            output_token_ids=wire.output_token_ids,
+            num_computed_tokens=wire.num_computed_tokens,
+            sampling=wire.sampling,
             blocks=blocks,
             checksum_algorithm=algorithm,
-            block_checksums=checksums,
+            block_checksums=wire.block_checksums,
         )

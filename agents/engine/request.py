@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -27,6 +28,28 @@ class FinishReason(enum.Enum):
     ABORTED = "aborted"
     EXPORTED = "exported"
     """Its KV left this engine (P->D transfer or migration); it continues elsewhere."""
+    ERROR = "error"
+    """Its step failed (e.g. its logits were not finite); `error` says how. Only this request
+    ends: the others in the batch carry on."""
+
+
+class InvalidSamplingParamsError(ValueError):
+    """A sampling parameter outside its valid range; `field` names it (HTTP 400, gRPC
+    INVALID_ARGUMENT)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name} {message}")
+        self.field = name
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return _is_int(value)  # any int is finite (math.isfinite overflows past 1e308)
 
 
 @dataclass(frozen=True)
@@ -47,14 +70,26 @@ class SamplingParams:
     """Keep the float32 logits each token was sampled from (tests, debugging)."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 when set, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        """Refuse what sampling cannot compute, here where the request is made: a NaN
+        temperature once got into the engine, and every step after it raised."""
+        bad = InvalidSamplingParamsError
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_finite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise bad("top_k", f"must be unset or an integer >= 1, got {self.top_k!r}")
+        if not _is_finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", f"must be a finite number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad("seed", f"must be unset or an integer, got {self.seed!r}")
+        stops = self.stop_token_ids
+        if not isinstance(stops, tuple | list) or not all(_is_int(t) and t >= 0 for t in stops):
+            raise bad("stop_token_ids", f"must be a list of integers >= 0, got {stops!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(stops))
+        for name in ("ignore_eos", "return_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, f"must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -63,9 +98,15 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
-        values = dict(data)
-        values["stop_token_ids"] = tuple(values.get("stop_token_ids", ()))
-        return cls(**values)
+        """Inverse of `to_dict`; raises InvalidSamplingParamsError on any unknown or bad field
+        (a KV package's sampling comes from another process)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidSamplingParamsError(
+                str(unknown[0]), f"is not a sampling parameter (known: {', '.join(sorted(known))})"
+            )
+        return cls(**data)
 
 
 @dataclass(eq=False)
@@ -91,6 +132,8 @@ class Sequence:
     decode_start_outputs: int = 0
     """Output tokens it had then (for TPOT over the tokens this engine produced)."""
     logits: list[torch.Tensor] = field(default_factory=list)
+    error: str | None = None
+    """Why it ended with FinishReason.ERROR."""
 
     @property
     def num_tokens(self) -> int:
@@ -125,6 +168,8 @@ class RequestOutput:
     finished: bool
     finish_reason: FinishReason | None = None
     parked: bool = False
+    error: str | None = None
+    """Set with FinishReason.ERROR: what failed."""
 
 
 @dataclass
@@ -136,3 +181,4 @@ class Completion:
     output_token_ids: list[int]
     finish_reason: FinishReason | None
     logits: list[torch.Tensor]
+    error: str | None = None

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
 
 import torch
 from tessera.agents.engine.request import SamplingParams
+
+log = logging.getLogger(__name__)
 
 _MIX = 0x9E3779B97F4A7C15
 _MASK = (1 << 63) - 1
@@ -17,34 +21,61 @@ def draw_seed(seed: int, output_index: int) -> int:
     return (seed * _MIX + output_index * 0xBF58476D1CE4E5B9 + 1) & _MASK
 
 
+@dataclass(frozen=True)
+class SamplingFailure:
+    """No token for this row: what went wrong. Only its request fails; the batch goes on."""
+
+    reason: str
+
+
 def sample(
     logits: torch.Tensor,
     params: SequenceOf[SamplingParams],
     output_indices: SequenceOf[int],
     generator: torch.Generator,
-) -> list[int]:
-    """One token per row of float32 `logits` [M, vocab].
+) -> list[int | SamplingFailure]:
+    """One token per row of float32 `logits` [M, vocab], or a SamplingFailure for a row that
+    has none: non-finite logits (NaN or +inf anywhere, or all -inf), or a draw that raised.
 
     Greedy rows take the argmax on the logits' device; sampled rows are drawn on the CPU (a
     per-row generator is cheap there and makes seeded draws device-independent).
     """
-    chosen = logits.argmax(dim=-1).tolist()
+    peak, argmax = logits.max(dim=-1)  # the max propagates NaN, so one test covers the row
+    finite = torch.isfinite(peak)
+    marked = argmax.masked_fill(~finite, -1).tolist()
+    chosen: list[int | SamplingFailure] = [
+        token if token >= 0 else SamplingFailure("logits are not finite (NaN or inf)")
+        for token in marked
+    ]
     for row, (param, index) in enumerate(zip(params, output_indices, strict=True)):
-        if param.temperature == 0:
+        if param.temperature == 0 or isinstance(chosen[row], SamplingFailure):
             continue
-        scaled = logits[row].float().cpu() / param.temperature
-        if param.top_k is not None and param.top_k < scaled.shape[0]:
-            threshold = torch.topk(scaled, param.top_k).values[-1]
-            scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
-        if param.top_p < 1:
-            probs = _nucleus(probs, param.top_p)
-        if param.seed is None:
-            row_generator = generator
-        else:
-            row_generator = torch.Generator().manual_seed(draw_seed(param.seed, index))
-        chosen[row] = int(torch.multinomial(probs, 1, generator=row_generator).item())
+        try:
+            chosen[row] = _draw(logits[row], param, index, generator)
+        except Exception as error:  # fail this row only; the others keep their tokens
+            log.warning("sampling row %d failed: %s", row, error, exc_info=True)
+            chosen[row] = SamplingFailure(f"sampling failed: {error}")
     return chosen
+
+
+def _draw(
+    logits: torch.Tensor, param: SamplingParams, index: int, generator: torch.Generator
+) -> int:
+    # Shifted by the max before scaling, so that a tiny temperature gives -inf (excluded) and
+    # 0 (the max), never inf - inf = NaN.
+    row = logits.float().cpu()
+    scaled = (row - row.max()) / param.temperature
+    if param.top_k is not None and param.top_k < scaled.shape[0]:
+        threshold = torch.topk(scaled, param.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if param.top_p < 1:
+        probs = _nucleus(probs, param.top_p)
+    if param.seed is None:
+        row_generator = generator
+    else:
+        row_generator = torch.Generator().manual_seed(draw_seed(param.seed, index))
+    return int(torch.multinomial(probs, 1, generator=row_generator).item())
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:

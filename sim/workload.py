@@ -28,6 +28,9 @@ BUNDLED_TRACES: dict[str, str] = {
 
 RateMode = Literal["compress", "superpose"]
 
+MAX_TOKENS = 2**31 - 1
+"""Most tokens one prompt or output may have in a trace (far above any model's context)."""
+
 
 class TraceFormatError(ValueError):
     """A trace file lacks the expected columns or holds values that are not numbers."""
@@ -50,6 +53,10 @@ class Workload:
             raise ValueError("arrival_s, prompt_tokens and output_tokens must have equal lengths")
         if n and np.any(np.diff(self.arrival_s) < 0):
             raise ValueError("arrival_s must be sorted")
+        if not math.isfinite(self.duration_s) or (n and not np.isfinite(self.arrival_s).all()):
+            raise ValueError("arrival_s and duration_s must be finite")
+        if n and (self.prompt_tokens.min() < 1 or self.output_tokens.min() < 1):
+            raise ValueError("every request needs at least 1 prompt and 1 output token")
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -61,6 +68,10 @@ class Workload:
     def window(self, start_s: float, end_s: float | None = None) -> Workload:
         """The requests arriving in [start_s, end_s), re-based to start at 0."""
         end = self.duration_s if end_s is None else min(end_s, self.duration_s)
+        if start_s >= self.duration_s:
+            raise ValueError(
+                f"window starts at {start_s:g} s, after {self.name} ends ({self.duration_s:.1f} s)"
+            )
         if start_s < 0 or end <= start_s:
             raise ValueError(f"window [{start_s}, {end_s}) is empty or negative")
         keep = (self.arrival_s >= start_s) & (self.arrival_s < end)
@@ -82,8 +93,8 @@ class Workload:
         floor(scale) copies, each shifted circularly by a random offset, plus a thinned copy for
         the fraction: the way many independent users add up, for loading large clusters.
         """
-        if scale <= 0:
-            raise ValueError(f"rate scale must be > 0, got {scale}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"rate scale must be finite and > 0, got {scale}")
         if mode == "compress":
             return Workload(
                 self.arrival_s / scale,
@@ -135,30 +146,89 @@ class Workload:
         ]
 
 
+TRACE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+
 def load_trace(path: Path | str, name: str | None = None) -> Workload:
-    """A trace in the Azure LLM inference format; arrivals re-based to the first request."""
+    """A trace in the Azure LLM inference format; arrivals re-based to the first request.
+
+    Every row must hold a timestamp and token counts of at least 1: a request with no prompt
+    or no output has no latency to measure and would count as meeting its SLO. The Azure
+    traces hold none (the bundled windows and the hour-long files were checked), so such a row
+    means a malformed file and is an error naming its line and column, not a row dropped.
+    """
     path = Path(path)
+    stamps: list[str] = []
+    lines: list[int] = []
+    counts: list[tuple[int, int]] = []
     with path.open(newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
-        expected = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
-        if header is None or [h.strip() for h in header[:3]] != expected:
-            raise TraceFormatError(f"{path}: expected columns {','.join(expected)}, got {header}")
-        rows = [row for row in reader if row]
-    if not rows:
+        if header is None or tuple(h.strip() for h in header[:3]) != TRACE_COLUMNS:
+            raise TraceFormatError(
+                f"{path}: expected columns {','.join(TRACE_COLUMNS)}, got {header}"
+            )
+        for row in reader:
+            if row:
+                stamps.append(_trace_cell(path, reader.line_num, row, 0))
+                lines.append(reader.line_num)
+                counts.append(
+                    (
+                        _token_count(path, reader.line_num, row, 1),
+                        _token_count(path, reader.line_num, row, 2),
+                    )
+                )
+    if not stamps:
         raise TraceFormatError(f"{path}: no requests")
     try:
-        stamps = np.array([row[0].strip() for row in rows], dtype="datetime64[ns]")
-        prompt = np.array([int(row[1]) for row in rows], dtype=np.int64)
-        output = np.array([int(row[2]) for row in rows], dtype=np.int64)
-    except (ValueError, IndexError) as error:
-        raise TraceFormatError(f"{path}: {error}") from error
-    seconds = (stamps - stamps.min()).astype(np.int64) / 1e9
+        times = np.array(stamps, dtype="datetime64[ns]")
+    except ValueError:
+        times = np.array(
+            [_timestamp(path, line, text) for line, text in zip(lines, stamps, strict=True)]
+        )
+    bad = np.flatnonzero(np.isnat(times))
+    if len(bad):
+        raise TraceFormatError(
+            f"{path}: line {lines[bad[0]]}, column TIMESTAMP: expected a time, got "
+            f"{stamps[bad[0]]!r}"
+        )
+    seconds = (times - times.min()).astype(np.int64) / 1e9
     order = np.argsort(seconds, kind="stable")
     arrival = seconds[order]
+    tokens = np.array(counts, dtype=np.int64)
     # The window ends one mean gap after the last arrival, so that rate = count / duration.
     duration = float(arrival[-1]) * len(arrival) / max(1, len(arrival) - 1)
-    return Workload(arrival, prompt[order], output[order], duration, name or path.stem)
+    return Workload(arrival, tokens[order, 0], tokens[order, 1], duration, name or path.stem)
+
+
+def _trace_cell(path: Path, line: int, row: list[str], column: int) -> str:
+    if column >= len(row):
+        raise TraceFormatError(f"{path}: line {line}: no {TRACE_COLUMNS[column]} column")
+    return row[column].strip()
+
+
+def _timestamp(path: Path, line: int, text: str) -> np.datetime64:
+    try:
+        return np.datetime64(text, "ns")
+    except ValueError:
+        raise TraceFormatError(
+            f"{path}: line {line}, column TIMESTAMP: expected a time, got {text!r}"
+        ) from None
+
+
+def _token_count(path: Path, line: int, row: list[str], column: int) -> int:
+    """A token count of at least 1 (and one int64 holds), else an error naming line and column."""
+    text = _trace_cell(path, line, row, column)
+    where = f"{path}: line {line}, column {TRACE_COLUMNS[column]}"
+    try:
+        count = int(text)
+    except ValueError:
+        raise TraceFormatError(
+            f"{where}: expected a whole number of tokens, got {text!r}"
+        ) from None
+    if not 1 <= count <= MAX_TOKENS:
+        raise TraceFormatError(f"{where}: token count must be in [1, {MAX_TOKENS}], got {count}")
+    return count
 
 
 def bundled_trace_path(name: str) -> Path:
@@ -221,6 +291,12 @@ def sample_lengths(
     return np.clip(np.rint(values), 1, upper).astype(np.int64)
 
 
+MIN_CV = 0.01
+"""Least burstiness CV of gamma arrivals: nearly even gaps (shape 10^4); CV 0 has no gamma."""
+MAX_CV = 100.0
+"""Most burstiness CV: production traces sit near 1-4; beyond 100 the gaps are mostly zero."""
+
+
 def synthetic_workload(
     traffic: TrafficSpec,
     duration_s: float,
@@ -235,8 +311,10 @@ def synthetic_workload(
     larger is burstier, as production traces are).
     """
     rate = rate_per_s if rate_per_s is not None else traffic.request_rate_per_second
-    if rate <= 0 or duration_s <= 0:
-        raise ValueError(f"rate ({rate}) and duration ({duration_s}) must be > 0")
+    if not all(math.isfinite(v) and v > 0 for v in (rate, duration_s)):
+        raise ValueError(f"rate ({rate}) and duration ({duration_s}) must be finite and > 0")
+    if not MIN_CV <= burstiness_cv <= MAX_CV:
+        raise ValueError(f"burstiness CV must be in [{MIN_CV}, {MAX_CV}], got {burstiness_cv}")
     expected = rate * duration_s
     draws = int(expected + 6 * math.sqrt(expected) * max(1.0, burstiness_cv) + 16)
     shape = 1.0 / burstiness_cv**2

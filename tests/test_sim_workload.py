@@ -12,6 +12,7 @@ from tessera.api.model_deployment import LengthDistribution
 from tessera.sim.cluster import ClusterError, load_cluster
 from tessera.sim.workload import (
     TraceFormatError,
+    Workload,
     bundled_trace_path,
     load_trace,
     parse_window,
@@ -83,6 +84,76 @@ def test_trace_errors_name_the_file_and_problem(tmp_path: Path) -> None:
         load_trace(bad)
     with pytest.raises(FileNotFoundError, match="azure-conv"):
         resolve_trace(str(tmp_path / "missing.csv"))
+
+
+TRACE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+GOOD_ROW = "2023-11-16 18:15:46.6805900,374,44\n"
+
+
+@pytest.mark.parametrize(
+    ("row", "column", "message"),
+    [
+        ("2023-11-16 18:15:47.0,0,44", "ContextTokens", "in [1, "),
+        ("2023-11-16 18:15:47.0,374,0", "GeneratedTokens", "got 0"),
+        ("2023-11-16 18:15:47.0,-3,44", "ContextTokens", "got -3"),
+        ("2023-11-16 18:15:47.0,374,-1", "GeneratedTokens", "got -1"),
+        ("2023-11-16 18:15:47.0,1e3,44", "ContextTokens", "whole number"),
+        ("2023-11-16 18:15:47.0,374,99999999999999999999", "GeneratedTokens", "in [1, "),
+        ("not a time,374,44", "TIMESTAMP", "expected a time"),
+        ("NaT,374,44", "TIMESTAMP", "expected a time"),
+        (",374,44", "TIMESTAMP", "expected a time"),
+        ("2023-11-16 18:15:47.0,374", "GeneratedTokens", "no GeneratedTokens"),
+    ],
+)
+def test_a_bad_trace_row_is_an_error_naming_file_line_and_column(
+    tmp_path: Path, row: str, column: str, message: str
+) -> None:
+    """A request with no prompt or output tokens has no latency and used to count as meeting
+    its SLO; the Azure traces hold none, so such a row is a malformed file."""
+    path = tmp_path / "trace.csv"
+    path.write_text(TRACE_HEADER + GOOD_ROW + GOOD_ROW + "\n" + row + "\n" + GOOD_ROW)
+    with pytest.raises(TraceFormatError) as raised:
+        load_trace(path)
+    text = str(raised.value)
+    assert str(path) in text and "line 5" in text and column in text and message in text
+
+
+def test_workloads_refuse_requests_without_tokens_or_times() -> None:
+    times = np.array([0.0, 1.0])
+    with pytest.raises(ValueError, match="at least 1 prompt and 1 output token"):
+        Workload(times, np.array([5, 0]), np.array([5, 5]), 2.0)
+    with pytest.raises(ValueError, match="finite"):
+        Workload(times, np.array([5, 5]), np.array([5, 5]), float("inf"))
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_rate_scale_must_be_finite_and_positive(scale: float) -> None:
+    trace = resolve_trace("azure-code")
+    for mode in ("compress", "superpose"):
+        with pytest.raises(ValueError, match="rate scale must be finite and > 0"):
+            trace.scaled(scale, mode, np.random.default_rng(0))  # type: ignore[arg-type]
+
+
+def test_a_window_past_the_end_of_the_trace_names_both() -> None:
+    trace = resolve_trace("azure-code")
+    with pytest.raises(ValueError, match=r"starts at 1200 s, after azure-code ends \(586.3 s\)"):
+        trace.window(1200, 1800)
+    assert trace.window(300, 1800).duration_s == pytest.approx(trace.duration_s - 300)
+
+
+@pytest.mark.parametrize("cv", [0.0, 0.001, 101.0, float("nan")])
+def test_gamma_burstiness_outside_its_range_is_refused(cv: float) -> None:
+    with pytest.raises(ValueError, match=r"burstiness CV must be in \[0.01, 100"):
+        synthetic_workload(deployment().spec.traffic, 10.0, np.random.default_rng(0), "gamma", cv)
+
+
+@pytest.mark.parametrize("cv", [0.01, 100.0])
+def test_gamma_burstiness_at_its_bounds_keeps_the_rate(cv: float) -> None:
+    traffic = deployment().spec.traffic
+    work = synthetic_workload(traffic, 2000.0, np.random.default_rng(0), "gamma", cv)
+    assert np.isfinite(work.arrival_s).all()
+    if cv < 1:  # very bursty traffic is a few huge bursts: its count is too noisy to check
+        assert work.rate_per_s == pytest.approx(traffic.request_rate_per_second, rel=0.05)
 
 
 @pytest.mark.parametrize(

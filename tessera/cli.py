@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("tessera.operator.main", "operator_command"),
     "simulate": ("tessera.sim.cli", "simulate_command"),
     "agent": ("tessera.agents.cli", "agent_command"),
+    "serve": ("tessera.agents.serving.cli", "serve_command"),
 }
 
 SUBCOMMAND_HELP: dict[str, str] = {
@@ -27,6 +28,7 @@ SUBCOMMAND_HELP: dict[str, str] = {
     "operator": "Run the Kubernetes operator (kopf).",
     "simulate": "Simulate a heterogeneous cluster serving a trace under Tessera's policies.",
     "agent": "Run the node agent (gRPC telemetry and control).",
+    "serve": "Serve a model over an OpenAI-compatible HTTP API (the engine's pods run this).",
 }
 
 

@@ -1,0 +1,252 @@
+"""The engine in real time: requests arrive from any thread, tokens leave as each step makes them.
+
+`Engine` itself is single-threaded and synchronous (add, step, abort). `ServingLoop` owns one
+engine and is the only code that touches it: callers on other threads (the HTTP server's event
+loop, a benchmark) `submit` and `abort`; the loop thread drains those commands between steps,
+steps while anything is unfinished, hands each request's new tokens to that request's sink, and
+sleeps on an event when idle. What it adds to the engine is what serving needs and a batch run
+does not: a bounded waiting queue (`QueueFullError`, which the server answers with 429),
+per-request deadlines, and aborts that free a request's KV blocks at the next step boundary.
+
+Sinks run on the loop thread and must not block (the server's puts the event on its asyncio
+loop with `call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from tessera.agents.engine.engine import Engine, RequestNotFoundError
+from tessera.agents.engine.request import FinishReason, SamplingParams
+from tessera.agents.engine.stats import EngineStatsSnapshot
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds `max_waiting` requests; try again later."""
+
+
+class LoopStoppedError(RuntimeError):
+    """The loop is not running (stopped, or never started)."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one step (or an abort, deadline or failure) did for one request."""
+
+    request_id: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None = None
+    timed_out: bool = False
+    error: str | None = None
+    """The engine failed while running this request (the server answers 500)."""
+
+
+Sink = Callable[[TokenEvent], None]
+
+
+@dataclass
+class _Submission:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sink: Sink
+    deadline_s: float | None
+    admitted: Future[str]
+
+
+@dataclass
+class _Live:
+    sink: Sink
+    deadline_s: float | None
+
+
+class ServingLoop:
+    """One engine, stepped on its own thread; thread-safe `submit` and `abort`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        max_waiting: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+        on_iteration: Callable[[EngineStatsSnapshot], None] | None = None,
+    ) -> None:
+        if max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.clock = clock
+        self.on_iteration = on_iteration
+        """Called on the loop thread after every iteration with the engine's stats (drained of
+        their TTFT/TPOT samples, which go to the callback once each)."""
+        self._lock = threading.Lock()
+        self._inbox: deque[_Submission] = deque()
+        self._aborts: deque[str] = deque()
+        self._engine_waiting = 0
+        self._wake = threading.Event()
+        self._live: dict[str, _Live] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- any thread ----------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        sink: Sink,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Future[str]:
+        """Queue a request; the future resolves to its id once the engine holds it, or to the
+        engine's ValueError when it refuses the prompt. Raises QueueFullError at once when
+        `max_waiting` requests are already waiting."""
+        if self._stopping:
+            raise LoopStoppedError("the serving loop is stopping")
+        admitted: Future[str] = Future()
+        deadline = None if timeout_s is None else self.clock() + timeout_s
+        with self._lock:
+            if len(self._inbox) + self._engine_waiting >= self.max_waiting:
+                raise QueueFullError(f"{self.max_waiting} requests are already waiting")
+            request_id = request_id or f"serve-{next(self._ids)}"
+            self._inbox.append(
+                _Submission(request_id, list(prompt_token_ids), params, sink, deadline, admitted)
+            )
+        self._wake.set()
+        return admitted
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (client gone, stop string seen); its KV is freed before the next step.
+        Unknown or finished ids are ignored: the request may have finished meanwhile."""
+        with self._lock:
+            self._aborts.append(request_id)
+        self._wake.set()
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for the engine, submitted or waiting inside it."""
+        with self._lock:
+            return len(self._inbox) + self._engine_waiting
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="serving-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Abort everything in flight and end the thread."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    # ---- the loop thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self.run_once(idle_wait_s=1.0)
+        self._drain()
+        for request_id in list(self._live):
+            self._end(request_id, FinishReason.ABORTED)
+
+    def run_once(self, idle_wait_s: float = 0.0) -> None:
+        """One iteration: take commands, expire deadlines, run one step (or wait for work up to
+        `idle_wait_s`), report. The thread calls it in a loop; a caller that owns the loop (a
+        single-threaded benchmark) may call it directly instead of `start`."""
+        self._wake.clear()
+        self._drain()
+        self._expire()
+        engine = self.engine
+        stepped = False
+        if engine.has_unfinished():
+            try:
+                outputs = engine.step()
+            except Exception as error:  # the engine's state is unknown: fail what it held
+                log.exception("engine step failed; failing %d requests", len(self._live))
+                for request_id in list(self._live):
+                    self._end(request_id, FinishReason.ABORTED, error=f"engine failure: {error}")
+                outputs = []
+            stepped = bool(outputs)
+            for output in outputs:
+                live = self._live.get(output.request_id)
+                if live is None:
+                    continue
+                if output.finished:
+                    del self._live[output.request_id]
+                    engine.pop_finished(output.request_id)
+                live.sink(
+                    TokenEvent(
+                        output.request_id,
+                        list(output.new_token_ids),
+                        output.finished,
+                        output.finish_reason,
+                    )
+                )
+        snapshot = engine.stats_snapshot(drain=True)
+        with self._lock:
+            self._engine_waiting = snapshot.queue_length
+        if self.on_iteration is not None:
+            self.on_iteration(snapshot)
+        if not stepped and idle_wait_s > 0:
+            self._wake.wait(self._idle_wait(idle_wait_s))
+
+    def _idle_wait(self, idle_wait_s: float) -> float:
+        """Sleep until woken, or until the nearest deadline."""
+        deadlines = [live.deadline_s for live in self._live.values() if live.deadline_s]
+        if not deadlines:
+            return idle_wait_s
+        return max(0.0, min(idle_wait_s, min(deadlines) - self.clock()))
+
+    def _drain(self) -> None:
+        with self._lock:
+            submissions = list(self._inbox)
+            self._inbox.clear()
+            aborts = list(self._aborts)
+            self._aborts.clear()
+        for sub in submissions:
+            try:
+                self.engine.add_request(sub.prompt_token_ids, sub.params, sub.request_id)
+            except ValueError as error:
+                sub.admitted.set_exception(error)
+                continue
+            self._live[sub.request_id] = _Live(sub.sink, sub.deadline_s)
+            sub.admitted.set_result(sub.request_id)
+        # A request is aborted only after its submission (which this drain took first), so an
+        # id that is not live has finished already.
+        for request_id in aborts:
+            if request_id in self._live:
+                self._end(request_id, FinishReason.ABORTED)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for request_id, live in list(self._live.items()):
+            if live.deadline_s is not None and now >= live.deadline_s:
+                self._end(request_id, FinishReason.ABORTED, timed_out=True)
+
+    def _end(
+        self,
+        request_id: str,
+        reason: FinishReason,
+        timed_out: bool = False,
+        error: str | None = None,
+    ) -> None:
+        """Take a live request out of the engine (freeing its KV) and tell its sink."""
+        live = self._live.pop(request_id)
+        try:
+            self.engine.abort(request_id)
+            self.engine.pop_finished(request_id)
+        except RequestNotFoundError:
+            log.warning("request %s was not in the engine when it ended", request_id)
+        live.sink(TokenEvent(request_id, [], True, reason, timed_out=timed_out, error=error))

@@ -1,0 +1,390 @@
+"""The HTTP routes of `tessera serve` (FastAPI), OpenAI-compatible.
+
+- `POST /v1/completions`, `POST /v1/chat/completions`: JSON, or server-sent events with
+  `stream: true` (one `data:` chunk per batch of tokens, then `data: [DONE]`).
+- `GET /v1/models`: the one served model.
+- `GET /health`: the process is alive. `GET /ready`: weights loaded and kernels warm (503
+  before). `GET /metrics`: Prometheus text.
+
+Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
+request with `param` naming the field (FastAPI's own 422 is mapped to 400), 404 for another
+model's name, 429 with Retry-After when the waiting queue is full, 503 before /ready, 504 past
+the request timeout, 500 only when the engine itself failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from tessera.agents.engine.request import SamplingParams
+from tessera.agents.engine.serving_loop import QueueFullError, ServingLoop
+from tessera.agents.serving.generation import (
+    Delta,
+    EngineFailureError,
+    Generation,
+    GenerationTimeoutError,
+)
+from tessera.agents.serving.metrics import ServingMetrics
+from tessera.agents.serving.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    Usage,
+)
+from tessera.agents.serving.tokenizer import ServingTokenizer, TemplateError
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 429, 500, 503, 504)
+}
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+@dataclass
+class Served:
+    """What the routes serve: set once the engine has loaded and warmed up."""
+
+    model_name: str
+    max_model_len: int
+    metrics: ServingMetrics
+    request_timeout_s: float | None = None
+    loop: ServingLoop | None = None
+    tokenizer: ServingTokenizer | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    load_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.loop is not None and self.tokenizer is not None
+
+
+# The names pydantic gives union branches in an error's location (`prompt.str`,
+# `stop.list[...]`): they are not fields, so the field name the client sees leaves them out.
+_BRANCH_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
+
+
+def _param_of(loc: tuple[Any, ...]) -> str:
+    """`("body", "messages", 0, "role")` -> `messages[0].role`."""
+    parts = loc[1:] if loc and loc[0] == "body" else loc
+    name = ""
+    for part in parts:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part in _BRANCH_TAGS or "[" in str(part) or "-" in str(part):
+            continue
+        else:
+            name += f".{part}" if name else str(part)
+    return name or "body"
+
+
+def validation_error(error: RequestValidationError) -> ApiError:
+    """FastAPI's 422 as OpenAI's 400 naming the first bad field."""
+    errors = list(error.errors())
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    param = _param_of(tuple(first.get("loc", ())))
+    message = str(first.get("msg", "invalid value"))
+    if first.get("type") == "extra_forbidden":
+        message = "unsupported parameter"
+    elif first.get("type") == "json_invalid":
+        param, message = "body", "the body is not valid JSON"
+    return ApiError(400, f"{param}: {message}", param=param)
+
+
+def build_app(served: Served) -> FastAPI:
+    app = FastAPI(title="tessera serve", version="0.1.0", responses=ERROR_RESPONSES)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        served.metrics.reject("invalid")
+        return validation_error(error).response()
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", responses={503: {"model": ErrorResponse}})
+    async def ready() -> JSONResponse:
+        if not served.ready:
+            raise ApiError(503, served.load_error or "loading weights", kind="unavailable")
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(
+            generate_latest(served.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        card = ModelCard(
+            id=served.model_name, created=served.created, max_model_len=served.max_model_len
+        )
+        return ModelList(data=[card])
+
+    @app.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        loop, tokenizer = _ready(served, body)
+        if isinstance(body.prompt, str):
+            prompt = tokenizer.encode(body.prompt)
+        else:
+            prompt = list(body.prompt)
+        generation = await _start(served, loop, tokenizer, body, prompt, body.max_tokens)
+        now = int(time.time())
+        rid = f"cmpl-{generation.request_id}"
+        if body.stream:
+
+            def chunk(delta: Delta) -> dict[str, Any]:
+                choice = CompletionChoice(
+                    text=delta.text,
+                    finish_reason=delta.finish_reason,  # type: ignore[arg-type]
+                    token_ids=delta.token_ids if body.return_token_ids else None,
+                )
+                return CompletionResponse(
+                    id=rid, created=now, model=served.model_name, choices=[choice]
+                ).model_dump(exclude_none=True)
+
+            return _event_stream(generation, request, chunk, body, rid, now, served, "text")
+        deltas = await _collect(generation, request)
+        choice = CompletionChoice(
+            text="".join(d.text for d in deltas),
+            finish_reason=deltas[-1].finish_reason if deltas else None,  # type: ignore[arg-type]
+            token_ids=generation.output.token_ids if body.return_token_ids else None,
+        )
+        response = CompletionResponse(
+            id=rid,
+            created=now,
+            model=served.model_name,
+            choices=[choice],
+            usage=_usage(generation),
+            prompt_token_ids=prompt if body.return_token_ids else None,
+        )
+        return JSONResponse(response.model_dump(exclude_none=True))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        loop, tokenizer = _ready(served, body)
+        try:
+            prompt = tokenizer.encode_chat(body.template_messages())
+        except TemplateError as error:
+            raise ApiError(400, f"messages: {error}", param="messages") from error
+        if not prompt:
+            raise ApiError(400, "messages: the conversation renders to no tokens", "messages")
+        generation = await _start(served, loop, tokenizer, body, prompt, body.requested_max_tokens)
+        now = int(time.time())
+        rid = f"chatcmpl-{generation.request_id}"
+        if body.stream:
+
+            def chunk(delta: Delta) -> dict[str, Any]:
+                choice = ChatChunkChoice(
+                    delta=ChatDelta(content=delta.text),
+                    finish_reason=delta.finish_reason,  # type: ignore[arg-type]
+                    token_ids=delta.token_ids if body.return_token_ids else None,
+                )
+                return ChatCompletionChunk(
+                    id=rid, created=now, model=served.model_name, choices=[choice]
+                ).model_dump(exclude_none=True)
+
+            return _event_stream(generation, request, chunk, body, rid, now, served, "chat")
+        deltas = await _collect(generation, request)
+        choice = ChatChoice(
+            message=AssistantMessage(content="".join(d.text for d in deltas)),
+            finish_reason=deltas[-1].finish_reason if deltas else None,  # type: ignore[arg-type]
+            token_ids=generation.output.token_ids if body.return_token_ids else None,
+        )
+        response = ChatCompletionResponse(
+            id=rid,
+            created=now,
+            model=served.model_name,
+            choices=[choice],
+            usage=_usage(generation),
+            prompt_token_ids=prompt if body.return_token_ids else None,
+        )
+        return JSONResponse(response.model_dump(exclude_none=True))
+
+    return app
+
+
+def _ready(served: Served, body: SamplingFields) -> tuple[ServingLoop, ServingTokenizer]:
+    if served.loop is None or served.tokenizer is None:
+        raise ApiError(503, "the model is still loading; poll /ready", kind="unavailable")
+    if body.model is not None and body.model != served.model_name:
+        raise ApiError(
+            404,
+            f"model: {body.model!r} is not served here (this server serves {served.model_name!r})",
+            param="model",
+            kind="not_found_error",
+        )
+    return served.loop, served.tokenizer
+
+
+async def _start(
+    served: Served,
+    loop: ServingLoop,
+    tokenizer: ServingTokenizer,
+    body: SamplingFields,
+    prompt: list[int],
+    max_tokens: int | None,
+) -> Generation:
+    """Check the lengths, submit, and wait for the engine to accept the request."""
+    limit = served.max_model_len
+    room = limit - len(prompt)
+    if room < 1:
+        raise ApiError(
+            400,
+            f"prompt: {len(prompt)} tokens leave no room under the model's context of {limit}",
+            param="prompt" if isinstance(body, CompletionRequest) else "messages",
+        )
+    if max_tokens is not None and max_tokens > room:
+        name = "max_tokens"
+        if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens:
+            name = "max_completion_tokens"
+        raise ApiError(
+            400,
+            f"{name}: {max_tokens} tokens after a prompt of {len(prompt)} exceed the model's "
+            f"context of {limit}; at most {room}",
+            param=name,
+        )
+    params = SamplingParams(
+        max_new_tokens=max_tokens or room,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        ignore_eos=body.ignore_eos,
+    )
+    try:
+        generation = Generation(
+            loop,
+            tokenizer,
+            served.metrics,
+            prompt,
+            params,
+            body.stop_strings,
+            served.request_timeout_s,
+        )
+    except QueueFullError as error:
+        served.metrics.reject("queue_full")
+        raise ApiError(
+            429,
+            f"server busy: {error}; retry after {RETRY_AFTER_S} s",
+            kind="rate_limit_error",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from error
+    try:
+        await generation.wait_admitted()
+    except ValueError as error:
+        served.metrics.reject("invalid")
+        field_name = "max_tokens" if "KV blocks" in str(error) else "prompt"
+        raise ApiError(400, f"{field_name}: {error}", param=field_name) from error
+    return generation
+
+
+async def _collect(generation: Generation, request: Request) -> list[Delta]:
+    try:
+        return [delta async for delta in generation.deltas(request)]
+    except GenerationTimeoutError as error:
+        raise ApiError(504, str(error), kind="timeout") from error
+    except EngineFailureError as error:
+        raise ApiError(500, str(error), kind="server_error") from error
+
+
+def _usage(generation: Generation) -> Usage:
+    prompt = len(generation.prompt_token_ids)
+    completion = generation.completion_tokens
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def _event_stream(
+    generation: Generation,
+    request: Request,
+    chunk: Any,
+    body: SamplingFields,
+    rid: str,
+    created: int,
+    served: Served,
+    kind: str,
+) -> StreamingResponse:
+    """Server-sent events: (chat: a first chunk with the role), one chunk per delta, an
+    optional usage chunk, then [DONE]. An error after the stream began is an error chunk."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if kind == "chat":
+                first = ChatCompletionChunk(
+                    id=rid,
+                    created=created,
+                    model=served.model_name,
+                    choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
+                )
+                yield _sse(first.model_dump(exclude_none=True))
+            async for delta in generation.deltas(request):
+                if delta.text or delta.finish_reason is not None:
+                    yield _sse(chunk(delta))
+            if body.include_usage:
+                usage = {
+                    "id": rid,
+                    "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                    "created": created,
+                    "model": served.model_name,
+                    "choices": [],
+                    "usage": _usage(generation).model_dump(),
+                }
+                yield _sse(usage)
+        except (GenerationTimeoutError, EngineFailureError) as error:
+            kind_name = "timeout" if isinstance(error, GenerationTimeoutError) else "server_error"
+            yield _sse({"error": {"message": str(error), "type": kind_name, "param": None}})
+        finally:
+            generation.close()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

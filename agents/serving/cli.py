@@ -1,0 +1,169 @@
+"""`tessera serve`: the flags, checked, and the server started.
+
+This click command is the parser of the engine's arguments: every flag `operator/render.py`
+puts in a pod (`engine_args`, `scheduler_args`) is one of these, and a test parses each rendered
+pod's arguments with it. The flag names are vLLM's where vLLM has the flag. Importing this
+module costs only click; the server's dependencies (the `serve` extra) load when it runs.
+
+Bad input is a one-line error naming the flag, exit status 2: a flag out of range, weights
+that are not a local folder (`s3://`, `hf://`, `gs://` cannot be fetched by the server; mount
+them), a role or tensor-parallel degree this engine does not serve yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlparse
+
+import click
+
+ROLES = ("colocated", "prefill", "decode", "attention")
+SERVED_ROLES = ("colocated",)
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "fp8", "bfloat16", "float16", "float32")
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+LOCAL_SCHEMES = ("", "file")
+SERVE_MODULES = ("fastapi", "uvicorn", "tokenizers", "jinja2", "torch", "safetensors")
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr and exit status 2 (a usage error)."""
+    click.echo(f"tessera serve: error: {message}", err=True)
+    raise SystemExit(2)
+
+
+def weights_folder(weights_uri: str | None, model: str) -> Path:
+    """The local Hugging Face folder to load: --weights-uri, else --model if it is a folder."""
+    if weights_uri is None:
+        if Path(model).is_dir():
+            return Path(model)
+        fail(f"--weights-uri: not given, and --model {model!r} is no local folder")
+    parsed = urlparse(weights_uri)
+    if parsed.scheme not in LOCAL_SCHEMES:
+        fail(
+            f"--weights-uri {weights_uri}: scheme {parsed.scheme!r} cannot be fetched by "
+            "tessera serve; give a local folder (mount the weights, e.g. from an init container)"
+        )
+    folder = Path(parsed.path if parsed.scheme == "file" else weights_uri)
+    if not (folder / "config.json").is_file():
+        fail(f"--weights-uri {weights_uri}: no config.json there (a Hugging Face folder)")
+    if not (folder / "tokenizer.json").is_file():
+        fail(f"--weights-uri {weights_uri}: no tokenizer.json there (a fast tokenizer)")
+    return folder
+
+
+def check_serve_extra() -> None:
+    import importlib.util
+
+    missing = [name for name in SERVE_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        fail(
+            f"tessera serve needs the 'serve' extra ({', '.join(missing)} missing): "
+            "pip install 'tessera-operator[serve]'"
+        )
+
+
+@click.command("serve")
+@click.option("--model", required=True, help="Model name (or its local folder).")
+@click.option("--weights-uri", default=None, help="Local Hugging Face folder (or file:// URI).")
+@click.option("--served-model-name", default=None, help="Name in the API (default: --model).")
+@click.option("--role", type=click.Choice(ROLES), default="colocated", show_default=True)
+@click.option("--pool", default=lambda: os.environ.get("TESSERA_POOL", ""), help="Pool label.")
+@click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+@click.option("--max-model-len", type=click.IntRange(min=2), default=None, help="Context limit.")
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--max-num-batched-tokens", type=click.IntRange(min=1), default=2048, show_default=True
+)
+@click.option("--enable-chunked-prefill/--no-enable-chunked-prefill", default=True)
+@click.option("--prefill-service", default=None, help="host:port of the prefill pool (decode).")
+@click.option("--block-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--num-kv-blocks", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--kv-cache-memory-fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.85,
+    show_default=True,
+)
+@click.option(
+    "--max-waiting-requests",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Queue bound; beyond it requests get 429 with Retry-After.",
+)
+@click.option(
+    "--request-timeout-s",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="Per-request limit, queue included (0: none).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def serve_command(**flags: Any) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (colocated role)."""
+    config = build_config(flags)
+    import logging
+
+    from tessera.agents.serving.server import run
+
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    raise SystemExit(run(config))
+
+
+def build_config(flags: dict[str, Any]) -> Any:
+    """Check what parsing cannot (files, roles, lengths) and build the ServeConfig."""
+    if flags["role"] not in SERVED_ROLES:
+        fail(f"--role {flags['role']}: not served yet; tessera serve runs the colocated role")
+    if flags["tensor_parallel_size"] != 1:
+        fail(f"--tensor-parallel-size {flags['tensor_parallel_size']}: only 1 is served yet")
+    dtype = DTYPE_ALIASES.get(flags["dtype"], flags["dtype"])
+    if dtype == "fp8":
+        fail("--dtype fp8: not supported by the Tessera engine; bf16, fp16 or fp32")
+    folder = weights_folder(flags["weights_uri"], flags["model"])
+    check_serve_extra()
+    model_max = int(
+        json.loads((folder / "config.json").read_text()).get("max_position_embeddings", 8192)
+    )
+    max_model_len = flags["max_model_len"] or model_max
+    if max_model_len > model_max:
+        fail(f"--max-model-len {max_model_len}: above the model's {model_max} positions")
+    from tessera.agents.engine import SchedulerConfig
+    from tessera.agents.serving.server import ServeConfig
+
+    timeout = flags["request_timeout_s"]
+    return ServeConfig(
+        weights=folder,
+        model_name=flags["served_model_name"] or flags["model"],
+        host=flags["host"],
+        port=flags["port"],
+        max_model_len=max_model_len,
+        pool=flags["pool"],
+        role=flags["role"],
+        dtype=None if dtype == "auto" else dtype,
+        device=flags["device"],
+        scheduler=SchedulerConfig(
+            max_num_seqs=flags["max_num_seqs"],
+            max_num_batched_tokens=flags["max_num_batched_tokens"],
+            enable_chunked_prefill=flags["enable_chunked_prefill"],
+        ),
+        block_size=flags["block_size"],
+        num_kv_blocks=flags["num_kv_blocks"],
+        kv_cache_memory_fraction=flags["kv_cache_memory_fraction"],
+        max_waiting_requests=flags["max_waiting_requests"],
+        request_timeout_s=timeout or None,
+        seed=flags["seed"],
+        log_level=flags["log_level"],
+    )

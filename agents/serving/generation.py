@@ -1,0 +1,148 @@
+"""One request's generation as seen from the HTTP handler's event loop.
+
+Bridges the serving loop's thread to asyncio: the loop's sink puts each `TokenEvent` on this
+request's asyncio queue (`call_soon_threadsafe`), the handler iterates `deltas()`, and turns
+them into one JSON body or a stream of server-sent events. The request is aborted, freeing its
+KV, when the client disconnects, when a stop string is seen, or when the handler leaves early
+for any reason (`close`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from tessera.agents.engine.request import FinishReason, SamplingParams
+from tessera.agents.engine.serving_loop import ServingLoop, TokenEvent
+from tessera.agents.serving.metrics import ServingMetrics
+from tessera.agents.serving.output import OutputText
+from tessera.agents.serving.tokenizer import ServingTokenizer
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+class GenerationTimeoutError(RuntimeError):
+    """The request ran past the server's --request-timeout-s."""
+
+
+class EngineFailureError(RuntimeError):
+    """The engine failed while running the request."""
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    """"stop" or "length" on the last delta."""
+
+
+class Generation:
+    """Submit once, then iterate `deltas()`; `close()` in a finally block."""
+
+    def __init__(
+        self,
+        loop: ServingLoop,
+        tokenizer: ServingTokenizer,
+        metrics: ServingMetrics,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        stop: list[str],
+        timeout_s: float | None,
+    ) -> None:
+        self.loop = loop
+        self.metrics = metrics
+        self.request_id = f"req-{next(_ids)}"
+        self.prompt_token_ids = prompt_token_ids
+        self.output = OutputText(tokenizer, stop)
+        self.completion_tokens = 0
+        self.finished = False
+        self.started_s = time.monotonic()
+        self._queue: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
+        aio_loop = asyncio.get_running_loop()
+
+        def sink(event: TokenEvent) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop closed (shutdown)
+                aio_loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+        self.admitted = loop.submit(
+            prompt_token_ids, params, sink, request_id=self.request_id, timeout_s=timeout_s
+        )
+
+    async def wait_admitted(self) -> None:
+        """Raise the engine's ValueError if it refused the request."""
+        await asyncio.wrap_future(self.admitted)
+
+    async def deltas(self, request: Request | None = None) -> AsyncIterator[Delta]:
+        """Text deltas until the request finishes; ends early (aborting) if the client goes."""
+        watcher = asyncio.create_task(self._watch(request)) if request is not None else None
+        try:
+            while True:
+                event = await self._queue.get()
+                if event is None:  # the client disconnected
+                    self.metrics.reject("aborted")
+                    return
+                delta = self._on_event(event)
+                if delta is not None:
+                    yield delta
+                if self.finished:
+                    return
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self.close()
+
+    def _on_event(self, event: TokenEvent) -> Delta | None:
+        if event.error is not None:
+            self.finished = True
+            self.metrics.reject("error")
+            raise EngineFailureError(event.error)
+        if event.timed_out:
+            self.finished = True
+            self.metrics.reject("timeout")
+            raise GenerationTimeoutError("the request ran past the server's --request-timeout-s")
+        if self.output.stopped:
+            return None  # tokens that were in flight when a stop string ended the request
+        self.completion_tokens += len(event.token_ids)
+        final = event.finished
+        text = self.output.push(event.token_ids, final=final)
+        reason = None
+        if self.output.stopped:
+            reason = "stop"
+            if not final:
+                self.loop.abort(self.request_id)
+        elif final:
+            reason = "length" if event.finish_reason is FinishReason.LENGTH else "stop"
+            if event.finish_reason is FinishReason.ABORTED:
+                self.finished = True
+                self.metrics.reject("aborted")
+                return None
+        if reason is not None:
+            self.finished = True
+            self.metrics.finished(reason, time.monotonic() - self.started_s)
+        return Delta(text, list(event.token_ids), reason)
+
+    async def _watch(self, request: Request) -> None:
+        """Abort when the client disconnects (the body has been read, so the next message
+        the server receives for this request is its disconnect)."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                break
+        if not self.finished:
+            log.info("client of %s disconnected; aborting it", self.request_id)
+            self.loop.abort(self.request_id)
+            self._queue.put_nowait(None)
+
+    def close(self) -> None:
+        """Abort the request unless it finished (idempotent)."""
+        if not self.finished:
+            self.finished = True
+            self.loop.abort(self.request_id)

@@ -1,0 +1,111 @@
+"""Run `tessera serve`: HTTP first, then the engine, so that /health answers while weights load.
+
+uvicorn starts at once (a pod is alive while it loads); a loader thread reads the weights and
+tokenizer, warms the engine up with a short generation (on CUDA the decode graphs are captured
+when the engine is built, the prefill kernels run here) and starts the serving loop; only then
+does /ready answer 200. A load that fails stops the server with exit status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import uvicorn
+from tessera.agents.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig
+from tessera.agents.engine.serving_loop import ServingLoop
+from tessera.agents.serving.app import Served, build_app
+from tessera.agents.serving.metrics import ServingMetrics
+from tessera.agents.serving.tokenizer import ServingTokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `tessera serve` was told, checked (see cli.py)."""
+
+    weights: Path
+    model_name: str
+    host: str
+    port: int
+    max_model_len: int
+    pool: str
+    role: str
+    dtype: str | None
+    device: str | None
+    scheduler: SchedulerConfig
+    block_size: int
+    num_kv_blocks: int | None
+    kv_cache_memory_fraction: float
+    max_waiting_requests: int
+    request_timeout_s: float | None
+    seed: int
+    log_level: str
+
+
+def load(config: ServeConfig, served: Served) -> None:
+    """Load, warm up, start the loop; then the routes serve."""
+    engine = Engine.from_pretrained(
+        config.weights,
+        EngineConfig(
+            device=config.device,
+            dtype=DTYPES.get(config.dtype or ""),
+            block_size=config.block_size,
+            num_kv_blocks=config.num_kv_blocks,
+            kv_cache_memory_fraction=config.kv_cache_memory_fraction,
+            max_model_len=config.max_model_len,
+            scheduler=config.scheduler,
+            seed=config.seed,
+        ),
+    )
+    tokenizer = ServingTokenizer.from_folder(config.weights)
+    warm_prompt = tokenizer.encode("warm up") or [0]
+    engine.generate([warm_prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    served.metrics.start_from(engine.stats_snapshot(drain=True))
+    loop = ServingLoop(
+        engine,
+        max_waiting=config.max_waiting_requests,
+        on_iteration=served.metrics.observe_engine,
+    )
+    loop.start()
+    served.tokenizer = tokenizer
+    served.loop = loop
+    log.info("serving %s from %s on %s", config.model_name, config.weights, engine.device)
+
+
+def run(config: ServeConfig) -> int:
+    """Serve until interrupted; returns the process exit status."""
+    metrics = ServingMetrics(config.model_name, config.pool, config.role)
+    metrics.touch()
+    served = Served(
+        model_name=config.model_name,
+        max_model_len=config.max_model_len,
+        metrics=metrics,
+        request_timeout_s=config.request_timeout_s,
+    )
+    app = build_app(served)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=config.host, port=config.port, log_level=config.log_level, access_log=False
+        )
+    )
+
+    def loader() -> None:
+        try:
+            load(config, served)
+        except Exception as error:
+            log.exception("loading %s failed", config.weights)
+            served.load_error = f"loading {config.weights} failed: {error}"
+            server.should_exit = True
+
+    threading.Thread(target=loader, name="weights-loader", daemon=True).start()
+    server.run()
+    if served.loop is not None:
+        served.loop.stop()
+    return 1 if served.load_error else 0

@@ -18,6 +18,11 @@ from tessera.api.common import (
     PriorityTier,
     cel_rules,
 )
+from tessera.api.scheduler import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    SchedulerConfig,
+)
 
 
 class Dtype(StrEnum):
@@ -340,10 +345,6 @@ class PoolLoad(ApiModel):
     utilization: float = Field(ge=0, description="Busy fraction per replica (0..1).")
 
 
-WHOLE_PROMPT_MIN_BATCHED_TOKENS = 2048
-"""Least iteration token budget of an engine that prefills whole prompts (vLLM's default)."""
-
-
 class PoolPlan(ApiModel):
     """One pool of the plan in force, with the engine scheduler the plan was scored with."""
 
@@ -368,12 +369,16 @@ class PoolPlan(ApiModel):
         "default.",
     )
 
-    def batched_tokens(self, max_context_tokens: int) -> int:
-        """Tokens one engine iteration may hold: the chunk budget, or with whole prompts at
-        least one longest prompt (an engine must fit a whole prompt into one iteration)."""
+    def scheduler(self, max_context_tokens: int) -> SchedulerConfig:
+        """The engine scheduler this pool records, in vLLM's terms (the one translation from
+        the CRD's fields): chunked prefill under a `prefillChunkTokens` budget, or whole
+        prompts under a budget of at least one longest prompt, as vLLM sizes it (an engine
+        must fit a whole prompt into one step); `maxRunningRequests` or vLLM's default cap."""
+        max_num_seqs = self.max_running_requests or DEFAULT_MAX_NUM_SEQS
         if self.prefill_chunk_tokens is not None:
-            return self.prefill_chunk_tokens
-        return max(max_context_tokens, WHOLE_PROMPT_MIN_BATCHED_TOKENS)
+            return SchedulerConfig(max_num_seqs, self.prefill_chunk_tokens, True)
+        budget = max(max_context_tokens, DEFAULT_MAX_NUM_BATCHED_TOKENS)
+        return SchedulerConfig(max_num_seqs, budget, False)
 
 
 class Plan(ApiModel):

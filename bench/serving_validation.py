@@ -227,13 +227,9 @@ def sim_plan(mode: Mode, class_name: str) -> Plan:
 
 def engine_scheduler(mode: Mode, class_name: str, max_context_tokens: int) -> dict[str, Any]:
     """The measured GPU's engine scheduler (the one-replica pool of `sim_plan`), as the
-    engine's SchedulerConfig arguments: what the operator would pass it for that pool."""
+    fields of the SchedulerConfig the operator would give that pool (`PoolPlan.scheduler`)."""
     (pool,) = (p for p in sim_plan(mode, class_name).pools if p.replicas == 1)
-    return {
-        "max_num_seqs": pool.max_running_requests,
-        "max_num_batched_tokens": pool.batched_tokens(max_context_tokens),
-        "enable_chunked_prefill": pool.prefill_chunk_tokens is not None,
-    }
+    return asdict(pool.scheduler(max_context_tokens))
 
 
 def simulate(
@@ -247,23 +243,18 @@ def simulate(
     """The simulator on exactly these requests, with the schedulers the plan's pools record
     and the engine's KV capacity. KV moves at NVLink speed (the engine bench hands blocks over
     on the GPU)."""
-    from dataclasses import replace
-
     from tessera.sim.cluster import Cluster
     from tessera.sim.engine import DeploymentSetup, SimConfig, Simulation
-    from tessera.sim.evaluate import plan_schedulers
 
-    plan = sim_plan(mode, class_name)
-    schedulers = plan_schedulers(plan, spec.model.architecture.max_context_tokens)
-    schedulers = {role: replace(s, kv_capacity_tokens=kv_tokens) for role, s in schedulers.items()}
-    setup = DeploymentSetup("validation", spec, plan, schedulers)
+    setup = DeploymentSetup("validation", spec, sim_plan(mode, class_name))
     cluster = Cluster(
         "validation",
         {class_name: accelerator},
         {class_name: math.ceil(5 / accelerator.accelerators_per_node)},
         kv_link_gbps=accelerator.interconnect_bandwidth_gbps,
     )
-    return Simulation(cluster, [setup], [workload], SimConfig(seed=0)).run()
+    config = SimConfig(seed=0, block_size_tokens=BLOCK_SIZE, kv_capacity_tokens=kv_tokens)
+    return Simulation(cluster, [setup], [workload], config).run()
 
 
 def sim_latencies(mode: Mode, result: RunResult) -> tuple[np.ndarray, np.ndarray]:
@@ -515,7 +506,7 @@ def build_engine(
 ) -> Any:
     """The engine for a mode, with the scheduler `prepare` wrote (`engine_scheduler`)."""
     from tessera.agents.engine.engine import Engine, EngineConfig, EngineRole
-    from tessera.agents.engine.scheduler import SchedulerConfig
+    from tessera.api.scheduler import SchedulerConfig
 
     role = {
         Mode.CHUNKED: EngineRole.COLOCATED,

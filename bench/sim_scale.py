@@ -46,7 +46,6 @@ from tessera.api.model_deployment import (
 from tessera.policies.perfmodel import PREFILL_CHUNK_TOKENS
 from tessera.sim.cluster import Cluster
 from tessera.sim.engine import DeploymentSetup, SimConfig, Simulation
-from tessera.sim.evaluate import plan_schedulers
 from tessera.sim.metrics import RunResult
 from tessera.sim.workload import Workload, load_trace
 
@@ -110,9 +109,7 @@ def run(
     name: str, cluster: Cluster, layout: str, workload: Workload, spec: ModelDeploymentSpec
 ) -> dict[str, Any]:
     plan = fleet_plan(cluster, layout)
-    setup = DeploymentSetup(
-        "chat", spec, plan, plan_schedulers(plan, spec.model.architecture.max_context_tokens)
-    )
+    setup = DeploymentSetup("chat", spec, plan)  # each pool runs the scheduler it records
     started = time.perf_counter()
     simulation = Simulation(cluster, [setup], [workload], SimConfig(seed=0), layout)
     result: RunResult = simulation.run()

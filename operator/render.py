@@ -169,21 +169,11 @@ def engine_args(owner: Owner, spec: ModelDeploymentSpec, plan: Plan, pool: PoolP
 
 
 def scheduler_args(spec: ModelDeploymentSpec, pool: PoolPlan) -> list[str]:
-    """The engine scheduler the plan was scored with, as vLLM-compatible flags.
-
-    Chunked prefill is named either way: vLLM (V1) and the Tessera engine chunk by default, so
-    a pool planned for whole prompts must turn it off. Attention pools run no scheduler.
-    """
+    """The engine scheduler the plan was scored with (`PoolPlan.scheduler`, the same settings
+    the simulator ran), as vLLM-compatible flags. Attention pools run no scheduler."""
     if pool.role is PoolRole.ATTENTION:
         return []
-    args = []
-    if pool.max_running_requests is not None:
-        args.append(f"--max-num-seqs={pool.max_running_requests}")
-    tokens = pool.batched_tokens(spec.model.architecture.max_context_tokens)
-    args.append(f"--max-num-batched-tokens={tokens}")
-    chunked = pool.prefill_chunk_tokens is not None
-    args.append("--enable-chunked-prefill" if chunked else "--no-enable-chunked-prefill")
-    return args
+    return pool.scheduler(spec.model.architecture.max_context_tokens).engine_flags()
 
 
 def resources_for(class_spec: AcceleratorClassSpec, tensor_parallel: int) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Serving policies to compare, by name: each is a plan plus the engines' scheduler settings.
 
-- `vllm`: sarathi's replicas, prefilling whole prompts first (vLLM v0 default).
+- `vllm`: sarathi's replicas, prefilling whole prompts (vLLM with chunked prefill off).
 - `sarathi`: colocated replicas with chunked prefill under a 512-token budget (Sarathi-Serve).
 - `disaggregated`: prefill and decode pools (Splitwise, DistServe) with KV transfer.
 - `attention-offload`: prefill pool plus decode replicas whose attention runs on a memory pool.
@@ -10,7 +10,7 @@
 Plans come from `tessera.policies.placement.plan_deployment` with the serving mode set, on the
 cluster's classes with its free capacity, so the baselines are sized by the same model and
 for the same declared traffic as Tessera's own plan. Every pool's engine scheduler is the one
-its plan records (`sim.evaluate.plan_schedulers`).
+its plan records (`PoolPlan.scheduler`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tessera.policies.dispatch import DispatchPolicy
 from tessera.policies.placement import InfeasiblePlanError, plan_deployment
 from tessera.sim.cluster import Cluster
 from tessera.sim.engine import DeploymentSetup
-from tessera.sim.evaluate import SimulatedEvaluator, plan_schedulers
+from tessera.sim.evaluate import SimulatedEvaluator
 
 
 class Baseline(StrEnum):
@@ -97,7 +97,6 @@ def setups_for(
     deployments: Sequence[ModelDeployment],
     cluster: Cluster,
     dispatch: DispatchPolicy = DispatchPolicy.LEAST_TOKENS,
-    fast_forward: bool = True,
 ) -> list[DeploymentSetup]:
     """Plans and scheduler settings for every deployment under a baseline, planned in order.
 
@@ -113,14 +112,7 @@ def setups_for(
                 f"{baseline.value}: {deployment.metadata.name}: {error}"
             ) from error
         allocate(plan, allocated)
-        arch = deployment.spec.model.architecture
         setups.append(
-            DeploymentSetup(
-                deployment.metadata.name,
-                deployment.spec,
-                plan,
-                plan_schedulers(plan, arch.max_context_tokens, fast_forward),
-                dispatch,
-            )
+            DeploymentSetup(deployment.metadata.name, deployment.spec, plan, dispatch=dispatch)
         )
     return setups

@@ -5,7 +5,7 @@ The simulator owns time and events only. Where requests go is decided by
 a baseline), and how long an iteration takes by the performance models in `tessera.policies`.
 Arrivals are read from sorted arrays rather than queued as events; every other event (an
 iteration or a run of decode iterations ending, a KV transfer landing) sits in one heap ordered
-by (time, sequence number), so ties resolve in the order events were scheduled and a run is
+by (time, sequence number), so ties resolve in the order events were pushed and a run is
 deterministic.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tessera.api.accelerator_class import AcceleratorClassSpec
 from tessera.api.model_deployment import ModelDeploymentSpec, Plan, PoolPlan, PoolRole
+from tessera.api.scheduler import SchedulerConfig
 from tessera.policies.attention_offload import OffloadedDecodePerformance
 from tessera.policies.dispatch import (
     DispatchPolicy,
@@ -31,7 +32,7 @@ from tessera.policies.dispatch import (
 )
 from tessera.policies.perfmodel import ReplicaPerformance
 from tessera.sim.cluster import Cluster
-from tessera.sim.instance import Instance, Request, SchedulerConfig
+from tessera.sim.instance import Instance, Request
 from tessera.sim.metrics import PoolReport, PowerTrack, RunResult
 from tessera.sim.stepcost import PerformanceModel, StepCost
 from tessera.sim.transfer import KvLinks
@@ -53,7 +54,9 @@ class DeploymentSetup:
     name: str
     spec: ModelDeploymentSpec
     plan: Plan
-    schedulers: Mapping[PoolRole, SchedulerConfig]
+    schedulers: Mapping[PoolRole, SchedulerConfig] = field(default_factory=dict)
+    """Engine schedulers by pool role; a role not named runs what its pool records
+    (`PoolPlan.scheduler`), as the operator would start it."""
     dispatch: DispatchPolicy = DispatchPolicy.LEAST_TOKENS
 
 
@@ -64,6 +67,13 @@ class SimConfig:
     """Width of the power timeline's bins; default: the workload's span / 200."""
     progress_every: int = 4096
     """Call the progress callback every this many events."""
+    fast_forward: bool = True
+    """Sum runs of decode iterations in closed form; False steps every iteration (slow, exact)."""
+    block_size_tokens: int = 16
+    """Tokens per KV block in every instance (the engine's default)."""
+    kv_capacity_tokens: int | None = None
+    """KV tokens per replica instead of the performance models' (tests force preemption with
+    it; the serving bench pins it to the engine's)."""
 
 
 @dataclass
@@ -269,7 +279,7 @@ class Simulation:
         stage = _Stage([], loads)
         arch = setup.spec.model.architecture
         for pool, cost, role in pools:
-            config = setup.schedulers.get(role, SchedulerConfig())
+            scheduler = setup.schedulers.get(role) or pool.plan.scheduler(arch.max_context_tokens)
             speed = (
                 cost.decode_tokens_per_s()
                 if role is PoolRole.DECODE
@@ -287,7 +297,7 @@ class Simulation:
                     f"{setup.name}/{pool.plan.name}/{replica}",
                     role,
                     cost,
-                    config,
+                    scheduler,
                     loads,
                     slot,
                     pool.power,
@@ -307,7 +317,7 @@ class Simulation:
         return stage
 
     # ---- events -----------------------------------------------------------------------
-    def schedule(self, at_s: float, target: Any, version: int) -> None:
+    def push_event(self, at_s: float, target: Any, version: int) -> None:
         """An event at `at_s` calling `target.step_end(at_s, version)`."""
         self.sequence += 1
         heapq.heappush(self.heap, (at_s, self.sequence, target, version))
@@ -352,7 +362,7 @@ class Simulation:
         assert isinstance(perf, ReplicaPerformance)
         _, end = self.links.schedule(source, target, request.kv, now, perf)
         self.transfer_s[request.rid] += end - now
-        self.schedule(end, _TransferDone(self, request, source, target, blocks), 0)
+        self.push_event(end, _TransferDone(self, request, source, target, blocks), 0)
 
     def reprefill(self, request: Request, now: float) -> None:
         """A decode instance preempted a request: recompute its KV on the prefill pool."""

@@ -14,53 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 from tessera.api.accelerator_class import AcceleratorClassSpec
-from tessera.api.model_deployment import ModelDeploymentSpec, Plan, PoolPlan, PoolRole
+from tessera.api.model_deployment import ModelDeploymentSpec, Plan
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.dispatch import DispatchPolicy
 from tessera.sim.cluster import Cluster
 from tessera.sim.engine import DeploymentSetup, SimConfig, Simulation
-from tessera.sim.instance import SchedulerConfig
 from tessera.sim.metrics import RunResult
 from tessera.sim.workload import synthetic_workload
 
 EVALUATION_REQUESTS = 1500
 """Requests one evaluation simulates: enough for a tail percentile, few enough to be quick."""
-
-
-class SchedulerConflictError(ValueError):
-    """Two pools of one role ask for different engine schedulers (the simulator keys by role)."""
-
-
-def pool_scheduler(
-    pool: PoolPlan, max_context_tokens: int, fast_forward: bool = True
-) -> SchedulerConfig:
-    """The engine scheduler a pool's plan records: chunked prefill or whole prompts, the
-    iteration token budget and the batch cap, as the operator passes them to the engine."""
-    return SchedulerConfig(
-        chunked_prefill=pool.prefill_chunk_tokens is not None,
-        token_budget=pool.batched_tokens(max_context_tokens),
-        max_num_seqs=pool.max_running_requests,
-        fast_forward=fast_forward,
-    )
-
-
-def plan_schedulers(
-    plan: Plan, max_context_tokens: int, fast_forward: bool = True
-) -> dict[PoolRole, SchedulerConfig]:
-    """Each pool role's scheduler, from the plan's pools (attention pools run no scheduler), so
-    a simulation runs the plan the way the planner scored it."""
-    settings: dict[PoolRole, SchedulerConfig] = {}
-    for pool in plan.pools:
-        if pool.role is PoolRole.ATTENTION:
-            continue
-        config = pool_scheduler(pool, max_context_tokens, fast_forward)
-        if settings.setdefault(pool.role, config) != config:
-            raise SchedulerConflictError(
-                f"pools of role {pool.role.value} record different engine schedulers "
-                f"(pool {pool.name}: prefillChunkTokens {pool.prefill_chunk_tokens}, "
-                f"maxRunningRequests {pool.max_running_requests}); give them the same settings"
-            )
-    return settings
 
 
 @dataclass(frozen=True)
@@ -87,13 +50,8 @@ class SimulatedEvaluator:
         duration_s = min(self.max_duration_s, max(self.min_duration_s, self.requests / rate))
         rng = np.random.default_rng([self.seed, 23])
         workload = synthetic_workload(spec.traffic, duration_s, rng)
-        setup = DeploymentSetup(
-            "evaluated",
-            spec,
-            plan,
-            plan_schedulers(plan, spec.model.architecture.max_context_tokens),
-            DispatchPolicy.LEAST_TOKENS,
-        )
+        # Each pool runs the engine scheduler its plan records (`PoolPlan.scheduler`).
+        setup = DeploymentSetup("evaluated", spec, plan, dispatch=DispatchPolicy.LEAST_TOKENS)
         cluster = self._cluster_for(plan)
         return Simulation(cluster, [setup], [workload], SimConfig(seed=self.seed)).run()
 

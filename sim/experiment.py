@@ -5,6 +5,7 @@ The CLI, the benchmarks and the tests all go through here, so they simulate the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -19,6 +20,19 @@ from tessera.sim.metrics import RunResult, SweepResult, goodput_sweep
 from tessera.sim.workload import RateMode, Workload, synthetic_workload
 
 Progress = Callable[[int, int], None]
+
+MAX_SIMULATED_REQUESTS = 2_000_000
+"""Most requests one simulated run may hold: about 700 times the bundled ten-minute
+conversation window, and a few GB of simulator state. Superposed rate scales and synthetic
+traffic multiply the request count; past this a run would grow memory for minutes before
+failing, so it is refused up front (the CLI names the flag that asked for it)."""
+
+SWEEP_MAX_EXPANSIONS = 8
+"""Doublings (or halvings) a goodput sweep may take to bracket the edge: up to 256x."""
+
+
+class WorkloadTooLargeError(ValueError):
+    """The workload would hold more than MAX_SIMULATED_REQUESTS requests."""
 
 
 @dataclass(frozen=True)
@@ -35,11 +49,44 @@ class WorkloadSpec:
     rate_mode: RateMode = "compress"
     seed: int = 0
 
+    def base_requests(self, deployments: Sequence[ModelDeployment]) -> float:
+        """Requests at rate scale 1: the trace window's count, or synthetic traffic's expected
+        count (each deployment's declared rate over the duration)."""
+        if self.trace is not None:
+            base = self.trace if self.window_s is None else self.trace.window(*self.window_s)
+            return float(len(base))
+        duration = self.synthetic_duration_s
+        if self.window_s is not None:
+            duration = self.window_s[1] - self.window_s[0]
+        return sum(d.spec.traffic.request_rate_per_second for d in deployments) * duration
+
+    def requests_at(self, deployments: Sequence[ModelDeployment], rate_scale: float) -> float:
+        """Requests (expected) at a rate scale: compressing keeps the count, superposing
+        multiplies it."""
+        factor = rate_scale if self.rate_mode == "superpose" else 1.0
+        return self.base_requests(deployments) * factor
+
+    def max_rate_scale(self, deployments: Sequence[ModelDeployment]) -> float:
+        """Highest rate scale within MAX_SIMULATED_REQUESTS (infinite when compressing)."""
+        if self.rate_mode != "superpose":
+            return math.inf
+        return MAX_SIMULATED_REQUESTS / max(self.base_requests(deployments), 1.0)
+
     def build(
         self, deployments: Sequence[ModelDeployment], rate_scale: float | None = None
     ) -> list[Workload]:
-        """One workload per deployment, reproducible from the seed."""
+        """One workload per deployment, reproducible from the seed.
+
+        Raises WorkloadTooLargeError, before drawing anything, if it would hold more than
+        MAX_SIMULATED_REQUESTS requests.
+        """
         scale = self.rate_scale if rate_scale is None else rate_scale
+        requests = self.requests_at(deployments, scale)
+        if not requests <= MAX_SIMULATED_REQUESTS:
+            raise WorkloadTooLargeError(
+                f"the workload at rate scale {scale:g} ({self.rate_mode}) would hold about "
+                f"{requests:.3g} requests; at most {MAX_SIMULATED_REQUESTS:,} can be simulated"
+            )
         rng = np.random.default_rng([self.seed, 17])
         if self.trace is not None:
             base = self.trace
@@ -73,7 +120,8 @@ def run_policy(
     progress: Progress | None = None,
 ) -> RunResult:
     """One simulation of a policy (raises InfeasiblePlanError if it cannot be planned)."""
-    setups = setups_for(baseline, deployments, cluster, dispatch, fast_forward)
+    setups = setups_for(baseline, deployments, cluster, dispatch)
+    config = replace(config or SimConfig(), fast_forward=fast_forward)
     simulation = Simulation(cluster, setups, workloads, config, baseline.value)
     return simulation.run(progress)
 
@@ -92,20 +140,37 @@ def sweep_policy(
     """Goodput of a policy: the highest rate scale (of the workload's) meeting every target.
 
     The plan is made once, for the declared traffic, and held while the rate is swept: the
-    sweep measures how much traffic that plan carries within the SLO.
+    sweep measures how much traffic that plan carries within the SLO. A superposing sweep
+    doubles the rate only while the workload stays within MAX_SIMULATED_REQUESTS; if the plan
+    still passes there, the goodput reported is that bound (a lower bound on the true one).
     """
     base = workload.build(deployments, 1.0)
     base_rate = sum(w.rate_per_s for w in base)
-    setups = setups_for(baseline, deployments, cluster, dispatch, fast_forward)
+    setups = setups_for(baseline, deployments, cluster, dispatch)
+    config = replace(config or SimConfig(), fast_forward=fast_forward)
+
+    runs: dict[float, RunResult] = {}
 
     def run_at(scale: float) -> RunResult:
-        if on_point is not None:
-            on_point(scale)
-        workloads = workload.build(deployments, scale)
-        return Simulation(cluster, setups, workloads, config, baseline.value).run()
+        if scale not in runs:
+            if on_point is not None:
+                on_point(scale)
+            workloads = workload.build(deployments, scale)
+            runs[scale] = Simulation(cluster, setups, workloads, config, baseline.value).run()
+        return runs[scale]
 
+    start = workload.rate_scale
+    expansions = SWEEP_MAX_EXPANSIONS
+    headroom = workload.max_rate_scale(deployments) / start
+    if headroom < 2**SWEEP_MAX_EXPANSIONS and run_at(start).meets_targets():
+        expansions = math.floor(math.log2(headroom))  # doubling, not halving, needs the room
     return goodput_sweep(
-        baseline.value, run_at, base_rate, start_scale=workload.rate_scale, bisections=bisections
+        baseline.value,
+        run_at,
+        base_rate,
+        start_scale=start,
+        bisections=bisections,
+        max_expansions=expansions,
     )
 
 

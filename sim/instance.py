@@ -1,14 +1,14 @@
 """A serving instance (one replica): continuous batching at iteration level over a paged KV
-cache, the way vLLM's scheduler works, with Sarathi-style chunked prefill as an option.
+cache, forming each iteration's batch with the engine's own policy
+(`policies.batching.form_batch`, vLLM V1's rules), chunked prefill on or off.
 
-- Requests are admitted first-come-first-served when the blocks for their whole prompt are free
-  (vLLM allocates a prompt's blocks at admission) and the batch has room (`max_num_seqs`).
-- Without chunked prefill an iteration is either prefills (whole prompts, up to the token
-  budget) or one decode token for every running request, prefills first (vLLM v0 default).
-- With chunked prefill every iteration decodes every running request and fills the rest of the
-  token budget with prompt chunks (Sarathi-Serve; vLLM's chunked-prefill scheduler).
-- A decode step that needs a block when none is free preempts the most recently admitted
-  request by recomputation: its blocks are freed and it prefills again (prompt + the tokens it
+- Each iteration runs the running requests' decode tokens and prompt chunks first, then admits
+  waiting requests first-come-first-served while the token budget, `max_num_seqs` and free KV
+  blocks allow. KV blocks grow with the tokens computed, chunk by chunk, as in the engine.
+- Without chunked prefill a prompt is admitted only when it fits the iteration's remaining
+  budget whole; it runs beside the decodes, which its length stalls.
+- When a request's next tokens need a block and none is free, the newest running request is
+  preempted by recomputation: its blocks are freed and it prefills again (prompt + the tokens it
   had generated) when memory allows; a decode-role instance sends it back to the prefill pool.
 - Roles: colocated (prefill and decode), prefill (hands a request off after its first token;
   keeps its KV blocks until the transfer out completes), decode (receives requests with their
@@ -22,10 +22,11 @@ run at the end of the iteration in progress, as a real scheduler would admit it 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tessera.api.model_deployment import PoolRole
+from tessera.api.scheduler import SchedulerConfig
+from tessera.policies.batching import RequestView, blocks_for_tokens, form_batch
 from tessera.policies.dispatch import InstanceLoads
 from tessera.policies.perfmodel import PrefillChunk
 from tessera.sim.stepcost import DecodeCurve, StepCost
@@ -37,22 +38,6 @@ if TYPE_CHECKING:
 
 class KvOvercommitError(AssertionError):
     """An instance holds more KV-cache blocks than it has: a simulator bug, never a result."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Engine scheduler settings of an instance (vLLM's names where they exist)."""
-
-    chunked_prefill: bool = False
-    token_budget: int = 8192
-    """max_num_batched_tokens: tokens per iteration (prompt chunks + decodes)."""
-    max_num_seqs: int | None = None
-    """Requests running at once; None: the performance model's `max_running_requests`."""
-    block_size_tokens: int = 16
-    kv_capacity_tokens: int | None = None
-    """Override of the performance model's KV capacity (tests use it to force preemption)."""
-    fast_forward: bool = True
-    """Sum runs of decode iterations in closed form; False steps every iteration (slow, exact)."""
 
 
 class Request:
@@ -95,6 +80,12 @@ class Request:
         self.transfer_s = 0.0
         self.home: Instance | None = None
 
+    def view(self) -> RequestView:
+        """Its integer view for batch formation: a prompt chunk pending, or one decode token."""
+        if self.prefilled < self.target:
+            return RequestView(self.prefilled, self.target, self.blocks)
+        return RequestView(self.kv, self.kv + 1, self.blocks)
+
 
 _IDLE, _BATCH, _RUN = 0, 1, 2
 
@@ -108,7 +99,7 @@ class Instance:
         name: str,
         role: PoolRole,
         cost: StepCost,
-        config: SchedulerConfig,
+        scheduler: SchedulerConfig,
         loads: InstanceLoads,
         slot: int,
         power: PowerTrack,
@@ -123,20 +114,21 @@ class Instance:
         self.name = name
         self.role = role
         self.cost = cost
-        self.config = config
+        self.scheduler = scheduler
         self.loads = loads
         self.slot = slot
         self.power = power
         self.network_gbps = network_gbps
-        self.block_size = config.block_size_tokens
-        self.max_num_seqs = config.max_num_seqs or cost.perf.max_running_requests
-        capacity = config.kv_capacity_tokens
+        options = sim.config
+        self.block_size = options.block_size_tokens
+        self.fast_forward = options.fast_forward
+        capacity = options.kv_capacity_tokens
         if capacity is None:
             capacity = cost.perf.kv_capacity_tokens
         self.total_blocks = capacity // self.block_size
         self.used_blocks = 0
         self.growth_blocks = 0
-        """Blocks the iteration (or run) in progress will add as its decodes grow."""
+        """Blocks a run of decode iterations in progress will add after its first iteration."""
         self.peak_used_blocks = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -150,6 +142,8 @@ class Instance:
         self.started_s = 0.0
         self.batch_decoding: list[Request] = []
         self.batch_chunks: list[tuple[Request, int]] = []
+        self.batch_preempted: list[Request] = []
+        """Requests the iteration in progress preempted when it was formed."""
         self.run_curve: DecodeCurve | None = None
         self.run_start_total = 0
         self.run_steps = 0
@@ -164,7 +158,7 @@ class Instance:
 
     @property
     def free_blocks(self) -> int:
-        """Blocks neither held nor promised to the decode tokens of the iteration in progress."""
+        """Blocks neither held nor promised to the run of decode iterations in progress."""
         return self.total_blocks - self.used_blocks - self.growth_blocks
 
     def enqueue(self, request: Request, now: float) -> None:
@@ -193,8 +187,7 @@ class Instance:
 
     def release(self, request: Request, now: float) -> None:
         """Free a handed-off request's blocks once its KV has left (prefill role)."""
-        self.used_blocks -= request.blocks
-        request.blocks = 0
+        self._set_blocks(request, 0)
         self._publish()
         self._kick(now)
 
@@ -205,14 +198,13 @@ class Instance:
         elif self.state == _RUN and not self.run_cut:
             self._cut_run(now)
 
-    def _pull(self, now: float, reserved_blocks: int = 0) -> None:
+    def _pull(self, now: float) -> None:
         """Start the transfers of incoming requests, in order, while their blocks are free
-        beyond `reserved_blocks` (the next decode step's growth: running requests first)."""
-        size = self.block_size
+        (the iteration being formed has taken its decodes' blocks first)."""
         while self.incoming:
             request = self.incoming[0]
-            need = -(-request.kv // size)
-            if need > self.free_blocks - reserved_blocks:
+            need = blocks_for_tokens(request.kv, self.block_size)
+            if need > self.free_blocks:
                 break
             self.incoming.popleft()
             self.used_blocks += need
@@ -220,18 +212,9 @@ class Instance:
             self.sim.start_transfer(request, self, need, now)
         self._publish()
 
-    def _admit(self, request: Request, reserved_blocks: int = 0) -> bool:
-        """Admit the head of the waiting queue if its prompt's blocks are free beyond those
-        `reserved_blocks` this iteration's decodes will take."""
-        need = -(-request.target // self.block_size)
-        if need > self.free_blocks - reserved_blocks:
-            return False
-        self.waiting.popleft()
-        request.blocks = need
-        self.used_blocks += need
-        self._check_blocks()
-        self.running.append(request)
-        return True
+    def _set_blocks(self, request: Request, blocks: int) -> None:
+        self.used_blocks += blocks - request.blocks
+        request.blocks = blocks
 
     def _check_blocks(self) -> None:
         if self.used_blocks > self.total_blocks:
@@ -241,10 +224,10 @@ class Instance:
         if self.used_blocks > self.peak_used_blocks:
             self.peak_used_blocks = self.used_blocks
 
-    def _preempt(self, now: float) -> Request:
-        victim = self.running.pop()
-        self.used_blocks -= victim.blocks
-        victim.blocks = 0
+    def _preempt(self, victim: Request, now: float) -> None:
+        self.running.remove(victim)
+        self._set_blocks(victim, 0)
+        self.pending_prefill_tokens -= victim.target - victim.prefilled
         victim.kv = 0
         victim.prefilled = 0
         victim.target = victim.prompt + victim.generated
@@ -255,65 +238,42 @@ class Instance:
         else:
             self.waiting.appendleft(victim)
             self.pending_prefill_tokens += victim.target
-        return victim
-
-    def _decoding_with_blocks(self, now: float) -> tuple[list[Request], int]:
-        """Running requests past prefill, after preempting until one more token fits each;
-        and the blocks that token will take."""
-        size = self.block_size
-        decoding = [r for r in self.running if r.prefilled >= r.target]
-        need = sum(1 for r in decoding if r.kv % size == 0)
-        while need > self.free_blocks:
-            victim = self.running[-1]
-            if decoding and decoding[-1] is victim:
-                decoding.pop()
-                if victim.kv % size == 0:
-                    need -= 1
-            # A victim still prefilling frees blocks without changing `need`.
-            self._preempt(now)
-        return decoding, need
 
     def _start(self, now: float) -> None:
-        config = self.config
+        """Form the next iteration's batch with the engine's policy and start it."""
+        running, waiting = self.running, self.waiting
+        decision = form_batch(
+            self.scheduler,
+            self.block_size,
+            [r.view() for r in running],
+            [r.view() for r in waiting],
+            self.free_blocks,
+        )
+        victims = [running[i] for i in decision.preempted]
+        work = [(running[w.request], w) for w in decision.scheduled]
+        for w in decision.admitted:
+            request = waiting.popleft()
+            running.append(request)
+            work.append((request, w))
+        for victim in victims:
+            self._preempt(victim, now)
         chunks: list[tuple[Request, int]] = []
         decoding: list[Request] = []
-        if self.role is PoolRole.DECODE:
-            decoding, reserved = self._decoding_with_blocks(now)
-            if self.incoming:
-                self._pull(now, reserved)
-        elif config.chunked_prefill:
-            decoding, reserved = self._decoding_with_blocks(now)
-            budget = config.token_budget - len(decoding)
-            for request in self.running:
-                if budget <= 0:
-                    break
-                if request.prefilled < request.target:
-                    n = min(request.target - request.prefilled, budget)
-                    chunks.append((request, n))
-                    budget -= n
-            while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
-                request = self.waiting[0]
-                if not self._admit(request, reserved):
-                    break
-                n = min(request.target, budget)
-                chunks.append((request, n))
-                budget -= n
-        else:
-            tokens = 0
-            while self.waiting and len(self.running) < self.max_num_seqs:
-                request = self.waiting[0]
-                if chunks and tokens + request.target > config.token_budget:
-                    break
-                if not self._admit(request):
-                    break
-                chunks.append((request, request.target))
-                tokens += request.target
-            if not chunks:
-                decoding, _ = self._decoding_with_blocks(now)
+        for request, w in work:
+            self._set_blocks(request, request.blocks + w.new_blocks)
+            if request.prefilled < request.target:
+                chunks.append((request, w.num_tokens))
+            else:
+                decoding.append(request)
+        self._check_blocks()
+        self.batch_preempted = victims
+        if self.incoming:
+            self._pull(now)
         if chunks:
             self._start_batch(now, chunks, decoding)
         elif decoding:
-            self._start_run(now, decoding)
+            # A step that preempted admitted nothing; the next one may admit the preempted.
+            self._start_run(now, decoding, single=bool(victims and waiting))
         else:
             self.state = _IDLE
         self._publish()
@@ -327,16 +287,16 @@ class Instance:
         self.started_s = now
         self.batch_chunks = chunks
         self.batch_decoding = decoding
-        size = self.block_size
-        self.growth_blocks = sum(1 for r in decoding if r.kv % size == 0)
         self.busy_compute_s = time_s if compute_bound else 0.0
         self.version += 1
-        self.sim.schedule(now + time_s, self, self.version)
+        self.sim.push_event(now + time_s, self, self.version)
 
-    def _start_run(self, now: float, decoding: list[Request]) -> None:
+    def _start_run(self, now: float, decoding: list[Request], single: bool = False) -> None:
+        """Decode iterations of one batch until a request finishes or the blocks run out
+        (one iteration each unless fast-forwarding); the first iteration's blocks are held."""
         steps = min(r.output - r.generated for r in decoding)
         free = self.free_blocks
-        if not self.config.fast_forward:
+        if single or not self.fast_forward:
             steps = 1
         elif steps > 1 and self._new_blocks(decoding, steps) > free:
             low, high = 1, steps  # largest step count whose block growth fits
@@ -354,7 +314,7 @@ class Instance:
         self.growth_blocks = self._new_blocks(decoding, steps)
         self.run_cut = steps == 1
         self.version += 1
-        if self.config.fast_forward:
+        if self.fast_forward:
             curve = self.cost.decode_curve(len(decoding))
             total = 0
             for r in decoding:
@@ -366,11 +326,12 @@ class Instance:
             self.run_curve = None
             time_s, bound = self.cost.iteration((), [r.kv for r in decoding])
             self.busy_compute_s = time_s if bound else 0.0
-        self.sim.schedule(now + time_s, self, self.version)
+        self.sim.push_event(now + time_s, self, self.version)
 
     def _new_blocks(self, decoding: list[Request], steps: int) -> int:
+        """Blocks `steps` decode iterations add beyond those the requests hold."""
         size = self.block_size
-        return sum(-(-(r.kv + steps) // size) - r.blocks for r in decoding)
+        return sum(blocks_for_tokens(r.kv + steps, size) - r.blocks for r in decoding)
 
     def _cut_run(self, now: float) -> None:
         """End the run after the iteration in progress, so that new work joins the next one."""
@@ -385,7 +346,7 @@ class Instance:
         self.growth_blocks = self._new_blocks(self.batch_decoding, steps)
         time_s, self.busy_compute_s = curve.run(self.run_start_total, steps)
         self.version += 1
-        self.sim.schedule(max(now, self.started_s + time_s), self, self.version)
+        self.sim.push_event(max(now, self.started_s + time_s), self, self.version)
 
     # ---- iteration end ----------------------------------------------------------------
     def step_end(self, now: float, version: int) -> None:
@@ -396,53 +357,39 @@ class Instance:
         finished = False
         self.growth_blocks = 0
         self.power.add_busy(self.started_s, now, self.busy_compute_s)
-        if self.state == _RUN:
-            steps = self.run_steps
-            self.iterations += steps
-            for r in self.batch_decoding:
-                r.kv += steps
-                r.generated += steps
-                blocks = -(-r.kv // size)
-                self.used_blocks += blocks - r.blocks
-                r.blocks = blocks
-                if r.generated >= r.output:
-                    finished = True
-        else:
-            self.iterations += 1
-            for r in self.batch_decoding:
-                r.kv += 1
+        steps = self.run_steps if self.state == _RUN else 1
+        self.iterations += steps
+        for r in self.batch_decoding:
+            r.kv += steps
+            r.generated += steps
+            self._set_blocks(r, blocks_for_tokens(r.kv, size))
+            if r.generated >= r.output:
+                finished = True
+        handoff: list[Request] = []
+        for r, n in self.batch_chunks:
+            r.prefilled += n
+            r.kv = r.prefilled
+            self.pending_prefill_tokens -= n
+            if r.prefilled >= r.target:
                 r.generated += 1
-                blocks = -(-r.kv // size)
-                self.used_blocks += blocks - r.blocks
-                r.blocks = blocks
+                if self.role is PoolRole.PREFILL and r.generated < r.output:
+                    handoff.append(r)
+                    continue
+                if r.first_token_s < 0:
+                    r.first_token_s = now
                 if r.generated >= r.output:
                     finished = True
-            handoff: list[Request] = []
-            for r, n in self.batch_chunks:
-                r.prefilled += n
-                r.kv = r.prefilled
-                self.pending_prefill_tokens -= n
-                if r.prefilled >= r.target:
-                    r.generated += 1
-                    if self.role is PoolRole.PREFILL and r.generated < r.output:
-                        handoff.append(r)
-                        continue
-                    if r.first_token_s < 0:
-                        r.first_token_s = now
-                    if r.generated >= r.output:
-                        finished = True
-            if handoff:
-                keep = set(map(id, handoff))
-                self.running = [r for r in self.running if id(r) not in keep]
-                for r in handoff:
-                    self.sim.prefilled(r, self, now)
+        if handoff:
+            keep = set(map(id, handoff))
+            self.running = [r for r in self.running if id(r) not in keep]
+            for r in handoff:
+                self.sim.prefilled(r, self, now)
         self._check_blocks()
         if finished:
             remaining: list[Request] = []
             for r in self.running:
                 if r.generated >= r.output:
-                    self.used_blocks -= r.blocks
-                    r.blocks = 0
+                    self._set_blocks(r, 0)
                     self.sim.finish(r, now)
                 else:
                     remaining.append(r)

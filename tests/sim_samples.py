@@ -14,11 +14,11 @@ from tessera.api.model_deployment import (
     PoolRole,
     ServingMode,
 )
+from tessera.api.scheduler import SchedulerConfig
 from tessera.policies.dispatch import DispatchPolicy
 from tessera.policies.efficiency import Calibration
 from tessera.sim.cluster import Cluster
 from tessera.sim.engine import DeploymentSetup, SimConfig, Simulation
-from tessera.sim.instance import SchedulerConfig
 from tessera.sim.metrics import RunResult
 from tessera.sim.workload import Workload
 
@@ -93,25 +93,12 @@ def plan(*pools: PoolPlan) -> Plan:
 
 
 def schedulers(
-    chunked: bool = False,
-    budget: int = 8192,
-    kv_capacity_tokens: int | None = None,
-    fast_forward: bool = True,
-    max_num_seqs: int = 256,
+    chunked: bool = False, budget: int = 8192, max_num_seqs: int = 256
 ) -> dict[PoolRole, SchedulerConfig]:
-    colocated = SchedulerConfig(
-        chunked_prefill=chunked,
-        token_budget=budget if chunked else max(budget, 8192),
-        kv_capacity_tokens=kv_capacity_tokens,
-        fast_forward=fast_forward,
-        max_num_seqs=max_num_seqs,
-    )
-    whole = SchedulerConfig(
-        token_budget=8192,
-        kv_capacity_tokens=kv_capacity_tokens,
-        fast_forward=fast_forward,
-        max_num_seqs=max_num_seqs,
-    )
+    """Colocated pools chunk (or not) under `budget`; prefill and decode pools take whole
+    prompts under 8192 tokens."""
+    colocated = SchedulerConfig(max_num_seqs, budget if chunked else max(budget, 8192), chunked)
+    whole = SchedulerConfig(max_num_seqs, 8192, False)
     return {PoolRole.COLOCATED: colocated, PoolRole.PREFILL: whole, PoolRole.DECODE: whole}
 
 
@@ -146,8 +133,11 @@ def simulate(
     the_deployment: ModelDeployment | None = None,
     dispatch: DispatchPolicy = DispatchPolicy.LEAST_TOKENS,
     seed: int = 0,
+    kv_capacity_tokens: int | None = None,
+    fast_forward: bool = True,
 ) -> tuple[Simulation, RunResult]:
     dep = the_deployment or deployment()
     setup = DeploymentSetup("chat", dep.spec, the_plan, scheduler or schedulers(), dispatch)
-    simulation = Simulation(the_cluster or cluster(), [setup], [the_workload], SimConfig(seed=seed))
+    config = SimConfig(seed=seed, fast_forward=fast_forward, kv_capacity_tokens=kv_capacity_tokens)
+    simulation = Simulation(the_cluster or cluster(), [setup], [the_workload], config)
     return simulation, simulation.run()

@@ -84,7 +84,7 @@ def test_chunked_prefill_matches_whole_prefill(checkpoint: tuple[Path, Any]) -> 
         nonlocal partial_chunks
         plan = schedule()
         budgets.append(plan.num_tokens)
-        partial_chunks += sum(c.num_tokens < c.seq.num_pending_tokens for c in plan.prefills)
+        partial_chunks += sum(count < seq.num_pending_tokens for seq, count in plan.prefills)
         return plan
 
     chunked_engine.scheduler.schedule = observed  # type: ignore[method-assign]

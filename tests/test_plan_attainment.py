@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sim_samples import CLASSES, deployment
-from tessera.api.model_deployment import ModelDeploymentSpec, Plan, PoolRole, ServingMode
+from sim_samples import CLASSES, cluster, deployment, workload
+from tessera.api.model_deployment import ModelDeploymentSpec, Plan, ServingMode
+from tessera.api.scheduler import SchedulerConfig
 from tessera.policies.attainment import InterleavedDecode, poisson_cdf, tandem_waiting_cdf
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.lengths import WaitingTail, erlang_c, waiting_quantile_s
@@ -22,7 +23,8 @@ from tessera.policies.placement import (
     to_plan,
 )
 from tessera.policies.plan_attainment import predict_attainment
-from tessera.sim.evaluate import SchedulerConflictError, SimulatedEvaluator, plan_schedulers
+from tessera.sim.engine import DeploymentSetup, Simulation
+from tessera.sim.evaluate import SimulatedEvaluator
 
 OFFERS = [ClassOffer(name, spec) for name, spec in CLASSES.items()]
 
@@ -182,20 +184,29 @@ def test_the_evaluator_runs_each_pool_with_the_scheduler_its_plan_records() -> N
     plan = plan_deployment(spec, OFFERS, chunked_prefill=True)
     (pool,) = plan.pools
     context = spec.model.architecture.max_context_tokens
-    (config,) = plan_schedulers(plan, context).values()
-    assert (config.chunked_prefill, config.token_budget, config.max_num_seqs) == (
-        True,
-        pool.prefill_chunk_tokens,
-        pool.max_running_requests,
+    assert pool.scheduler(context) == SchedulerConfig(
+        pool.max_running_requests, pool.prefill_chunk_tokens, True
     )
     capped = pool.model_copy(update={"max_running_requests": 2})
     capped_plan = plan.model_copy(update={"pools": [capped]})
-    assert plan_schedulers(capped_plan, context)[PoolRole.COLOCATED].max_num_seqs == 2
     evaluator = SimulatedEvaluator(CLASSES, seed=3)
     assert evaluator(spec, capped_plan) < evaluator(spec, plan) - 0.2
+    # Two pools of one role run a scheduler each, the one each records.
     twin = pool.model_copy(update={"name": "other", "prefill_chunk_tokens": None})
-    with pytest.raises(SchedulerConflictError, match="prefillChunkTokens"):
-        plan_schedulers(plan.model_copy(update={"pools": [pool, twin]}), context)
+    both = plan.model_copy(update={"pools": [pool, twin]})
+    simulation = Simulation(
+        cluster({pool.accelerator_class: 2 * pool.replicas * pool.tensor_parallel}),
+        [DeploymentSetup("chat", spec, both)],
+        [workload([0.0], [10], [2])],
+    )
+    ran = {
+        instance.name.split("/")[1]: instance.scheduler
+        for deployed in simulation.deployments
+        for running in deployed.pools
+        for instance in running.instances
+    }
+    assert ran == {p.name: p.scheduler(context) for p in both.pools}
+    assert not ran["other"].enable_chunked_prefill
 
 
 LENGTHS = st.sampled_from([(200, 0.5), (600, 1.0), (1500, 1.5)])

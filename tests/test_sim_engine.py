@@ -53,8 +53,9 @@ def test_every_request_finishes_once_and_kv_is_never_overcommitted(
     simulation, result = simulate(
         PLANS[layout],
         load,
-        scheduler=schedulers(chunked=chunked, budget=512, kv_capacity_tokens=4096),
+        scheduler=schedulers(chunked=chunked, budget=512),
         the_deployment=dep,
+        kv_capacity_tokens=4096,
     )
     assert (result.finish_count == 1).all()
     assert not result.rejected.any()
@@ -98,9 +99,7 @@ LONE = workload([0.0, 500.0, 1000.0], [1000, 37, 3000], [50, 2, 300])
 
 @pytest.mark.parametrize("fast_forward", [True, False], ids=["fast-forward", "every-iteration"])
 def test_one_request_at_a_time_takes_the_performance_models_sums(fast_forward: bool) -> None:
-    _, result = simulate(
-        plan(pool(C, "h100", 1)), LONE, scheduler=schedulers(fast_forward=fast_forward)
-    )
+    _, result = simulate(plan(pool(C, "h100", 1)), LONE, fast_forward=fast_forward)
     perf = ReplicaPerformance(ARCH, CLASSES["h100"], 1)
     for i, (prompt, out) in enumerate(zip(LONE.prompt_tokens, LONE.output_tokens, strict=True)):
         prefill = perf.iteration(prefill=[PrefillChunk(int(prompt))]).time_s
@@ -155,9 +154,11 @@ def test_fast_forward_matches_stepping_every_iteration(layout: str, chunked: boo
         simulate(
             PLANS[layout],
             load,
-            scheduler=schedulers(chunked, 512, kv_capacity_tokens=6144, fast_forward=fast),
+            scheduler=schedulers(chunked, 512),
             the_deployment=dep,
             dispatch=DispatchPolicy.LEAST_REQUESTS,
+            kv_capacity_tokens=6144,
+            fast_forward=fast,
         )[1]
         for fast in (True, False)
     ]
@@ -181,9 +182,11 @@ def test_doubling_hardware_speed_halves_every_latency(layout: str) -> None:
         calibrations=calibrations,
         classes={name: scaled_class(spec, 2.0) for name, spec in CLASSES.items()},
     )
-    config = schedulers(True, 512, kv_capacity_tokens=6144)
-    _, slow = simulate(PLANS[layout], load, slow_cluster, config, dep)
-    _, fast = simulate(PLANS[layout], load.scaled(2.0), fast_cluster, config, dep)
+    config = schedulers(True, 512)
+    _, slow = simulate(PLANS[layout], load, slow_cluster, config, dep, kv_capacity_tokens=6144)
+    _, fast = simulate(
+        PLANS[layout], load.scaled(2.0), fast_cluster, config, dep, kv_capacity_tokens=6144
+    )
     assert slow.preemption_count == fast.preemption_count > 0
     np.testing.assert_allclose(fast.ttft_s, slow.ttft_s / 2, rtol=1e-9)
     np.testing.assert_allclose(fast.tpot_s, slow.tpot_s / 2, rtol=1e-9)
@@ -228,5 +231,5 @@ def test_a_pool_whose_kv_cannot_hold_one_context_is_refused() -> None:
         simulate(
             PLANS["colocated"],
             workload([0.0], [10], [2]),
-            scheduler=schedulers(kv_capacity_tokens=1024),
+            kv_capacity_tokens=1024,
         )

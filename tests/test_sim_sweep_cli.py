@@ -60,8 +60,10 @@ def test_baselines_plan_their_serving_modes_on_the_cluster() -> None:
     assert modes[Baseline.DISAGGREGATED] is ServingMode.DISAGGREGATED
     assert modes[Baseline.ATTENTION_OFFLOAD] is ServingMode.ATTENTION_OFFLOAD
     setups = {b: setups_for(b, [dep], cluster())[0] for b in (Baseline.VLLM, Baseline.SARATHI)}
-    assert not setups[Baseline.VLLM].schedulers[PoolRole.COLOCATED].chunked_prefill
-    assert setups[Baseline.SARATHI].schedulers[PoolRole.COLOCATED].chunked_prefill
+    context = dep.spec.model.architecture.max_context_tokens
+    runs = {b: s.plan.pools[0].scheduler(context) for b, s in setups.items()}
+    assert not runs[Baseline.VLLM].enable_chunked_prefill
+    assert runs[Baseline.SARATHI].enable_chunked_prefill
     # The same replicas; each plan records the scheduler it runs.
     (vllm,), (sarathi,) = (setups[b].plan.pools for b in (Baseline.VLLM, Baseline.SARATHI))
     assert (vllm.prefill_chunk_tokens, sarathi.prefill_chunk_tokens) == (None, 512)

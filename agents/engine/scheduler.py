@@ -1,10 +1,14 @@
-"""Continuous batching with chunked prefill under a per-step token budget.
+"""The engine's scheduler: it owns the waiting and running queues and the requests' KV blocks,
+and carries out `policies.batching.form_batch`'s decision each step.
 
-Each step: every running request gets its tokens first (decodes one each, in arrival order,
-then unfinished prompt chunks), then waiting requests are admitted in arrival order while the
-token budget, the sequence limit and free KV blocks allow. When a running request needs a block
-and none is free, the newest running request is preempted: its blocks are freed and it waits to
-be recomputed (prompt plus what it generated so far), which keeps the oldest requests moving.
+The decision (who runs, with how many tokens, who is admitted or preempted) is the pure
+policy's, the same one the simulator's instances call; this module only turns the engine's
+sequences into the policy's integer views and applies the result: preempted requests lose their
+blocks and wait at the head of the queue to be recomputed (prompt plus what they generated),
+every scheduled request gets the blocks its tokens fill, admitted ones start running.
+
+The engine goes through this interface (`add`, `add_running`, `park`, `remove`, `release`,
+`schedule`, the counts), never into the queues.
 """
 
 from __future__ import annotations
@@ -12,43 +16,34 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from tessera.agents.engine.kv_cache import BlockAllocator, blocks_for_tokens
+from tessera.agents.engine.kv_cache import BlockAllocator
 from tessera.agents.engine.request import RequestState, Sequence
+from tessera.api.scheduler import SchedulerConfig
+from tessera.policies.batching import RequestView, decode_growth_blocks, form_batch
 
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256
-    """Requests running at once (decoding or prefilling)."""
-    max_num_batched_tokens: int = 2048
-    """Tokens per step: the chunked-prefill budget, decode tokens included."""
-    enable_chunked_prefill: bool = True
-    """Without chunking a prompt is admitted only when it fits the step's budget whole."""
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
-
-
-@dataclass
-class PrefillChunk:
-    seq: Sequence
-    num_tokens: int
+__all__ = ["Scheduler", "SchedulerConfig", "SchedulerOutput"]
 
 
 @dataclass
 class SchedulerOutput:
+    """What the next step runs: decode tokens, prompt chunks (request, tokens), and the
+    requests preempted to make room."""
+
     decodes: list[Sequence] = field(default_factory=list)
-    prefills: list[PrefillChunk] = field(default_factory=list)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(chunk.num_tokens for chunk in self.prefills)
+        return len(self.decodes) + sum(count for _, count in self.prefills)
 
     @property
     def empty(self) -> bool:
         return not self.decodes and not self.prefills
+
+
+def _view(seq: Sequence) -> RequestView:
+    return RequestView(seq.num_computed_tokens, seq.num_tokens, len(seq.block_ids))
 
 
 class Scheduler:
@@ -61,6 +56,17 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
     def add(self, seq: Sequence) -> None:
         seq.state = RequestState.WAITING
         self.waiting.append(seq)
@@ -70,6 +76,12 @@ class Scheduler:
         seq.state = RequestState.RUNNING
         self.running.append(seq)
 
+    def park(self, seq: Sequence) -> None:
+        """Stop scheduling a running request that keeps its blocks (prefill done, waiting
+        for its export); `release` frees them."""
+        self.running.remove(seq)
+        seq.state = RequestState.PARKED
+
     def remove(self, seq: Sequence) -> None:
         """Take a request out of the queues and free its blocks (finish, abort, export)."""
         if seq in self.running:
@@ -78,30 +90,42 @@ class Scheduler:
             self.waiting.remove(seq)
         self.release(seq)
 
-    def decode_growth_blocks(self) -> int:
-        """Blocks the next step's decodes will take: running requests whose next token starts a
-        new block. An import that would leave fewer free forces a preemption next step."""
-        decoding = (seq for seq in self.running if seq.num_pending_tokens == 1)
-        return sum(1 for seq in decoding if self._missing_blocks(seq, seq.num_computed_tokens + 1))
-
-    def _missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
-        """Blocks `seq` lacks to hold `num_tokens` tokens (0 when it holds enough)."""
-        return max(0, blocks_for_tokens(num_tokens, self.block_size) - len(seq.block_ids))
-
     def release(self, seq: Sequence) -> None:
         if seq.block_ids:
             self.allocator.free(seq.block_ids)
             seq.block_ids = []
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Make `seq` hold blocks for `num_tokens` tokens; False if too few are free."""
-        needed = self._missing_blocks(seq, num_tokens)
-        if needed == 0:
-            return True
-        if not self.allocator.can_allocate(needed):
-            return False
-        seq.block_ids.extend(self.allocator.allocate(needed))
-        return True
+    def decode_growth_blocks(self) -> int:
+        """Blocks the next step's decodes will take (`policies.batching.decode_growth_blocks`).
+        An import that would leave fewer free forces a preemption next step."""
+        return decode_growth_blocks([_view(seq) for seq in self.running], self.block_size)
+
+    def schedule(self) -> SchedulerOutput:
+        running, waiting = self.running, self.waiting
+        decision = form_batch(
+            self.config,
+            self.block_size,
+            [_view(seq) for seq in running],
+            [_view(seq) for seq in waiting],
+            self.allocator.num_free,
+        )
+        out = SchedulerOutput(preempted=[running[i] for i in decision.preempted])
+        scheduled = [(running[w.request], w) for w in decision.scheduled]
+        admitted = [(waiting[w.request], w) for w in decision.admitted]
+        for seq, _ in admitted:
+            waiting.popleft()
+            seq.state = RequestState.RUNNING
+            running.append(seq)
+        for seq in out.preempted:
+            self._preempt(seq)
+        for seq, work in scheduled + admitted:
+            if work.new_blocks:
+                seq.block_ids.extend(self.allocator.allocate(work.new_blocks))
+            if seq.num_pending_tokens == 1:
+                out.decodes.append(seq)
+            else:
+                out.prefills.append((seq, work.num_tokens))
+        return out
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -109,47 +133,3 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.state = RequestState.WAITING
         self.waiting.appendleft(seq)
-
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        scheduled: set[str] = set()
-        for seq in list(self.running):
-            if budget == 0:
-                break
-            if seq.state is not RequestState.RUNNING:
-                continue  # preempted earlier in this loop
-            pending = seq.num_pending_tokens
-            count = 1 if pending == 1 else min(pending, budget)
-            while not self._grow(seq, seq.num_computed_tokens + count):
-                victims = [s for s in self.running if s.request_id not in scheduled]
-                victim = victims[-1]  # the newest; `seq` itself is among them
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.state is not RequestState.RUNNING:
-                continue
-            scheduled.add(seq.request_id)
-            budget -= count
-            if pending == 1:
-                out.decodes.append(seq)
-            else:
-                out.prefills.append(PrefillChunk(seq, count))
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            pending = seq.num_pending_tokens
-            if not self.config.enable_chunked_prefill and pending > budget:
-                break
-            count = min(pending, budget)
-            if seq in out.preempted or not self._grow(seq, seq.num_computed_tokens + count):
-                break
-            self.waiting.popleft()
-            seq.state = RequestState.RUNNING
-            self.running.append(seq)
-            budget -= count
-            if pending == 1:
-                out.decodes.append(seq)
-            else:
-                out.prefills.append(PrefillChunk(seq, count))
-        return out

@@ -120,8 +120,10 @@ def _param_of(loc: tuple[Any, ...]) -> str:
 
 def validation_error(error: RequestValidationError) -> ApiError:
     """FastAPI's 422 as OpenAI's 400 naming the first bad field."""
-    errors = list(error.errors())
-    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    errors = list(error.errors()) or [{"loc": ("body",), "msg": "invalid request"}]
+    # Of a union's failed branches, the deepest location is the branch the value's type chose
+    # (`prompt[1]` of a token list, not "prompt: not a string").
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
     param = _param_of(tuple(first.get("loc", ())))
     message = str(first.get("msg", "invalid value"))
     if first.get("type") == "extra_forbidden":

@@ -86,8 +86,7 @@ class Generation:
         try:
             while True:
                 event = await self._queue.get()
-                if event is None:  # the client disconnected
-                    self.metrics.reject("aborted")
+                if event is None:  # the client disconnected (close() aborts)
                     return
                 delta = self._on_event(event)
                 if delta is not None:
@@ -145,4 +144,5 @@ class Generation:
         """Abort the request unless it finished (idempotent)."""
         if not self.finished:
             self.finished = True
+            self.metrics.reject("aborted")
             self.loop.abort(self.request_id)

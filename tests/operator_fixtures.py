@@ -166,8 +166,8 @@ class Cluster:
     def install_crds(self) -> None:
         """Server-side apply the generated CRDs for this server's version and wait until they
         are served."""
-        major, minor = self.server_version()
-        for crd in build_crds(kube_version=f"{major}.{minor}"):
+        version = None if self.emulated else "{}.{}".format(*self.server_version())
+        for crd in build_crds(kube_version=version):
             self.extensions.patch_custom_resource_definition(
                 crd["metadata"]["name"],
                 crd,
@@ -176,7 +176,7 @@ class Cluster:
                 _content_type="application/apply-patch+yaml",
             )
         if not self.emulated:
-            for crd in build_crds(kube_version=f"{major}.{minor}"):
+            for crd in build_crds(kube_version=version):
                 name: str = crd["metadata"]["name"]
                 wait_for(
                     functools.partial(_established, self.extensions, name),

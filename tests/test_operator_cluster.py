@@ -1,20 +1,23 @@
 """The real operator (kopf, in a thread) against an API server over HTTP.
 
-The server is kmock's emulator with the pieces of tests/kube_emulator.py, or the cluster of
+The server is the local control plane (tests/kube_control_plane.py), kmock's emulator with the
+pieces of tests/kube_emulator.py (TESSERA_TEST_SERVER=emulator), or the cluster of
 $TESSERA_TEST_KUBECONFIG. The tests drive it with the official `kubernetes` client only.
 
 Expected plans are computed here with the planner on the same classes, never written down, so a
 change to the planner changes what is expected, not whether the test passes.
 
-What the emulator cannot show, and how the tests deal with it:
-- Garbage collection of children on delete is emulated (ownerReferences, as the real GC reads
-  them): a wrong owner uid fails the delete test on both servers.
+What each server shows, and how the tests deal with it:
+- On the real control plane (the default) the garbage collector, the deployment and replicaset
+  controllers and the scheduler are real; no kubelet runs, so where a test needs ready
+  replicas it plays the kubelet for their pods (tests/node_standins.py) and says so.
+- On the emulator, garbage collection of children on delete is emulated (ownerReferences, as
+  the real GC reads them): a wrong owner uid fails the delete test on both servers.
 - No-op server-side apply keeps resourceVersion on both servers; the idempotency test asserts
   uid, generation and resourceVersion of every child are unchanged (a real cluster's deployment
   controller writes Deployment status, so there a Deployment's resourceVersion is not compared).
-- Nobody runs pods: the readiness test writes Deployment status as the deployment controller
-  would, so it runs only on the emulator (a real controller would overwrite it).
-- Fake Nodes for the capacity test are only created on the emulator.
+- Nobody runs pods on the emulator: the readiness test writes Deployment status there as the
+  deployment controller would.
 """
 
 from __future__ import annotations
@@ -23,13 +26,16 @@ import copy
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_support import free_port
 from kubernetes import client
+from node_standins import GpuNodes, KubeletStandIn, pods
 from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
+    DEADLINE_S,
     Cluster,
     Namespace,
     OperatorThread,
@@ -144,9 +150,9 @@ def reconciles(outcome: str) -> float:
     return value or 0.0
 
 
-def requires_emulator(cluster: Cluster, why: str) -> None:
-    if not cluster.emulated:
-        pytest.skip(f"emulator only: {why}")
+def requires_real_server(cluster: Cluster, why: str) -> None:
+    if cluster.emulated:
+        pytest.skip(f"real server only: {why}")
 
 
 # --- create, readiness ------------------------------------------------------------------------
@@ -203,21 +209,40 @@ def test_create_applies_a_workload_per_pool_a_service_and_status(
     assert wait_event(cluster, namespace.name, "chat", "PlanApplied") == [plan_summary(plan)]
 
 
-def test_ready_when_the_workloads_report_ready_replicas(
-    cluster: Cluster, namespace: Namespace, operator: OperatorThread
+@pytest.fixture(name="gpu_nodes")
+def gpu_nodes_fixture(cluster: Cluster, namespace: Namespace) -> Iterator[GpuNodes]:
+    """Nodes this test creates (real server: the scheduler binds to them); removed after it,
+    with the namespace's pods (nothing else would ever confirm a bound pod's deletion)."""
+    nodes = GpuNodes(cluster.core)
+    try:
+        yield nodes
+    finally:
+        if not cluster.emulated:
+            KubeletStandIn(cluster.core).remove_all(namespace.name)
+        nodes.delete()
+
+
+def node_class(namespace: Namespace, gpu_nodes: GpuNodes, count: int, gpus: int) -> str:
+    """The l40s class under a node selector only this test's `count` Nodes carry."""
+    selector = {"tessera.dev/accelerator": f"l40s-{namespace.name}"}
+    namespace.create_classes("l40s", l40s={"nodeSelector": selector})
+    for index in range(count):
+        gpu_nodes.create(f"gpu-{index}-{namespace.name}", selector, {"nvidia.com/gpu": str(gpus)})
+    return namespace.classes["l40s"]
+
+
+def mark_deployment_ready(
+    cluster: Cluster, namespace: str, deployment: dict[str, Any], ready: int
 ) -> None:
-    requires_emulator(cluster, "the test writes Deployment status as the deployment controller")
-    namespace.create_classes("l40s")
-    cluster.create_md(namespace.name, namespace.chat_deployment())
-    md = settled(cluster, namespace.name, "chat", 1, "PlanApplied")
-    degraded_since = conditions(md)["Degraded"]["lastTransitionTime"]
-    deployments = cluster.deployments(namespace.name, CHILDREN.format("chat"))
-    for index, deployment in enumerate(deployments):
-        replicas = deployment["spec"]["replicas"]
-        ready = replicas if index else replicas - 1  # the first pool is one replica short
+    """`ready` of the Deployment's replicas become ready: on the emulator its status is written
+    as the deployment controller would; on a real server the test plays the kubelet for `ready`
+    of its pods and the real ReplicaSet and Deployment controllers count them."""
+    replicas = deployment["spec"]["replicas"]
+    name = deployment["metadata"]["name"]
+    if cluster.emulated:
         cluster.patch_deployment_status(
-            namespace.name,
-            deployment["metadata"]["name"],
+            namespace,
+            name,
             {
                 "observedGeneration": deployment["metadata"]["generation"],
                 "replicas": replicas,
@@ -226,6 +251,31 @@ def test_ready_when_the_workloads_report_ready_replicas(
                 "availableReplicas": ready,
             },
         )
+        return
+    selector = ",".join(
+        f"{k}={v}" for k, v in deployment["spec"]["selector"]["matchLabels"].items()
+    )
+
+    def bound() -> list[client.V1Pod] | None:
+        found = [p for p in pods(cluster.core, namespace, selector) if p.spec.node_name]
+        return found if len(found) >= replicas else None
+
+    found = wait_for(bound, f"the scheduler to bind {replicas} pods of {name}", timeout_s=60.0)
+    KubeletStandIn(cluster.core).mark_ready(namespace, [p.metadata.name for p in found[:ready]])
+
+
+def test_ready_when_the_workloads_report_ready_replicas(
+    cluster: Cluster, namespace: Namespace, operator: OperatorThread, gpu_nodes: GpuNodes
+) -> None:
+    node_class(namespace, gpu_nodes, count=8, gpus=8)
+    cluster.create_md(namespace.name, namespace.chat_deployment())
+    md = settled(cluster, namespace.name, "chat", 1, "PlanApplied")
+    degraded_since = conditions(md)["Degraded"]["lastTransitionTime"]
+    deployments = cluster.deployments(namespace.name, CHILDREN.format("chat"))
+    for index, deployment in enumerate(deployments):
+        replicas = deployment["spec"]["replicas"]
+        ready = replicas if index else replicas - 1  # the first pool is one replica short
+        mark_deployment_ready(cluster, namespace.name, deployment, ready)
     total = sum(d["spec"]["replicas"] for d in deployments)
 
     def ready_replicas(expected: int, ready: str) -> dict[str, Any] | None:
@@ -235,19 +285,53 @@ def test_ready_when_the_workloads_report_ready_replicas(
             return None
         return current if state["Ready"]["status"] == ready else None
 
-    partial = wait_for(lambda: ready_replicas(total - 1, "False"), "readyReplicas one short")
+    timeout_s = DEADLINE_S if cluster.emulated else 60.0
+    partial = wait_for(
+        lambda: ready_replicas(total - 1, "False"), "readyReplicas one short", timeout_s
+    )
     assert conditions(partial)["Progressing"]["status"] == "True"
     first = deployments[0]
-    cluster.patch_deployment_status(
-        namespace.name, first["metadata"]["name"], {"readyReplicas": first["spec"]["replicas"]}
-    )
-    md = wait_for(lambda: ready_replicas(total, "True"), "Ready=True with all replicas")
+    mark_deployment_ready(cluster, namespace.name, first, first["spec"]["replicas"])
+    md = wait_for(lambda: ready_replicas(total, "True"), "Ready=True with all replicas", timeout_s)
     state = conditions(md)
     assert (state["Progressing"]["status"], state["Progressing"]["reason"]) == (
         "False",
         "RolloutComplete",
     )
     assert state["Degraded"]["lastTransitionTime"] == degraded_since
+
+
+def test_the_scheduler_binds_each_replica_to_a_node_of_its_class_within_its_gpus(
+    cluster: Cluster, namespace: Namespace, operator: OperatorThread, gpu_nodes: GpuNodes
+) -> None:
+    requires_real_server(cluster, "only a real scheduler binds pods to Nodes")
+    node_class(namespace, gpu_nodes, count=2, gpus=4)
+    cluster.create_md(namespace.name, namespace.chat_deployment(servingMode="colocated"))
+    settled(cluster, namespace.name, "chat", 1)
+    ours = set(gpu_nodes.names)
+
+    def bound() -> list[client.V1Pod] | None:
+        found = pods(cluster.core, namespace.name)
+        if not found or any(not p.spec.node_name for p in found if fits_somewhere(p)):
+            return None
+        return found
+
+    def fits_somewhere(pod: client.V1Pod) -> bool:
+        return gpus_of(pod) <= 4
+
+    found = wait_for(bound, "the scheduler to bind every pod that fits", timeout_s=60.0)
+    used: dict[str, int] = {}
+    for pod in found:
+        if pod.spec.node_name:
+            assert pod.spec.node_name in ours, "bound outside the class's node selector"
+            used[pod.spec.node_name] = used.get(pod.spec.node_name, 0) + gpus_of(pod)
+    assert used and all(total <= 4 for total in used.values()), used
+
+
+def gpus_of(pod: client.V1Pod) -> int:
+    return sum(
+        int((c.resources.requests or {}).get("nvidia.com/gpu", 0)) for c in pod.spec.containers
+    )
 
 
 # --- updates ----------------------------------------------------------------------------------
@@ -554,38 +638,27 @@ def test_spec_changed_while_the_operator_is_down_converges_on_restart(
 
 
 def test_capacity_comes_from_nodes_less_other_deployments_plans(
-    cluster: Cluster, namespace: Namespace, operator: OperatorThread
+    cluster: Cluster, namespace: Namespace, operator: OperatorThread, gpu_nodes: GpuNodes
 ) -> None:
-    requires_emulator(cluster, "the test creates fake Nodes")
-    selector = {"tessera.dev/accelerator": f"l40s-{namespace.name}"}
-    namespace.create_classes("l40s", l40s={"nodeSelector": selector})
-    unique = namespace.classes["l40s"]
-    node = client.V1Node(
-        metadata=client.V1ObjectMeta(name=f"gpu-{namespace.name}", labels=selector),
-        status=client.V1NodeStatus(allocatable={"nvidia.com/gpu": "1"}),
-    )
-    cluster.core.create_node(node)
-    try:
-        first = namespace.chat_deployment("first", servingMode="colocated")
-        first["spec"]["traffic"]["requestRatePerSecond"] = 2
-        cluster.create_md(namespace.name, first)
-        md = settled(cluster, namespace.name, "first", 1)
-        plan = local_plan(namespace, first, **{unique: 1})
-        assert md["status"]["plan"] == plan.to_wire()
+    unique = node_class(namespace, gpu_nodes, count=1, gpus=1)
+    first = namespace.chat_deployment("first", servingMode="colocated")
+    first["spec"]["traffic"]["requestRatePerSecond"] = 2
+    cluster.create_md(namespace.name, first)
+    md = settled(cluster, namespace.name, "first", 1)
+    plan = local_plan(namespace, first, **{unique: 1})
+    assert md["status"]["plan"] == plan.to_wire()
 
-        second = copy.deepcopy(first)
-        second["metadata"]["name"] = "second"
-        cluster.create_md(namespace.name, second)
-        md = settled(cluster, namespace.name, "second", 1)
-        left = max(0, 1 - plan.accelerators)
-        try:
-            expected = local_plan(namespace, second, **{unique: left})
-        except InfeasiblePlanError as error:
-            assert conditions(md)["Degraded"]["message"] == str(error)
-        else:
-            assert md["status"]["plan"] == expected.to_wire()
-    finally:
-        cluster.core.delete_node(f"gpu-{namespace.name}")
+    second = copy.deepcopy(first)
+    second["metadata"]["name"] = "second"
+    cluster.create_md(namespace.name, second)
+    md = settled(cluster, namespace.name, "second", 1)
+    left = max(0, 1 - plan.accelerators)
+    try:
+        expected = local_plan(namespace, second, **{unique: left})
+    except InfeasiblePlanError as error:
+        assert conditions(md)["Degraded"]["message"] == str(error)
+    else:
+        assert md["status"]["plan"] == expected.to_wire()
 
 
 # --- the command line -------------------------------------------------------------------------

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ from tessera.agents.engine import (
     SchedulerConfig,
 )
 from tessera.agents.engine.kv_cache import RESERVED_BLOCKS, BlockAllocator, BlockOwnershipError
+from tessera.agents.engine.kv_transfer import MAGIC
 
 
 @settings(max_examples=60, deadline=None)
@@ -224,3 +231,181 @@ def test_export_refused_mid_prefill(folder: Path) -> None:
     e.step()
     with pytest.raises(KVTransferError, match="pending"):
         e.export_kv(request)
+
+
+def _exported(folder: Path, prompt_length: int = 6, **engine_kwargs: Any) -> KVPackage:
+    e = engine(folder, EngineRole.PREFILL, **engine_kwargs)
+    request = e.add_request(random_prompts([prompt_length], 128, seed=12)[0], PARAMS)
+    e.run_until_idle()
+    return e.export_kv(request)
+
+
+def _rebuilt(package: KVPackage, **changes: Any) -> KVPackage:
+    """`package` with fields changed and checksums recomputed: consistent, but wrong."""
+    fields = {
+        "request_id": package.request_id,
+        "geometry": package.geometry,
+        "prompt_token_ids": package.prompt_token_ids,
+        "output_token_ids": package.output_token_ids,
+        "num_computed_tokens": package.num_computed_tokens,
+        "sampling": package.sampling,
+        "blocks": package.blocks,
+    }
+    return KVPackage.build(**{**fields, **changes})
+
+
+def _bad_packages(folder: Path, tmp_path: Path) -> dict[str, tuple[KVPackage, str]]:
+    """Packages an engine of `folder` (block size 4, float32) must refuse, and why."""
+    good = _exported(folder)
+    other_config, other_weights = tmp_path / "other-config", tmp_path / "other-weights"
+    write_checkpoint(other_config, seed=11, rms_norm_eps=1e-6)  # same shape and signature
+    write_checkpoint(other_weights, seed=12)  # a fine-tune, say: same config
+    sampling = good.sampling
+    bf16 = dataclasses.replace(good.geometry, dtype="bfloat16")
+    return {
+        "stale checksums": (
+            dataclasses.replace(good, blocks=good.blocks + 1.0),
+            "block 0 fails its checksum",
+        ),
+        "wrong block shape": (
+            dataclasses.replace(good, blocks=good.blocks[:, :1]),
+            "blocks have shape",
+        ),
+        "blocks in another dtype": (
+            _rebuilt(good, blocks=good.blocks.to(torch.bfloat16)),
+            "blocks are torch.bfloat16",
+        ),
+        "another dtype": (
+            _rebuilt(good, geometry=bf16, blocks=good.blocks.to(torch.bfloat16)),
+            "dtype 'bfloat16'",
+        ),
+        "another model's config": (_exported(other_config), "model_signature"),
+        "another model's weights": (_exported(other_weights), "model_signature"),
+        "nothing computed yet": (_rebuilt(good, output_token_ids=[]), "num_computed_tokens"),
+        "num_computed_tokens off by one": (
+            _rebuilt(good, num_computed_tokens=good.num_computed_tokens - 1),
+            "num_computed_tokens",
+        ),
+        "token outside the vocabulary": (
+            _rebuilt(good, prompt_token_ids=[999, *good.prompt_token_ids[1:]]),
+            r"prompt_token_ids .*\[999\]",
+        ),
+        "NaN temperature": (
+            _rebuilt(good, sampling={**sampling, "temperature": math.nan}),
+            "temperature must be a finite number",
+        ),
+        "unknown sampling field": (
+            _rebuilt(good, sampling={**sampling, "beam_width": 4}),
+            "beam_width is not a sampling parameter",
+        ),
+        "already finished": (
+            _rebuilt(good, sampling={**sampling, "max_new_tokens": 1}),
+            "it is finished",
+        ),
+    }
+
+
+def test_refused_imports_give_their_blocks_back(folder: Path, tmp_path: Path) -> None:
+    """Every refusal is a KVTransferError that names the problem, and leaves the cache as it
+    was: six bad imports used to exhaust a 16-block cache."""
+    decode = engine(folder, EngineRole.DECODE, blocks=17)
+    allocator = decode.kv_cache.allocator
+    initial = allocator.num_free
+    bad = _bad_packages(folder, tmp_path)
+    for _ in range(3):
+        for name, (package, reason) in bad.items():
+            with pytest.raises(KVTransferError, match=reason):
+                decode.import_kv(package)
+            assert allocator.num_free == initial, name
+            assert not decode.requests and not decode.has_unfinished(), name
+    good = _exported(folder)
+    expected = engine(folder).generate([good.prompt_token_ids], PARAMS)[0]
+    decode.import_kv(good)
+    with pytest.raises(KVTransferError, match="already in the engine"):
+        decode.import_kv(good)
+    decode.run_until_idle()
+    assert decode.pop_finished(good.request_id).output_token_ids == expected.output_token_ids
+    assert allocator.num_free == initial
+
+
+def _rewritten(wire: bytes, change: Callable[[dict[str, Any]], Any]) -> bytes:
+    """`wire` with its header changed by `change` and a header checksum that matches: what a
+    buggy or hostile peer can send."""
+    start = len(MAGIC) + 8
+    (length,) = struct.unpack_from("<Q", wire, len(MAGIC))
+    header = json.loads(wire[start : start + length])
+    del header["header_checksum"]
+    change(header)
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    header["header_checksum"] = hashlib.blake2b(canonical, digest_size=16).hexdigest()
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return MAGIC + struct.pack("<Q", len(encoded)) + encoded + wire[start + length :]
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    *parents, last = path.split(".")
+
+    def change(header: dict[str, Any]) -> None:
+        target = header
+        for part in parents:
+            target = target[part]
+        target[last] = value
+
+    return change
+
+
+def _drop(path: str) -> Callable[[dict[str, Any]], None]:
+    *parents, last = path.split(".")
+
+    def change(header: dict[str, Any]) -> None:
+        target = header
+        for part in parents:
+            target = target[part]
+        del target[last]
+
+    return change
+
+
+MALFORMED_HEADERS = {
+    "no geometry": (_drop("geometry"), "geometry"),
+    "geometry not an object": (_set("geometry", [4]), "geometry"),
+    "geometry without block_size": (_drop("geometry.block_size"), "geometry.block_size"),
+    "extra geometry field": (_set("geometry.color", "red"), "geometry.color"),
+    "negative layers": (_set("geometry.num_layers", -2), "geometry.num_layers"),
+    "layers as a string": (_set("geometry.num_layers", "2"), "geometry.num_layers"),
+    "unknown dtype": (_set("geometry.dtype", "float13"), "unknown dtype"),
+    "non-float dtype": (_set("geometry.dtype", "int64"), "unknown dtype"),
+    "dtype alias": (_set("geometry.dtype", "float"), "alias"),
+    "num_blocks as a string": (_set("num_blocks", "2"), "num_blocks"),
+    "num_blocks as a bool": (_set("num_blocks", True), "num_blocks"),
+    "fewer checksums than blocks": (_set("block_checksums", []), "block_checksums"),
+    "checksums not strings": (_set("block_checksums", [1, 2]), "block_checksums"),
+    "no request_id": (_drop("request_id"), "request_id"),
+    "tokens not a list": (_set("prompt_token_ids", 5), "prompt_token_ids"),
+    "a float token": (_set("output_token_ids", [1.5]), "output_token_ids"),
+    "sampling not an object": (_set("sampling", "greedy"), "sampling"),
+    "checksum_algorithm not a string": (_set("checksum_algorithm", 7), "checksum_algorithm"),
+    "unknown checksum_algorithm": (_set("checksum_algorithm", "md5"), "unknown checksum"),
+    "unknown field": (_set("priority", 1), "priority"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_HEADERS))
+def test_malformed_headers_raise_the_transfer_error(folder: Path, name: str) -> None:
+    wire = _exported(folder).to_bytes()
+    change, reason = MALFORMED_HEADERS[name]
+    bad = _rewritten(wire, change)
+    with pytest.raises(KVTransferError, match=reason):
+        KVPackage.from_bytes(bad)
+
+
+def test_a_header_in_another_json_spelling_is_refused(folder: Path) -> None:
+    """One package, one encoding: spaces or unsorted keys are not what to_bytes writes."""
+    wire = _exported(folder).to_bytes()
+    start = len(MAGIC) + 8
+    (length,) = struct.unpack_from("<Q", wire, len(MAGIC))
+    spaced = json.dumps(json.loads(wire[start : start + length]), sort_keys=True).encode()
+    bad = MAGIC + struct.pack("<Q", len(spaced)) + spaced + wire[start + length :]
+    with pytest.raises(KVTransferError, match="canonical"):
+        KVPackage.from_bytes(bad)
+    assert KVPackage.from_bytes(wire).to_bytes() == wire

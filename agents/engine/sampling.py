@@ -61,9 +61,10 @@ def sample(
 def _draw(
     logits: torch.Tensor, param: SamplingParams, index: int, generator: torch.Generator
 ) -> int:
-    # Shifted by the max before scaling, so that a tiny temperature gives -inf (excluded) and
-    # 0 (the max), never inf - inf = NaN.
-    row = logits.float().cpu()
+    # Shifted by the max and scaled in float64 (which holds any valid temperature; float32
+    # rounds 1e-300 to 0), so that a tiny temperature gives -inf (excluded) and 0 (the max),
+    # never inf - inf = NaN.
+    row = logits.cpu().double()
     scaled = (row - row.max()) / param.temperature
     if param.top_k is not None and param.top_k < scaled.shape[0]:
         threshold = torch.topk(scaled, param.top_k).values[-1]

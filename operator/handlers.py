@@ -5,7 +5,9 @@
   use on it; the change of that annotation makes kopf run the deployment's own update handler,
   which re-plans it (one path for every re-plan, serialised per object by kopf).
 - Child Deployment watch events -> recompute Ready/Progressing/readyReplicas of the owner; a
-  child Deployment or Service deleted by hand -> reconcile the owner, which puts it back.
+  child Deployment or Service deleted (by hand, or by the garbage collector) -> reconcile the
+  owner, which puts it back, and the namespace's deployments in NameConflict, which may now
+  take the name.
   (Hand edits of a child's spec are undone at the owner's next reconcile, not on the edit.)
 
 Status is written through the API under a per-deployment lock shared by the reconcile and the
@@ -27,6 +29,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
@@ -46,7 +49,7 @@ from tessera.operator.reconcile import (
     reconcile,
     rollout_of_existing,
 )
-from tessera.operator.status import comparable, refreshed_readiness
+from tessera.operator.status import Outcome, comparable, outcome_of, refreshed_readiness
 
 KOPF_PREFIX = "operator.tessera.dev"
 """kopf's own annotations (progress, last-handled configuration). Not `tessera.dev`: kopf leaves
@@ -68,8 +71,22 @@ class LockTable:
             return self._locks[namespace, name]
 
 
+IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+"""The pod's own namespace, where kopf posts events about cluster-scoped objects (the chart
+grants it that, and nothing in the namespace `default`)."""
+
+
+def own_namespace(path: Path = IN_CLUSTER_NAMESPACE) -> str | None:
+    """The namespace of the pod the operator runs in; None outside a pod."""
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def connection_info(config: client.Configuration) -> kopf.ConnectionInfo:
-    """kopf's credentials from the kubernetes client's configuration (as kopf's own login does)."""
+    """kopf's credentials from the kubernetes client's configuration (as kopf's own login does,
+    with the pod's namespace as kopf's default namespace)."""
     header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix(
         "authorization"
     )
@@ -87,6 +104,7 @@ def connection_info(config: client.Configuration) -> kopf.ConnectionInfo:
         token=token,
         certificate_path=config.cert_file,
         private_key_path=config.key_file,
+        default_namespace=own_namespace(),
     )
 
 
@@ -244,6 +262,17 @@ def _owner_of(body: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _name_conflicted(kube: Kube, namespace: str) -> list[tuple[str, dict[str, Any]]]:
+    """Name and metadata of the namespace's ModelDeployments whose status says NameConflict."""
+    listed = kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, MODEL_DEPLOYMENTS)
+    found = []
+    for item in items_of(listed):
+        recorded = outcome_of(item.get("status"))
+        if recorded is not None and recorded[0] is Outcome.NAME_CONFLICT:
+            found.append((str(item["metadata"]["name"]), {"uid": item["metadata"].get("uid")}))
+    return found
+
+
 CHILD_LABELS: dict[str, Any] = {
     render.MANAGED_BY_LABEL: render.MANAGED_BY,
     render.DEPLOYMENT_LABEL: kopf.PRESENT,
@@ -268,12 +297,18 @@ def on_child_event(
     kube: Kube = memo.kube
     if type == "DELETED":
         # Level-based: reconcile the owner, which re-creates the child if it is still desired
-        # (a child the operator pruned is not, and an owner being deleted is skipped).
+        # (a child the operator pruned is not, and an owner being deleted is skipped); then the
+        # deployments that wait for a name to be let go (NameConflict) try again.
         try:
             _reconcile_and_report(kube, memo, namespace, name, {"uid": uid})
+            for waiting, meta in _name_conflicted(kube, namespace):
+                _reconcile_and_report(kube, memo, namespace, waiting, meta)
         except ApiException as error:
             logger.warning(
-                "could not reconcile %s/%s after a child was deleted: %s", namespace, name, error
+                "could not reconcile in %s after a child of %s was deleted: %s",
+                namespace,
+                name,
+                error,
             )
         return
     if body.get("kind", "Deployment") != "Deployment":

@@ -6,9 +6,10 @@ What is checked here and why:
   agent; values.schema.json rejects bad values *through helm* (a test of the schema that helm
   actually enforces, not of a Python reimplementation).
 - Every rendered object is valid against the Kubernetes OpenAPI schemas (`kubernetes_validate`,
-  strict: unknown fields are errors) at the chart's minimum Kubernetes version and the newest one
-  the package ships. Kinds it does not know (the Prometheus operator's ServiceMonitor) are checked
-  for shape and for what they select.
+  strict: unknown fields are errors) at the oldest and the newest version the package ships
+  (1.25 and later; the chart's own minimum, 1.20, is checked by a real `helm install` into the
+  1.20 control plane, tests/test_helm_install.py). Kinds it does not know (the Prometheus
+  operator's ServiceMonitor) are checked for shape and for what they select.
 - What the OpenAPI schemas cannot see: selectors select the pods they should, named ports and
   volumes exist, RBAC is least privilege and covers every resource of tessera.api, security
   contexts obey the API server's cross-field rules, mTLS and node selection follow the values.
@@ -16,7 +17,10 @@ What is checked here and why:
   reads (a click option's envvar, or the collector's COLLECTOR_ENVIRONMENT), every variable the
   command reads is set by the chart or listed here with the reason it is left to its default,
   and the operator's command line accepts the rendered environment with the values' meaning.
-- The chart's crds/ is byte-identical to the generated crds/; the Grafana dashboard's PromQL parses
+- The chart's CRDs: files/crds/cel is byte-identical to the generated crds/, files/crds/no-cel to
+  the CRDs generated for a server before 1.25; `helm template` renders the variant that the
+  server's version (--kube-version) evaluates, annotated to survive `helm uninstall`; the
+  Grafana dashboard's PromQL parses
   (`promtool`) and queries the metric names the agent and engine export.
 
 Skips, with the reason, when `helm` is not on PATH (`.ci/install-helm.sh` installs it).
@@ -24,11 +28,13 @@ Skips, with the reason, when `helm` is not on PATH (`.ci/install-helm.sh` instal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -38,8 +44,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from kubernetes_validate.utils import latest_version
+from kubernetes_validate.utils import all_versions, latest_version
+from operator_permissions import LEASE_NAME, Need, operator_needs
 from tessera.agents.cli import agent_command
+from tessera.api.crdgen import CEL_RULES, CHART_VARIANTS, build_crds, render_crd_files
 from tessera.api.loader import RESOURCE_TYPES
 from tessera.operator.collector import COLLECTOR_ENVIRONMENT
 from tessera.operator.main import operator_command
@@ -56,6 +64,7 @@ RELEASE = "tessera-test"
 NAMESPACE = "tessera-system"
 HELM_TIMEOUT_S = 60
 
+CLUSTER_SCOPED_KINDS = ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition")
 # Kinds kubernetes_validate has no schema for, checked by shape below instead.
 KINDS_CHECKED_FOR_SHAPE = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
@@ -83,13 +92,24 @@ def _min_kube_version() -> str:
     return match.group(1)
 
 
-SCHEMA_VERSIONS = sorted({".".join(_min_kube_version().split(".")[:2]), latest_version()})
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+SCHEMA_VERSIONS = sorted(
+    {
+        ".".join(str(n) for n in max(_major_minor(_min_kube_version()), _major_minor(v)))
+        for v in (min(all_versions(), key=_major_minor), latest_version())
+    },
+    key=_major_minor,
+)
 
 # name -> (values files, --set overrides): the configurations rendered and checked.
 CASES: dict[str, tuple[tuple[Path, ...], tuple[str, ...]]] = {
     "default": ((), ()),
     "full": ((CI_VALUES / "full-values.yaml",), ()),
     "minimal": ((CI_VALUES / "minimal-values.yaml",), ()),
+    "namespaced": ((CI_VALUES / "namespaced-values.yaml",), ()),
     "privileged-agent": ((), ("agent.privileged=true",)),
 }
 
@@ -121,7 +141,6 @@ def helm_template(*extra: str) -> subprocess.CompletedProcess[str]:
         NAMESPACE,
         "--kube-version",
         _min_kube_version(),
-        "--include-crds",
         *extra,
     )
 
@@ -290,15 +309,13 @@ def test_openapi_validation_is_strict() -> None:
 def test_every_object_has_the_standard_labels(case: str) -> None:
     chart = _chart_metadata()
     for obj in render(case):
-        if obj["kind"] == "CustomResourceDefinition":
-            continue  # crds/ is generated and installed as-is; helm cannot template it
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == chart["name"]
         assert labels["app.kubernetes.io/instance"] == RELEASE
         assert labels["app.kubernetes.io/version"] == chart["appVersion"]
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert labels["helm.sh/chart"] == f"{chart['name']}-{chart['version']}"
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] not in CLUSTER_SCOPED_KINDS:
             assert "namespace" in obj["metadata"], f"{obj['kind']} without a namespace"
 
 
@@ -372,64 +389,177 @@ def test_image_defaults_to_app_version_and_digest_wins() -> None:
 # Least privilege
 
 
-def _rules(case: str) -> list[Obj]:
-    rules: list[Obj] = one(case, "ClusterRole")["rules"]
-    return rules
+RBAC_CASES = [case for case in sorted(CASES) if merged_values(case)["rbac"]["create"]]
 
 
-def _granted(rules: list[Obj], group: str, resource: str) -> set[str]:
-    verbs: set[str] = set()
-    for rule in rules:
-        if group in rule.get("apiGroups", []) and resource in rule.get("resources", []):
-            verbs |= set(rule["verbs"])
-    return verbs
+@dataclass(frozen=True)
+class Grant:
+    """One verb on one resource, as a rendered rule grants it to the operator's account."""
+
+    scope: str
+    """`*` (a ClusterRole bound cluster-wide) or the namespace of a RoleBinding."""
+    group: str
+    resource: str
+    verb: str
+    names: tuple[str, ...]
+    role: str
+    extra: bool
+    """From rbac.extraRules: the user's choice, not the chart's."""
 
 
-READ = {"get", "list", "watch"}
+def grants(case: str) -> list[Grant]:
+    """Every grant of the rendered RBAC to the operator's ServiceAccount."""
+    account = one(case, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+    extra_rules = merged_values(case)["rbac"]["extraRules"]
+    roles = {
+        (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]): obj["rules"]
+        for obj in objects(case, "ClusterRole") + objects(case, "Role")
+    }
+    found = []
+    for binding in objects(case, "ClusterRoleBinding") + objects(case, "RoleBinding"):
+        subjects = {(s["kind"], s["name"], s["namespace"]) for s in binding["subjects"]}
+        if ("ServiceAccount", account, NAMESPACE) not in subjects:
+            continue
+        namespace = binding["metadata"].get("namespace")
+        ref = binding["roleRef"]
+        key = (ref["kind"], namespace if ref["kind"] == "Role" else None, ref["name"])
+        scope = namespace or "*"
+        for rule in roles[key]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        names = tuple(rule.get("resourceNames", ()))
+                        role = f"{key[0]} {key[1] or ''}/{key[2]}"
+                        extra = rule in extra_rules and key[0] == "ClusterRole"
+                        found.append(Grant(scope, group, resource, verb, names, role, extra))
+    return found
 
 
-def test_operator_may_do_what_it_must() -> None:
-    rules = _rules("default")
-    for model in RESOURCE_TYPES.values():
-        plural = model.crd.plural
-        assert {"get", "list", "watch", "patch"} <= _granted(rules, "tessera.dev", plural), plural
-        assert "patch" in _granted(rules, "tessera.dev", f"{plural}/status"), plural
-    for group, resource in (("apps", "deployments"), ("apps", "statefulsets"), ("", "services")):
-        assert READ | {"create", "patch", "delete"} <= _granted(rules, group, resource)
-    for resource in ("pods", "nodes"):
-        assert _granted(rules, "", resource) == READ, resource
-    assert "create" in _granted(rules, "", "events")
-    assert {"list", "watch"} <= _granted(rules, "apiextensions.k8s.io", "customresourcedefinitions")
-    assert {"list", "watch"} <= _granted(rules, "", "namespaces")
+def needs(case: str) -> list[tuple[str, Need, str | None]]:
+    """(where, request, object name) of everything the operator requests, as this case's values
+    configure it: `*` for cluster-wide, else a namespace."""
+    operator = merged_values(case)["operator"]
+    served = operator["watchNamespaces"]
+    features = {"leader-election"} if operator["leaderElection"]["enabled"] else set()
+    features |= {"some-namespaces"} if served else set()
+    lease = env_of(one(case, "Deployment")).get("TESSERA_LEADER_ELECTION_LEASE")
+    found = []
+    for need in sorted(set(operator_needs())):
+        if need.when is not None and need.when not in features:
+            continue
+        name = lease if need.name == LEASE_NAME else need.name
+        scopes = {"cluster": ["*"], "served": served or ["*"], "own": [NAMESPACE]}[need.where]
+        found += [(scope, need, name) for scope in scopes]
+    return found
 
 
-def test_operator_may_do_nothing_more() -> None:
-    rules = _rules("default")
-    for rule in rules:
-        for field in ("apiGroups", "resources", "verbs"):
-            assert "*" not in rule.get(field, []), f"wildcard in {rule}"
-        assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"])
-        assert "nonResourceURLs" not in rule
-    for resource in ("secrets", "configmaps", "pods/exec", "serviceaccounts", "namespaces"):
-        assert _granted(rules, "", resource) <= {"list", "watch"}, resource
-    assert not _granted(rules, "", "secrets")
-    for model in RESOURCE_TYPES.values():
-        # Users own their Tessera resources: the operator never creates or deletes them.
-        assert not {"create", "delete"} & _granted(rules, "tessera.dev", model.crd.plural)
-    granted_groups = {group for rule in rules for group in rule["apiGroups"]}
-    assert granted_groups == {"tessera.dev", "apps", "", "apiextensions.k8s.io"}
+def covers(grant: Grant, scope: str, need: Need, name: str | None) -> bool:
+    return (
+        (grant.group, grant.resource, grant.verb) == (need.group, need.resource, need.verb)
+        and grant.scope in ("*", scope)
+        and (not grant.names or name in grant.names)
+    )
+
+
+def missing(given: list[Grant], wanted: list[tuple[str, Need, str | None]]) -> list[str]:
+    return [
+        f"{need.verb} {need.group}/{need.resource} in {scope} ({need.origin})"
+        for scope, need, name in wanted
+        if not any(covers(grant, scope, need, name) for grant in given)
+    ]
+
+
+def superfluous(given: list[Grant], wanted: list[tuple[str, Need, str | None]]) -> list[Grant]:
+    """The chart's grants that can go without any request going ungranted."""
+    return [
+        grant
+        for index, grant in enumerate(given)
+        if not grant.extra and not missing(given[:index] + given[index + 1 :], wanted)
+    ]
+
+
+@pytest.mark.parametrize("case", RBAC_CASES)
+def test_the_operator_is_granted_every_request_it_makes(case: str) -> None:
+    assert missing(grants(case), needs(case)) == []
+
+
+@pytest.mark.parametrize("case", RBAC_CASES)
+def test_the_operator_is_granted_nothing_it_never_requests(case: str) -> None:
+    assert superfluous(grants(case), needs(case)) == []
+
+
+@pytest.mark.parametrize("case", RBAC_CASES)
+def test_served_namespaces_get_roles_and_the_cluster_role_only_what_is_cluster_wide(
+    case: str,
+) -> None:
+    served = merged_values(case)["operator"]["watchNamespaces"]
+    wanted = needs(case)
+    for grant in grants(case):
+        if grant.extra:
+            continue
+        if grant.scope == "*":
+            cluster_wide = [(s, n, name) for s, n, name in wanted if s == "*"]
+            assert any(covers(grant, *need) for need in cluster_wide), grant
+        else:
+            assert grant.scope in [*served, NAMESPACE], grant
+    bound = {grant.scope for grant in grants(case)}
+    assert bound == {"*", *served} | ({NAMESPACE} if served and NAMESPACE not in served else set())
+    if merged_values(case)["operator"]["leaderElection"]["enabled"]:
+        assert NAMESPACE in bound
+
+
+def test_the_rbac_comparison_sees_a_missing_and_a_superfluous_grant() -> None:
+    """Guards the two tests above: one verb less is missing, one verb more is superfluous."""
+    given, wanted = grants("default"), needs("default")
+    deletes = [g for g in given if (g.resource, g.verb) == ("deployments", "delete")]
+    assert len(deletes) == 1
+    reported = missing([g for g in given if g not in deletes], wanted)
+    assert reported == [
+        "delete apps/deployments in * (apply.__init__: delete_namespaced_deployment)"
+    ]
+    update = Grant("*", "apps", "deployments", "update", (), "ClusterRole /x", extra=False)
+    assert superfluous([*given, update], wanted) == [update]
+    statefulsets = dataclasses.replace(update, resource="statefulsets", verb="create")
+    assert superfluous([*given, statefulsets], wanted) == [statefulsets]
+
+
+def test_the_operators_requests_are_read_from_its_code() -> None:
+    """A few requests the derivation must find, each from where the code makes it."""
+    found = {(n.where, n.group, n.resource, n.verb): n for n in operator_needs()}
+    assert "apply" in found["served", "apps", "deployments", "create"].origin  # server-side apply
+    assert "leader" in found["own", "coordination.k8s.io", "leases", "create"].origin
+    assert found["own", "coordination.k8s.io", "leases", "patch"].name == LEASE_NAME
+    assert "kopf" in found["cluster", "tessera.dev", "acceleratorclasses", "watch"].origin
+    assert (
+        "_write_status" in found["served", "tessera.dev", "modeldeployments/status", "patch"].origin
+    )
+    assert not [n for n in operator_needs() if n.resource == "pods"], "nothing the operator runs"
+
+
+@pytest.mark.parametrize("case", RBAC_CASES)
+def test_operator_may_do_nothing_dangerous(case: str) -> None:
+    for grant in grants(case):
+        assert "*" not in (grant.group, grant.resource, grant.verb), grant
+        assert grant.verb not in {"escalate", "bind", "impersonate", "deletecollection"}, grant
+        assert grant.resource not in {"secrets", "configmaps", "pods/exec", "serviceaccounts"} or (
+            grant.extra
+        ), grant
+        if grant.group == "tessera.dev" and "/" not in grant.resource:
+            # Users own their Tessera resources: the operator never creates or deletes them.
+            assert grant.verb not in {"create", "delete", "update"}, grant
+    for role in objects(case, "ClusterRole") + objects(case, "Role"):
+        assert all("nonResourceURLs" not in rule for rule in role["rules"])
 
 
 def test_leader_election_is_one_lease_in_the_release_namespace() -> None:
-    assert not objects("default", "Role")
-    role = one("full", "Role")
-    assert role["metadata"]["namespace"] == NAMESPACE
+    assert not [g for g in grants("default") if g.resource == "leases"]
     lease = env_of(one("full", "Deployment"))["TESSERA_LEADER_ELECTION_LEASE"]
-    for rule in role["rules"]:
-        assert rule["apiGroups"] == ["coordination.k8s.io"]
-        assert rule["resources"] == ["leases"]
-        if rule["verbs"] != ["create"]:  # create cannot be limited by name in Kubernetes
-            assert rule["resourceNames"] == [lease]
+    leases = [g for g in grants("full") if g.resource == "leases"]
+    assert {g.scope for g in leases} == {NAMESPACE}
+    for grant in leases:
+        assert grant.group == "coordination.k8s.io"
+        if grant.verb != "create":  # create cannot be limited by name in Kubernetes
+            assert grant.names == (lease,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,8 +782,7 @@ def test_the_operator_parses_the_rendered_environment_as_the_values_mean_it(
     assert params["simulate_candidates"] is values["simulateCandidates"]
     assert params["identity"] == params["leader_election_namespace"] == DOWNWARD_API_STAND_IN
     if values["leaderElection"]["enabled"]:
-        role = one(case, "Role")
-        [lease] = {name for rule in role["rules"] for name in rule.get("resourceNames", [])}
+        [lease] = {name for grant in grants(case) for name in grant.names}
         assert params["leader_election_lease"] == lease
     if merged_values(case)["agent"]["enabled"]:
         agent_service = one(case, "Service", "agent")["metadata"]["name"]
@@ -794,18 +923,47 @@ def test_dashboard_promql_parses(path: Path, tmp_path: Path) -> None:
 
 def test_chart_crds_are_the_generated_crds() -> None:
     generated = {path.name: path.read_bytes() for path in (ROOT / "crds").glob("*.yaml")}
-    if not generated:
-        pytest.skip("crds/ is empty: nothing generated yet (`tessera crds`)")
-    in_chart = {path.name: path.read_bytes() for path in (CHART / "crds").glob("*.yaml")}
-    assert sorted(in_chart) == sorted(generated), "run `tessera crds` (it writes both folders)"
-    for name, content in generated.items():
-        assert in_chart[name] == content, f"helm/tessera/crds/{name} differs: run `tessera crds`"
+    assert generated, "crds/ is empty: run `tessera crds`"
+    for folder, version in CHART_VARIANTS.items():
+        in_chart = {p.name: p.read_text() for p in (CHART / "files" / "crds" / folder).glob("*")}
+        assert in_chart == render_crd_files(version), (
+            f"helm/tessera/files/crds/{folder} differs: run `tessera crds`"
+        )
+    cel = {p.name: p.read_bytes() for p in (CHART / "files" / "crds" / "cel").glob("*")}
+    assert cel == generated
 
 
-def test_rendered_crds_cover_every_resource() -> None:
-    rendered = {
-        obj["spec"]["names"]["kind"] for obj in objects("default", "CustomResourceDefinition")
+def _rendered_crds(*args: str) -> dict[str, Obj]:
+    result = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+    assert result.returncode == 0, result.stderr
+    return {
+        doc["metadata"]["name"]: doc
+        for doc in yaml.safe_load_all(result.stdout)
+        if doc and doc["kind"] == "CustomResourceDefinition"
     }
-    if not rendered:
-        pytest.skip("helm/tessera/crds/ is empty: nothing generated yet (`tessera crds`)")
-    assert rendered == set(RESOURCE_TYPES)
+
+
+@pytest.mark.parametrize(
+    ("kube_version", "generated_for"),
+    [("1.20.2", "1.20"), ("1.24.17", "1.24"), ("1.25.0", None), (latest_version(), None)],
+)
+def test_rendered_crds_are_the_variant_the_server_evaluates(
+    kube_version: str, generated_for: str | None
+) -> None:
+    rendered = _rendered_crds("--kube-version", kube_version)
+    expected = {crd["metadata"]["name"]: crd for crd in build_crds(generated_for)}
+    assert set(rendered) == set(expected)
+    assert {crd["spec"]["names"]["kind"] for crd in rendered.values()} == set(RESOURCE_TYPES)
+    assert (CEL_RULES in json.dumps(rendered)) is (generated_for is None)
+    for name, crd in rendered.items():
+        assert crd["spec"] == expected[name]["spec"], f"{name} is not the generated CRD"
+        metadata = crd["metadata"]
+        assert metadata["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert metadata["labels"]["app.kubernetes.io/part-of"] == "tessera"
+        assert metadata["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def test_crds_can_be_left_to_another_installer_or_to_helm_uninstall() -> None:
+    assert _rendered_crds("--set", "crds.install=false") == {}
+    for crd in _rendered_crds("--set", "crds.keep=false").values():
+        assert "annotations" not in crd["metadata"]

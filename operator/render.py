@@ -39,6 +39,9 @@ CONFIG_HASH_ANNOTATION = "tessera.dev/config-hash"
 ENGINE_CONTAINER = "engine"
 PORT_NAME = "http"
 HEALTH_PATH = "/health"
+READY_PATH = "/ready"
+ENGINE_COMMAND = ("tessera", "serve")
+"""The image's entry point (Dockerfile) and subcommand; `engine_args` are `tessera serve` flags."""
 
 _DNS_LABEL_MAX = 63
 
@@ -156,6 +159,7 @@ def engine_args(owner: Owner, spec: ModelDeploymentSpec, plan: Plan, pool: PoolP
         f"--dtype={spec.model.architecture.dtype.value}",
         f"--max-model-len={spec.model.architecture.max_context_tokens}",
         f"--served-model-name={owner.name}",
+        f"--pool={pool.name}",
     ]
     if spec.model.weights_uri:
         args.append(f"--weights-uri={spec.model.weights_uri}")
@@ -221,12 +225,18 @@ def render_deployment(
     container: dict[str, Any] = {
         "name": ENGINE_CONTAINER,
         "image": spec.engine.image,
+        "command": list(ENGINE_COMMAND),
         "args": engine_args(owner, spec, plan, pool),
         "ports": [{"name": PORT_NAME, "containerPort": spec.engine.port, "protocol": "TCP"}],
         "resources": resources_for(class_spec, pool.tensor_parallel),
         "readinessProbe": {
-            "httpGet": {"path": HEALTH_PATH, "port": PORT_NAME},
+            "httpGet": {"path": READY_PATH, "port": PORT_NAME},
             "periodSeconds": 5,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": HEALTH_PATH, "port": PORT_NAME},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
         },
     }
     pod_spec: dict[str, Any] = {"containers": [container]}

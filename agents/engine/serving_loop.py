@@ -48,7 +48,8 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     timed_out: bool = False
     error: str | None = None
-    """The engine failed while running this request (the server answers 500)."""
+    """The engine failed while running this request (FinishReason.ERROR, or a step that
+    raised); the server answers 500."""
 
 
 Sink = Callable[[TokenEvent], None]
@@ -176,7 +177,7 @@ class ServingLoop:
             except Exception as error:  # the engine's state is unknown: fail what it held
                 log.exception("engine step failed; failing %d requests", len(self._live))
                 for request_id in list(self._live):
-                    self._end(request_id, FinishReason.ABORTED, error=f"engine failure: {error}")
+                    self._end(request_id, FinishReason.ERROR, error=f"engine failure: {error}")
                 outputs = []
             stepped = bool(outputs)
             for output in outputs:
@@ -192,6 +193,7 @@ class ServingLoop:
                         list(output.new_token_ids),
                         output.finished,
                         output.finish_reason,
+                        error=output.error,
                     )
                 )
         snapshot = engine.stats_snapshot(drain=True)

@@ -1,0 +1,152 @@
+"""`tessera serve`'s flags against what the operator renders, its one-line errors, and the image.
+
+Every example ModelDeployment is planned in each serving mode the planner can place, rendered,
+and each engine pod's arguments are parsed with the server's own parser: a flag the renderer
+emits and the server does not know fails here, not in a crash-looping pod.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from api_samples import EXAMPLES, example_documents
+from click.testing import CliRunner
+from tessera.agents.serving import cli as serve_cli
+from tessera.api.accelerator_class import AcceleratorClass, AcceleratorClassSpec
+from tessera.api.model_deployment import ModelDeploymentSpec
+from tessera.operator import render
+from tessera.policies.capacity import ClassOffer
+from tessera.policies.placement import plan_deployment
+
+from tessera.cli import main
+
+REPO = EXAMPLES.parent
+MODES = ["auto", "colocated", "disaggregated", "attention-offload"]
+
+
+def example_classes() -> dict[str, AcceleratorClassSpec]:
+    documents = example_documents("accelerator-classes.yaml") + example_documents(
+        "experiments/h20-class.yaml"
+    )
+    resources = [AcceleratorClass.model_validate(d) for d in documents]
+    return {r.metadata.name: r.spec for r in resources}
+
+
+def example_deployments() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for path in sorted([*EXAMPLES.glob("*.yaml"), *EXAMPLES.glob("experiments/*.yaml")]):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document and document.get("kind") == "ModelDeployment":
+                found.append((path.name, document))
+    return found
+
+
+def rendered_engine_pods() -> list[tuple[str, list[str], list[str]]]:
+    """(where, command, args) of every engine container of every example plan."""
+    classes = example_classes()
+    offers = [ClassOffer(name, spec) for name, spec in classes.items()]
+    pods = []
+    for name, document in example_deployments():
+        for mode in MODES:
+            spec = ModelDeploymentSpec.model_validate({**document["spec"], "servingMode": mode})
+            plan = plan_deployment(spec, offers)
+            if not plan.pools:
+                continue
+            owner = render.Owner(document["metadata"]["name"], "serving", "uid-1")
+            for child in render.render_children(owner, spec, plan, classes):
+                if child["kind"] == "Deployment":
+                    container = child["spec"]["template"]["spec"]["containers"][0]
+                    where = f"{name}:{mode}:{child['metadata']['name']}"
+                    pods.append((where, container["command"], container["args"]))
+    return pods
+
+
+PODS = rendered_engine_pods()
+
+
+def test_the_examples_render_pods_of_every_role() -> None:
+    roles = {
+        re.sub(r"--role=", "", a) for _, _, args in PODS for a in args if a.startswith("--role")
+    }
+    assert {"colocated", "prefill", "decode"} <= roles
+    assert len(PODS) >= 10
+
+
+@pytest.mark.parametrize(("where", "command", "args"), PODS, ids=[p[0] for p in PODS])
+def test_every_rendered_flag_is_a_tessera_serve_flag(
+    where: str, command: list[str], args: list[str]
+) -> None:
+    assert command == list(render.ENGINE_COMMAND) == ["tessera", "serve"]
+    context = serve_cli.serve_command.make_context("serve", list(args))
+    params = context.params
+    for arg in args:
+        name, _, value = arg.removeprefix("--").partition("=")
+        if value:
+            assert str(params[name.replace("-", "_")]) == value, arg
+    if "--no-enable-chunked-prefill" in args:
+        assert params["enable_chunked_prefill"] is False
+    assert params["pool"]
+
+
+def run_serve(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["serve", *args])
+    return result.exit_code, result.stderr
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/llama", "hf://meta-llama/Llama-3-8B", "gs://b/m"])
+def test_weights_the_server_cannot_fetch_are_a_one_line_error(uri: str) -> None:
+    code, stderr = run_serve("--model=m", f"--weights-uri={uri}")
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    scheme = uri.split(":")[0]
+    assert "--weights-uri" in lines[0] and repr(scheme) in lines[0] and "local folder" in lines[0]
+
+
+def test_bad_local_weights_roles_and_lengths_are_named(tiny_model: Path, tmp_path: Path) -> None:
+    cases = [
+        (["--model=m", f"--weights-uri={tmp_path}"], "no config.json"),
+        (["--model=m"], "--weights-uri: not given"),
+        ([f"--model={tiny_model}", "--role=decode"], "--role decode"),
+        ([f"--model={tiny_model}", "--tensor-parallel-size=2"], "--tensor-parallel-size 2"),
+        ([f"--model={tiny_model}", "--dtype=fp8"], "--dtype fp8"),
+        ([f"--model={tiny_model}", "--max-model-len=999999"], "--max-model-len 999999"),
+    ]
+    for args, message in cases:
+        code, stderr = run_serve(*args)
+        assert code == 2, (args, stderr)
+        assert len(stderr.strip().splitlines()) == 1 and message in stderr, (args, stderr)
+    code, stderr = run_serve("--model=m", "--port=0")
+    assert code == 2 and "--port" in stderr
+
+
+def test_a_missing_serve_extra_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a)
+    )
+    with pytest.raises(SystemExit) as raised:
+        serve_cli.check_serve_extra()
+    assert raised.value.code == 2
+
+
+def test_the_image_entry_point_is_the_command_the_operator_and_chart_run() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    entrypoints = re.findall(r"^ENTRYPOINT\s+(\[.*\])\s*$", dockerfile, re.MULTILINE)
+    assert len(entrypoints) == 1
+    entrypoint = json.loads(entrypoints[0])
+    assert entrypoint == list(render.ENGINE_COMMAND[:1])
+    for template in ("operator-deployment.yaml", "agent-daemonset.yaml"):
+        text = (REPO / "helm/tessera/templates" / template).read_text()
+        assert f"command: {json.dumps(entrypoint)}" in text, template
+    assert re.search(
+        r'^tessera = "tessera\.cli:main"$', (REPO / "pyproject.toml").read_text(), re.M
+    )
+    assert 'pip install ".[serve]"' in dockerfile

@@ -682,6 +682,59 @@ def test_operator_finds_the_agents(case: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The agents' NetworkPolicy
+
+
+def _pod_labels(workload: Obj) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_agent_network_policy_admits_the_operator_and_the_scrapers_only(case: str) -> None:
+    values = merged_values(case)["agent"]
+    policies = objects(case, "NetworkPolicy")
+    if not values["enabled"]:
+        assert policies == []
+        return
+    policy = values["networkPolicy"]
+    [rendered] = policies
+    agent, operator = one(case, "DaemonSet"), one(case, "Deployment")
+    spec = rendered["spec"]
+    assert _matches(spec["podSelector"]["matchLabels"], _pod_labels(agent))
+    assert not _matches(spec["podSelector"]["matchLabels"], _pod_labels(operator))
+    assert spec["policyTypes"] == ["Ingress"]
+    ports = {port["name"] for port in container(agent)["ports"]}
+    by_port: dict[str, list[Obj] | None] = {}
+    for rule in spec["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in ports and port["protocol"] == "TCP", port
+            by_port[port["port"]] = rule.get("from")
+    assert set(by_port) == ports, "a port the policy leaves out would be cut off"
+    operator_peer, *grpc_peers = by_port["grpc"] or []
+    assert _matches(operator_peer["podSelector"]["matchLabels"], _pod_labels(operator))
+    assert set(operator_peer) == {"podSelector"}, "the operator's own namespace only"
+    assert grpc_peers == policy["grpcFrom"]
+    assert by_port["metrics"] == (policy["metricsFrom"] or None)
+
+
+def test_agent_network_policy_can_be_left_out() -> None:
+    result = helm_template("--set", "agent.networkPolicy.enabled=false")
+    assert result.returncode == 0, result.stderr
+    assert "kind: NetworkPolicy" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "peers",
+    ['[{"podSelectr": {}}]', "[{}]", '{"podSelector": {}}', '[{"ipBlock": {"except": []}}]'],
+)
+def test_values_schema_rejects_a_bad_network_policy_peer(peers: str) -> None:
+    result = helm_template("--set-json", f"agent.networkPolicy.metricsFrom={peers}")
+    assert result.returncode != 0, f"helm accepted metricsFrom={peers}"
+    assert "/agent/networkPolicy/metricsFrom" in result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
 # The environment contract: what the chart sets is what the commands read
 
 

@@ -70,11 +70,17 @@ KINDS_CHECKED_FOR_SHAPE = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
 # The metric names the agents and the engine export; the dashboard must query every one.
 DASHBOARD_METRICS = (
-    "tessera_request_ttft_seconds",
-    "tessera_request_tpot_seconds",
+    # from `tessera serve` (vLLM's names)
+    "vllm:time_to_first_token_seconds",
+    "vllm:request_time_per_output_token_seconds",
+    "vllm:request_success_total",
+    "vllm:kv_cache_usage_perc",
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_running",
+    # from the node agents
     "tessera_device_power_watts",
     "tessera_device_energy_joules_total",
-    "tessera_requests_total",
+    "tessera_device_power_limit_watts",
 )
 
 Obj = dict[str, Any]

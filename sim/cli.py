@@ -8,6 +8,7 @@ vLLM-like, Sarathi-like, disaggregated and Tessera policies, with a goodput swee
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -25,7 +26,12 @@ from tessera.policies.placement import InfeasiblePlanError
 from tessera.sim.baselines import Baseline
 from tessera.sim.cluster import ClusterError, load_cluster
 from tessera.sim.engine import SimConfig, SimulationSetupError
-from tessera.sim.experiment import WorkloadSpec, run_policy, sweep_policy
+from tessera.sim.experiment import (
+    MAX_SIMULATED_REQUESTS,
+    WorkloadSpec,
+    run_policy,
+    sweep_policy,
+)
 from tessera.sim.metrics import RunResult, SweepResult
 from tessera.sim.report import (
     plot_attainment,
@@ -36,13 +42,24 @@ from tessera.sim.report import (
     write_requests_csv,
 )
 from tessera.sim.workload import (
+    MAX_CV,
+    MIN_CV,
     TraceFormatError,
+    Workload,
     parse_duration_s,
     parse_window,
     resolve_trace,
 )
 
+from tessera.cli_params import FiniteFloatRange, ParsedText, assignments
+
 DEFAULT_POLICIES = ("vllm", "sarathi", "disaggregated", "tessera")
+MIN_RATE_SCALE = 1e-3
+MAX_RATE_SCALE = 1e4
+"""Rate scales `--rate-scale` accepts: a thousandth to ten thousand times the trace's rate
+(superposed, the request count is bounded too: MAX_SIMULATED_REQUESTS)."""
+MAX_SWEEP_STEPS = 20
+"""Bisection steps of a goodput sweep: 20 narrow the edge to about a millionth."""
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -54,21 +71,62 @@ def example_file(name: str) -> Path:
     return Path(str(resources.files("tessera.sim").joinpath("data", f"example-{name}")))
 
 
-def _parse_caps(values: tuple[str, ...]) -> dict[str, float]:
-    caps: dict[str, float] = {}
-    for value in values:
-        name, _, watts = value.partition("=")
-        try:
-            caps[name] = float(watts)
-        except ValueError:
-            raise click.BadParameter(
-                f"expected CLASS=WATTS, got {value!r}", param_hint="--power-cap"
-            ) from None
-        if not name:
-            raise click.BadParameter(
-                f"expected CLASS=WATTS, got {value!r}", param_hint="--power-cap"
-            )
-    return caps
+def _duration_s(text: str) -> float:
+    seconds = parse_duration_s(text)
+    if seconds <= 0:
+        raise ValueError(f"a duration must be > 0, got {text!r}")
+    return seconds
+
+
+def _watts(text: str) -> float:
+    watts = float(text)
+    if not math.isfinite(watts):
+        raise ValueError("WATTS must be a finite number")
+    return watts
+
+
+def _check_window(trace: Workload, window_s: tuple[float, float]) -> None:
+    """The window must start inside the trace and hold requests (an empty one would report
+    its SLO met by nobody, as 100%)."""
+    try:
+        part = trace.window(*window_s)
+    except ValueError as error:
+        raise click.BadParameter(
+            f"{error}; valid: START < {trace.duration_s:.1f} s", param_hint="--window"
+        ) from error
+    if not len(part):
+        raise click.BadParameter(
+            f"no request of {trace.name} arrives in [{window_s[0]:g}, {window_s[1]:g}) s",
+            param_hint="--window",
+        )
+
+
+def _check_request_count(
+    workload: WorkloadSpec, deployments: list[ModelDeployment], synthetic: bool
+) -> None:
+    """Refuse, naming the flag, a workload past MAX_SIMULATED_REQUESTS before drawing it."""
+    requests = workload.requests_at(deployments, workload.rate_scale)
+    if requests <= MAX_SIMULATED_REQUESTS:
+        return
+    base = workload.base_requests(deployments)
+    limit = f"at most {MAX_SIMULATED_REQUESTS:,} can be simulated"
+    if workload.rate_mode == "superpose" and workload.rate_scale > 1:
+        hint = "--rate-scale"
+        detail = (
+            f"{workload.rate_scale:g} superposed copies of {base:,.0f} requests make about "
+            f"{requests:.3g}; {limit} (rate scale <= {workload.max_rate_scale(deployments):.4g})"
+        )
+    elif synthetic:
+        hint = "--duration"
+        rate = sum(d.spec.traffic.request_rate_per_second for d in deployments)
+        detail = (
+            f"synthetic traffic at the deployments' {rate:g} req/s (requestRatePerSecond) "
+            f"makes about {requests:.3g} requests; {limit}"
+        )
+    else:
+        hint = "--window"
+        detail = f"the trace holds {base:,.0f} requests; {limit}: replay a shorter window"
+    raise click.BadParameter(detail, param_hint=hint)
 
 
 def _describe_sweep(progress: Progress, task: Any, policy: str) -> Callable[[float], None]:
@@ -106,17 +164,31 @@ def _describe_sweep(progress: Progress, task: Any, policy: str) -> Callable[[flo
     default=None,
     help="Synthetic arrivals at each deployment's traffic rate and lengths instead of a trace.",
 )
-@click.option("--cv", default=2.0, show_default=True, help="Burstiness of gamma arrivals (CV).")
+@click.option(
+    "--cv",
+    type=FiniteFloatRange(MIN_CV, MAX_CV),
+    default=2.0,
+    show_default=True,
+    help=f"Burstiness of gamma arrivals (CV), {MIN_CV:g} to {MAX_CV:g}.",
+)
 @click.option(
     "--duration",
+    type=ParsedText("duration", _duration_s),
     default="10m",
     show_default=True,
-    help="Length of synthetic traffic (90s, 10m, 1h).",
+    help="Length of synthetic traffic (90s, 10m, 1h), > 0.",
 )
 @click.option(
     "--window", default=None, help="Part of the trace to replay: END or START:END (5m:15m)."
 )
-@click.option("--rate-scale", default=1.0, show_default=True, help="Multiply the arrival rate.")
+@click.option(
+    "--rate-scale",
+    type=FiniteFloatRange(MIN_RATE_SCALE, MAX_RATE_SCALE),
+    default=1.0,
+    show_default=True,
+    help=f"Multiply the arrival rate ({MIN_RATE_SCALE:g} to {MAX_RATE_SCALE:g}; superposed, "
+    f"at most {MAX_SIMULATED_REQUESTS:,} requests).",
+)
 @click.option(
     "--rate-mode",
     type=click.Choice(["compress", "superpose"]),
@@ -144,15 +216,32 @@ def _describe_sweep(progress: Progress, task: Any, policy: str) -> Callable[[flo
     show_default=True,
     help="Find each policy's goodput by a rate sweep (bisection on --rate-scale).",
 )
-@click.option("--sweep-steps", default=5, show_default=True, help="Bisection steps of the sweep.")
+@click.option(
+    "--sweep-steps",
+    type=click.IntRange(0, MAX_SWEEP_STEPS),
+    default=5,
+    show_default=True,
+    help="Bisection steps of the sweep.",
+)
 @click.option(
     "--power-cap",
     "power_caps",
     multiple=True,
     help="Device power cap of a class, CLASS=WATTS (repeatable); overrides the cluster file.",
 )
-@click.option("--kv-link-gbps", type=float, default=None, help="Bandwidth of KV transfers, GB/s.")
-@click.option("--seed", default=0, show_default=True, help="Seed of every random draw.")
+@click.option(
+    "--kv-link-gbps",
+    type=FiniteFloatRange(0, min_open=True),
+    default=None,
+    help="Bandwidth of KV transfers, GB/s (> 0).",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of every random draw (>= 0).",
+)
 @click.option(
     "--out",
     "out_dir",
@@ -174,7 +263,7 @@ def simulate_command(
     trace: str,
     synthetic: str | None,
     cv: float,
-    duration: str,
+    duration: float,
     window: str | None,
     rate_scale: float,
     rate_mode: str,
@@ -197,29 +286,39 @@ def simulate_command(
     deployment_paths = deployment_files or (example_file("llama3-8b-chat.yaml"),)
     try:
         cluster = load_cluster(cluster_paths)
+    except (InvalidResourceError, ClusterError, OSError) as error:
+        raise click.BadParameter(str(error), param_hint="--cluster") from error
+    try:
         deployments = load_kind(deployment_paths, ModelDeployment)
-        window_s = parse_window(window) if window else None
-        workload = WorkloadSpec(
-            trace=None if synthetic else resolve_trace(trace),
-            synthetic_arrival="gamma" if synthetic == "gamma" else "poisson",
-            synthetic_cv=cv if synthetic == "gamma" else 1.0,
-            synthetic_duration_s=parse_duration_s(duration),
-            window_s=window_s,
-            rate_scale=rate_scale,
-            rate_mode="superpose" if rate_mode == "superpose" else "compress",
-            seed=seed,
-        )
-    except (
-        InvalidResourceError,
-        ClusterError,
-        TraceFormatError,
-        ValueError,
-        FileNotFoundError,
-    ) as error:
-        raise click.ClickException(str(error)) from error
+    except (InvalidResourceError, OSError) as error:
+        raise click.BadParameter(str(error), param_hint="--deployment") from error
     if not deployments:
-        raise click.ClickException("no ModelDeployment in " + ", ".join(map(str, deployment_paths)))
-    caps = _parse_caps(power_caps)
+        raise click.BadParameter(
+            "no ModelDeployment in " + ", ".join(map(str, deployment_paths)),
+            param_hint="--deployment",
+        )
+    try:
+        trace_workload = None if synthetic else resolve_trace(trace)
+    except (TraceFormatError, OSError) as error:
+        raise click.BadParameter(str(error), param_hint="--trace") from error
+    try:
+        window_s = parse_window(window) if window else None
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--window") from error
+    if trace_workload is not None and window_s is not None:
+        _check_window(trace_workload, window_s)
+    workload = WorkloadSpec(
+        trace=trace_workload,
+        synthetic_arrival="gamma" if synthetic == "gamma" else "poisson",
+        synthetic_cv=cv if synthetic == "gamma" else 1.0,
+        synthetic_duration_s=duration,
+        window_s=window_s,
+        rate_scale=rate_scale,
+        rate_mode="superpose" if rate_mode == "superpose" else "compress",
+        seed=seed,
+    )
+    _check_request_count(workload, deployments, trace_workload is None)
+    caps = assignments(power_caps, "--power-cap", _watts, "WATTS")
     if caps or kv_link_gbps is not None:
         try:
             cluster = replace(
@@ -228,11 +327,20 @@ def simulate_command(
                 kv_link_gbps=kv_link_gbps or cluster.kv_link_gbps,
             )
         except ClusterError as error:
-            raise click.ClickException(str(error)) from error
+            raise click.BadParameter(str(error), param_hint="--power-cap") from error
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise click.BadParameter(str(error), param_hint="--out") from error
     chosen = [Baseline(p) for p in (policies or DEFAULT_POLICIES)]
     config = SimConfig(seed=seed)
     dispatch_policy = DispatchPolicy(dispatch)
     workloads = workload.build(deployments)
+    if not any(len(w) for w in workloads):
+        raise click.BadParameter(
+            f"no request arrives in {workloads[0].name}: an empty run would meet every SLO",
+            param_hint="--duration" if trace_workload is None else "--rate-scale",
+        )
     rate = sum(w.rate_per_s for w in workloads)
     console.print(
         f"[bold]{cluster.name}[/]: "
@@ -300,7 +408,6 @@ def simulate_command(
     for result in results:
         for name, plan in result.plans.items():
             console.print(f"[dim]{result.policy} plan for {name}: {plan['rationale']}[/]")
-    out_dir.mkdir(parents=True, exist_ok=True)
     run_config: dict[str, Any] = {
         "cluster": [str(p) for p in cluster_paths],
         "deployments": [str(p) for p in deployment_paths],

@@ -9,6 +9,7 @@ bandwidth for all KV transfers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,11 +31,16 @@ class KvLinks:
     busy_s: float = 0.0
     tokens: int = 0
 
+    def __post_init__(self) -> None:
+        if self.link_gbps is not None:
+            _check_bandwidth("the KV link bandwidth (kvLinkGbps)", self.link_gbps)
+
     def schedule(
         self, source: Instance, target: Instance, tokens: int, now: float, model: TransferModel
     ) -> tuple[float, float]:
         """(start, end) of moving `tokens` of KV from `source` to `target`, from `now`."""
         link = self.link_gbps or min(source.network_gbps, target.network_gbps)
+        _check_bandwidth("the network bandwidth (networkBandwidthGbps)", link)
         duration = model.kv_transfer_time_s(tokens, link)
         start = max(now, source.egress_free_s, target.ingress_free_s)
         end = start + duration
@@ -44,3 +50,10 @@ class KvLinks:
         self.busy_s += duration
         self.tokens += tokens
         return start, end
+
+
+def _check_bandwidth(what: str, gbps: float) -> None:
+    """A negative or zero bandwidth would make transfers instant or take negative time (and
+    lower TTFT); NaN would stall every transfer."""
+    if not (math.isfinite(gbps) and gbps > 0):
+        raise ValueError(f"{what} must be a finite number > 0 GB/s, got {gbps}")

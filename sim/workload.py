@@ -260,7 +260,10 @@ def parse_duration_s(text: str) -> float:
     if not match:
         raise ValueError(f"expected a duration like 90, 90s, 10m or 1h, got {text!r}")
     value, unit = float(match.group(1)), match.group(2) or "s"
-    return value * {"s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+    seconds = value * {"s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration {text!r} is too long to be a number of seconds")
+    return seconds
 
 
 def parse_window(text: str) -> tuple[float, float]:

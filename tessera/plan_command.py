@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 import click
 import yaml
@@ -12,8 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from tessera.api.accelerator_class import AcceleratorClass
+from tessera.api.common import CustomResource
 from tessera.api.loader import InvalidResourceError, load_kind
 from tessera.api.model_deployment import ModelDeployment, Plan, PoolRole
+from tessera.cli_params import assignments
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.placement import (
     Candidate,
@@ -24,16 +27,29 @@ from tessera.policies.placement import (
 
 
 def parse_capacity(values: tuple[str, ...]) -> dict[str, int]:
-    """`--capacity h100=16` options as a mapping; a clear error for a malformed one."""
-    capacity: dict[str, int] = {}
-    for value in values:
-        name, _, count = value.partition("=")
-        if not name or not count.isdigit():
-            raise click.BadParameter(
-                f"expected CLASS=COUNT, got {value!r}", param_hint="--capacity"
-            )
-        capacity[name] = int(count)
-    return capacity
+    """`--capacity h100=16` options as a mapping; a usage error for a malformed one."""
+    return assignments(values, "--capacity", _count, "COUNT")
+
+
+def _count(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"expected CLASS=COUNT with COUNT a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _load(paths: tuple[Path, ...], kind: type[R], param_hint: str) -> list[R]:
+    """Every resource of `kind` in the files, or a usage error naming the flag."""
+    try:
+        found = load_kind(paths, kind)
+    except InvalidResourceError as error:
+        raise click.BadParameter(str(error), param_hint=param_hint) from error
+    if not found:
+        where = ", ".join(map(str, paths))
+        raise click.BadParameter(f"no {kind.crd.kind} in {where}", param_hint=param_hint)
+    return found
+
+
+R = TypeVar("R", bound=CustomResource)
 
 
 def plan_table(deployment: ModelDeployment, plan: Plan) -> Table:
@@ -150,13 +166,15 @@ def plan_command(
 ) -> None:
     """Plan each ModelDeployment in FILENAME on the AcceleratorClasses in CLASSES."""
     free = parse_capacity(capacity)
-    try:
-        deployments = load_kind([deployment_file], ModelDeployment)
-        classes = load_kind(class_files, AcceleratorClass)
-    except InvalidResourceError as error:
-        raise click.ClickException(str(error)) from error
-    if not deployments:
-        raise click.ClickException(f"{deployment_file}: no ModelDeployment found")
+    deployments = _load((deployment_file,), ModelDeployment, "-f/--filename")
+    classes = _load(class_files, AcceleratorClass, "--classes")
+    unknown = sorted(set(free) - {c.metadata.name for c in classes})
+    if unknown:
+        raise click.BadParameter(
+            f"no AcceleratorClass {', '.join(unknown)} in --classes "
+            f"(defined: {', '.join(sorted(c.metadata.name for c in classes))})",
+            param_hint="--capacity",
+        )
     offers = [ClassOffer.from_resource(c, free.get(c.metadata.name)) for c in classes]
     console = Console(width=None if sys.stdout.isatty() else 140)
     plans: dict[str, object] = {}

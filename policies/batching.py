@@ -18,14 +18,16 @@ The rules are vLLM V1's scheduler without prefix caching:
 Decode tokens and prompt chunks share every step, chunked prefill or not (V1; vLLM V0's
 whole-prompt steps that exclude decodes are not modelled).
 
-Inputs are integers only (`RequestView`), outputs indices into them (`BatchDecision`): the
-callers own their requests, block tables and queues and apply the decision to them.
+Inputs are integers only (`RequestView`), outputs per-request counts over them
+(`BatchDecision`): the callers own their requests, block tables and queues and apply the
+decision to them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from tessera.api.scheduler import SchedulerConfig
 
@@ -35,9 +37,9 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestView:
-    """What batch formation needs to know about one request."""
+class RequestView(NamedTuple):
+    """What batch formation needs to know about one request (a tuple: the simulator builds
+    one per request per iteration)."""
 
     num_computed_tokens: int
     """Tokens whose K/V are in the cache (0 while waiting)."""
@@ -52,42 +54,27 @@ class RequestView:
         return self.num_tokens - self.num_computed_tokens
 
 
-@dataclass(frozen=True, slots=True)
-class Work:
-    """One request's share of a step."""
-
-    request: int
-    """Index into the running (or, for admissions, the waiting) views."""
-    num_tokens: int
-    """Tokens it computes in this step."""
-    new_blocks: int
-    """Blocks to allocate to it before the step runs."""
-
-
 @dataclass
 class BatchDecision:
-    """One step's batch. Apply `preempted` first, then allocate every `new_blocks`."""
+    """One step's batch, as indices into the views it was formed from. Apply `preempted`
+    first, then allocate the new blocks.
 
-    scheduled: list[Work] = field(default_factory=list)
-    """Running requests that run, in their running order."""
-    admitted: list[Work] = field(default_factory=list)
-    """The head of the waiting queue, in order: they start running with this step."""
+    The requests that run are always a prefix of the running ones (oldest first) and the
+    admitted a prefix of the waiting queue, so each is described by per-request lists:
+    `running[i]` computes `num_tokens[i]` tokens and gets `new_blocks[i]` blocks for every
+    `i < len(num_tokens)`; likewise `waiting[i]` with the `admitted_` lists.
+    """
+
+    num_tokens: list[int] = field(default_factory=list)
+    new_blocks: list[int] = field(default_factory=list)
+    admitted_tokens: list[int] = field(default_factory=list)
+    admitted_blocks: list[int] = field(default_factory=list)
     preempted: list[int] = field(default_factory=list)
     """Running indices to preempt, newest first (the order vLLM frees them)."""
 
     @property
-    def num_tokens(self) -> int:
-        return sum(w.num_tokens for w in self.scheduled) + sum(w.num_tokens for w in self.admitted)
-
-    @property
-    def new_blocks(self) -> int:
-        return sum(w.new_blocks for w in self.scheduled) + sum(w.new_blocks for w in self.admitted)
-
-
-def _missing_blocks(view: RequestView, num_tokens: int, block_size: int) -> int:
-    return max(
-        0, blocks_for_tokens(view.num_computed_tokens + num_tokens, block_size) - view.num_blocks
-    )
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens) + sum(self.admitted_tokens)
 
 
 def form_batch(
@@ -98,41 +85,53 @@ def form_batch(
     free_blocks: int,
 ) -> BatchDecision:
     """The next step's batch (see the module docstring for the rules)."""
+    # Written for speed (the simulator calls it every iteration): block rounding inline,
+    # as in `blocks_for_tokens`.
     decision = BatchDecision()
+    tokens_out, blocks_out, preempted = decision.num_tokens, decision.new_blocks, decision.preempted
     budget = config.max_num_batched_tokens
     free = free_blocks
     newest = len(running) - 1  # the newest running request not preempted yet
-    for index, view in enumerate(running):
+    for index, (computed, total, held) in enumerate(running):
         if budget == 0 or index > newest:
             break
-        count = min(view.num_pending_tokens, budget)
-        need = _missing_blocks(view, count, block_size)
-        while need > free and newest >= index:
-            decision.preempted.append(newest)
-            free += running[newest].num_blocks
-            newest -= 1
-        if index > newest:
-            break
+        count = total - computed
+        if count > budget:
+            count = budget
+        need = -(-(computed + count) // block_size) - held
+        if need > free:
+            while need > free and newest >= index:
+                preempted.append(newest)
+                free += running[newest][2]
+                newest -= 1
+            if index > newest:
+                break
+        if need < 0:
+            need = 0
         free -= need
         budget -= count
-        decision.scheduled.append(Work(index, count, need))
-    if decision.preempted:
+        tokens_out.append(count)
+        blocks_out.append(need)
+    if preempted:
         return decision
-    admitted_running = len(running)
-    for index, view in enumerate(waiting):
-        if budget == 0 or admitted_running >= config.max_num_seqs:
+    slots = config.max_num_seqs - len(running)
+    chunked = config.enable_chunked_prefill
+    for computed, total, held in waiting:
+        if budget == 0 or slots <= 0:
             break
-        pending = view.num_pending_tokens
-        if not config.enable_chunked_prefill and pending > budget:
-            break
-        count = min(pending, budget)
-        need = _missing_blocks(view, count, block_size)
+        count = total - computed
+        if count > budget:
+            if not chunked:
+                break
+            count = budget
+        need = max(0, -(-(computed + count) // block_size) - held)
         if need > free:
             break
         free -= need
         budget -= count
-        admitted_running += 1
-        decision.admitted.append(Work(index, count, need))
+        slots -= 1
+        decision.admitted_tokens.append(count)
+        decision.admitted_blocks.append(need)
     return decision
 
 
@@ -140,5 +139,7 @@ def decode_growth_blocks(running: Sequence[RequestView], block_size: int) -> int
     """Blocks the next step's decodes take: running requests with one token pending whose
     token starts a new block. A KV import that leaves fewer free forces a preemption there."""
     return sum(
-        _missing_blocks(view, 1, block_size) for view in running if view.num_pending_tokens == 1
+        max(0, blocks_for_tokens(computed + 1, block_size) - held)
+        for computed, total, held in running
+        if total - computed == 1
     )

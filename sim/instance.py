@@ -80,12 +80,6 @@ class Request:
         self.transfer_s = 0.0
         self.home: Instance | None = None
 
-    def view(self) -> RequestView:
-        """Its integer view for batch formation: a prompt chunk pending, or one decode token."""
-        if self.prefilled < self.target:
-            return RequestView(self.prefilled, self.target, self.blocks)
-        return RequestView(self.kv, self.kv + 1, self.blocks)
-
 
 _IDLE, _BATCH, _RUN = 0, 1, 2
 
@@ -245,24 +239,31 @@ class Instance:
         decision = form_batch(
             self.scheduler,
             self.block_size,
-            [r.view() for r in running],
-            [r.view() for r in waiting],
+            [
+                RequestView(r.prefilled, r.target, r.blocks)
+                if r.prefilled < r.target
+                else RequestView(r.kv, r.kv + 1, r.blocks)
+                for r in running
+            ],
+            [RequestView(0, r.target, 0) for r in waiting],
             self.free_blocks,
         )
         victims = [running[i] for i in decision.preempted]
-        work = [(running[w.request], w) for w in decision.scheduled]
-        for w in decision.admitted:
+        work = list(zip(running, decision.num_tokens, decision.new_blocks, strict=False))
+        for count, blocks in zip(decision.admitted_tokens, decision.admitted_blocks, strict=True):
             request = waiting.popleft()
             running.append(request)
-            work.append((request, w))
+            work.append((request, count, blocks))
         for victim in victims:
             self._preempt(victim, now)
         chunks: list[tuple[Request, int]] = []
         decoding: list[Request] = []
-        for request, w in work:
-            self._set_blocks(request, request.blocks + w.new_blocks)
+        for request, count, blocks in work:
+            if blocks:
+                request.blocks += blocks
+                self.used_blocks += blocks
             if request.prefilled < request.target:
-                chunks.append((request, w.num_tokens))
+                chunks.append((request, count))
             else:
                 decoding.append(request)
         self._check_blocks()
@@ -362,7 +363,8 @@ class Instance:
         for r in self.batch_decoding:
             r.kv += steps
             r.generated += steps
-            self._set_blocks(r, blocks_for_tokens(r.kv, size))
+            if steps > 1:  # the first iteration's blocks were allocated when it started
+                self._set_blocks(r, blocks_for_tokens(r.kv, size))
             if r.generated >= r.output:
                 finished = True
         handoff: list[Request] = []

@@ -110,21 +110,21 @@ class Scheduler:
             self.allocator.num_free,
         )
         out = SchedulerOutput(preempted=[running[i] for i in decision.preempted])
-        scheduled = [(running[w.request], w) for w in decision.scheduled]
-        admitted = [(waiting[w.request], w) for w in decision.admitted]
-        for seq, _ in admitted:
-            waiting.popleft()
+        work = list(zip(running, decision.num_tokens, decision.new_blocks, strict=False))
+        for count, blocks in zip(decision.admitted_tokens, decision.admitted_blocks, strict=True):
+            seq = waiting.popleft()
             seq.state = RequestState.RUNNING
             running.append(seq)
+            work.append((seq, count, blocks))
         for seq in out.preempted:
             self._preempt(seq)
-        for seq, work in scheduled + admitted:
-            if work.new_blocks:
-                seq.block_ids.extend(self.allocator.allocate(work.new_blocks))
+        for seq, count, blocks in work:
+            if blocks:
+                seq.block_ids.extend(self.allocator.allocate(blocks))
             if seq.num_pending_tokens == 1:
                 out.decodes.append(seq)
             else:
-                out.prefills.append((seq, work.num_tokens))
+                out.prefills.append((seq, count))
         return out
 
     def _preempt(self, seq: Sequence) -> None:

@@ -14,11 +14,17 @@ from typing import TypeVar
 import pytest
 from tessera.agents.client import ClientTls
 from tessera.agents.instance_stats import InstanceStatsSource
-from tessera.agents.server import AgentServer, ServerTls
+from tessera.agents.server import MAX_WATCH_STREAMS_PER_CLIENT, AgentServer, ServerTls
 from tessera.agents.sim_backend import SimBackend
 
 T = TypeVar("T")
 SERVER_NAME = "tessera-agent"
+# The identities the test certificates carry: the operator's (the chart's default allow-list
+# entry for a release in tessera-system) and a same-CA workload that must not call Control.
+OPERATOR_SAN = "spiffe://cluster.local/ns/tessera-system/sa/tessera-operator"
+OPERATOR_DNS_SAN = "tessera-operator.tessera-system.svc"
+INTRUDER_SAN = "spiffe://cluster.local/ns/tessera-system/sa/default"
+INTRUDER_DNS_SAN = "intruder.tessera-system.svc"
 
 
 def wait_for(
@@ -52,9 +58,15 @@ class Certs:
     client_key: Path
     rogue_client_cert: Path  # signed by another CA
     rogue_client_key: Path
+    intruder_client_cert: Path  # signed by the CA, for another identity
+    intruder_client_key: Path
+    cn_only_client_cert: Path  # signed by the CA, the operator's DNS name as CN, no SAN
+    cn_only_client_key: Path
 
-    def server_tls(self) -> ServerTls:
-        return ServerTls.from_files(self.server_cert, self.server_key, self.ca)
+    def server_tls(self, allowed_client_sans: Sequence[str] = (OPERATOR_SAN,)) -> ServerTls:
+        return ServerTls.from_files(
+            self.server_cert, self.server_key, self.ca, allowed_client_sans=allowed_client_sans
+        )
 
     def client_tls(self) -> ClientTls:
         return ClientTls.from_files(self.ca, self.client_cert, self.client_key, SERVER_NAME)
@@ -65,6 +77,16 @@ class Certs:
     def rogue_client_tls(self) -> ClientTls:
         return ClientTls.from_files(
             self.ca, self.rogue_client_cert, self.rogue_client_key, SERVER_NAME
+        )
+
+    def intruder_client_tls(self) -> ClientTls:
+        return ClientTls.from_files(
+            self.ca, self.intruder_client_cert, self.intruder_client_key, SERVER_NAME
+        )
+
+    def cn_only_client_tls(self) -> ClientTls:
+        return ClientTls.from_files(
+            self.ca, self.cn_only_client_cert, self.cn_only_client_key, SERVER_NAME
         )
 
 
@@ -82,11 +104,11 @@ def _ca(name: str, folder: Path) -> None:
     )  # fmt: skip
 
 
-def _leaf(name: str, ca: str, extensions: str, folder: Path) -> None:
+def _leaf(name: str, ca: str, extensions: str, folder: Path, common_name: str = "") -> None:
     (folder / f"{name}.ext").write_text(extensions)
     _openssl(
         "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
+        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={common_name or name}",
         cwd=folder,
     )  # fmt: skip
     _openssl(
@@ -97,8 +119,10 @@ def _leaf(name: str, ca: str, extensions: str, folder: Path) -> None:
 
 
 def make_certs(folder: Path) -> Certs:
-    """A CA, an agent certificate for SERVER_NAME and 127.0.0.1, an operator client
-    certificate, and a client certificate from an unrelated CA (with the openssl binary)."""
+    """A CA, an agent certificate for SERVER_NAME and 127.0.0.1, the operator's client
+    certificate (OPERATOR_SAN and OPERATOR_DNS_SAN), two same-CA clients that are not the
+    operator (INTRUDER_SAN and INTRUDER_DNS_SAN; the operator's DNS name as CN without SANs) and a
+    client certificate from an unrelated CA (with the openssl binary)."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl binary is needed to make test certificates")
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,7 +134,19 @@ def make_certs(folder: Path) -> Certs:
         f"subjectAltName=DNS:{SERVER_NAME},IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
         folder,
     )
-    _leaf("operator", "ca", "extendedKeyUsage=clientAuth\n", folder)
+    _leaf(
+        "operator",
+        "ca",
+        f"subjectAltName=URI:{OPERATOR_SAN},DNS:{OPERATOR_DNS_SAN}\nextendedKeyUsage=clientAuth\n",
+        folder,
+    )
+    _leaf(
+        "intruder",
+        "ca",
+        f"subjectAltName=URI:{INTRUDER_SAN},DNS:{INTRUDER_DNS_SAN}\nextendedKeyUsage=clientAuth\n",
+        folder,
+    )
+    _leaf("cn-only", "ca", "extendedKeyUsage=clientAuth\n", folder, common_name=OPERATOR_DNS_SAN)
     _leaf("rogue", "rogue-ca", "extendedKeyUsage=clientAuth\n", folder)
     return Certs(
         folder=folder,
@@ -121,6 +157,10 @@ def make_certs(folder: Path) -> Certs:
         client_key=folder / "operator.key",
         rogue_client_cert=folder / "rogue.pem",
         rogue_client_key=folder / "rogue.key",
+        intruder_client_cert=folder / "intruder.pem",
+        intruder_client_key=folder / "intruder.key",
+        cn_only_client_cert=folder / "cn-only.pem",
+        cn_only_client_key=folder / "cn-only.key",
     )
 
 
@@ -133,6 +173,7 @@ def start_sim_agent(
     interval_s: float = 0.05,
     sources: Sequence[InstanceStatsSource] = (),
     backend: SimBackend | None = None,
+    max_watch_streams_per_client: int = MAX_WATCH_STREAMS_PER_CLIENT,
 ) -> AgentServer:
     """A started agent on 127.0.0.1 with the simulated backend (two devices by default)."""
     agent = AgentServer(
@@ -143,6 +184,7 @@ def start_sim_agent(
         telemetry_listen="127.0.0.1:0" if telemetry else None,
         sources=sources,
         interval_s=interval_s,
+        max_watch_streams_per_client=max_watch_streams_per_client,
     )
     agent.start()
     return agent

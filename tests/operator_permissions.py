@@ -261,3 +261,24 @@ def kopf_needs() -> list[Need]:
 
 def operator_needs() -> list[Need]:
     return client_needs() + kopf_needs()
+
+
+Request = tuple[str, Need, str | None]
+"""(where: `*` cluster-wide or a namespace, the request, the one object's name if limited)."""
+
+
+def requests_for(
+    served: list[str], leader_election: bool, lease: str | None, own_namespace: str
+) -> list[Request]:
+    """Everything the operator requests when it serves `served` (empty: every namespace), with
+    or without leader election on the Lease `lease`, running in `own_namespace`."""
+    features = {"leader-election"} if leader_election else set()
+    features |= {"some-namespaces"} if served else set()
+    found: list[Request] = []
+    for need in sorted(set(operator_needs())):
+        if need.when is not None and need.when not in features:
+            continue
+        name = lease if need.name == LEASE_NAME else need.name
+        scopes = {"cluster": ["*"], "served": served or ["*"], "own": [own_namespace]}
+        found += [(scope, need, name) for scope in scopes[need.where]]
+    return found

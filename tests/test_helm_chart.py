@@ -45,7 +45,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import all_versions, latest_version
-from operator_permissions import LEASE_NAME, Need, operator_needs
+from operator_permissions import LEASE_NAME, Need, Request, operator_needs, requests_for
 from tessera.agents.cli import agent_command
 from tessera.api.crdgen import CEL_RULES, CHART_VARIANTS, build_crds, render_crd_files
 from tessera.api.loader import RESOURCE_TYPES
@@ -441,22 +441,13 @@ def grants(case: str) -> list[Grant]:
     return found
 
 
-def needs(case: str) -> list[tuple[str, Need, str | None]]:
-    """(where, request, object name) of everything the operator requests, as this case's values
-    configure it: `*` for cluster-wide, else a namespace."""
+def needs(case: str) -> list[Request]:
+    """Everything the operator requests, as this case's values configure it."""
     operator = merged_values(case)["operator"]
-    served = operator["watchNamespaces"]
-    features = {"leader-election"} if operator["leaderElection"]["enabled"] else set()
-    features |= {"some-namespaces"} if served else set()
     lease = env_of(one(case, "Deployment")).get("TESSERA_LEADER_ELECTION_LEASE")
-    found = []
-    for need in sorted(set(operator_needs())):
-        if need.when is not None and need.when not in features:
-            continue
-        name = lease if need.name == LEASE_NAME else need.name
-        scopes = {"cluster": ["*"], "served": served or ["*"], "own": [NAMESPACE]}[need.where]
-        found += [(scope, need, name) for scope in scopes]
-    return found
+    return requests_for(
+        operator["watchNamespaces"], operator["leaderElection"]["enabled"], lease, NAMESPACE
+    )
 
 
 def covers(grant: Grant, scope: str, need: Need, name: str | None) -> bool:
@@ -467,7 +458,7 @@ def covers(grant: Grant, scope: str, need: Need, name: str | None) -> bool:
     )
 
 
-def missing(given: list[Grant], wanted: list[tuple[str, Need, str | None]]) -> list[str]:
+def missing(given: list[Grant], wanted: list[Request]) -> list[str]:
     return [
         f"{need.verb} {need.group}/{need.resource} in {scope} ({need.origin})"
         for scope, need, name in wanted
@@ -475,7 +466,7 @@ def missing(given: list[Grant], wanted: list[tuple[str, Need, str | None]]) -> l
     ]
 
 
-def superfluous(given: list[Grant], wanted: list[tuple[str, Need, str | None]]) -> list[Grant]:
+def superfluous(given: list[Grant], wanted: list[Request]) -> list[Grant]:
     """The chart's grants that can go without any request going ungranted."""
     return [
         grant

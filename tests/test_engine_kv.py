@@ -241,7 +241,7 @@ def _exported(folder: Path, prompt_length: int = 6, **engine_kwargs: Any) -> KVP
 
 
 def _rebuilt(package: KVPackage, **changes: Any) -> KVPackage:
-    """`package` with fields changed and checksums recomputed: consistent, but wrong."""
+    """`package` with fields changed and checksums recomputed: consistent, but maybe wrong."""
     fields = {
         "request_id": package.request_id,
         "geometry": package.geometry,
@@ -255,13 +255,14 @@ def _rebuilt(package: KVPackage, **changes: Any) -> KVPackage:
 
 
 def _bad_packages(folder: Path, tmp_path: Path) -> dict[str, tuple[KVPackage, str]]:
-    """Packages an engine of `folder` (block size 4, float32) must refuse, and why."""
+    """Packages an engine of `folder` (block size 4, float32 or bfloat16) must refuse, and
+    why. float16 is neither engine's dtype."""
     good = _exported(folder)
     other_config, other_weights = tmp_path / "other-config", tmp_path / "other-weights"
     write_checkpoint(other_config, seed=11, rms_norm_eps=1e-6)  # same shape and signature
     write_checkpoint(other_weights, seed=12)  # a fine-tune, say: same config
     sampling = good.sampling
-    bf16 = dataclasses.replace(good.geometry, dtype="bfloat16")
+    fp16 = dataclasses.replace(good.geometry, dtype="float16")
     return {
         "stale checksums": (
             dataclasses.replace(good, blocks=good.blocks + 1.0),
@@ -272,12 +273,12 @@ def _bad_packages(folder: Path, tmp_path: Path) -> dict[str, tuple[KVPackage, st
             "blocks have shape",
         ),
         "blocks in another dtype": (
-            _rebuilt(good, blocks=good.blocks.to(torch.bfloat16)),
-            "blocks are torch.bfloat16",
+            _rebuilt(good, blocks=good.blocks.to(torch.float16)),
+            "blocks are torch.float16",
         ),
         "another dtype": (
-            _rebuilt(good, geometry=bf16, blocks=good.blocks.to(torch.bfloat16)),
-            "dtype 'bfloat16'",
+            _rebuilt(good, geometry=fp16, blocks=good.blocks.to(torch.float16)),
+            "dtype 'float16'",
         ),
         "another model's config": (_exported(other_config), "model_signature"),
         "another model's weights": (_exported(other_weights), "model_signature"),
@@ -329,8 +330,8 @@ def test_refused_imports_give_their_blocks_back(folder: Path, tmp_path: Path) ->
 
 
 def _rewritten(wire: bytes, change: Callable[[dict[str, Any]], Any]) -> bytes:
-    """`wire` with its header changed by `change` and a header checksum that matches: what a
-    buggy or hostile peer can send."""
+    """`wire` (blake2b checksums) with its header changed by `change` and a header checksum
+    that matches: what a buggy or hostile peer can send."""
     start = len(MAGIC) + 8
     (length,) = struct.unpack_from("<Q", wire, len(MAGIC))
     header = json.loads(wire[start : start + length])
@@ -392,7 +393,7 @@ MALFORMED_HEADERS = {
 
 @pytest.mark.parametrize("name", sorted(MALFORMED_HEADERS))
 def test_malformed_headers_raise_the_transfer_error(folder: Path, name: str) -> None:
-    wire = _exported(folder).to_bytes()
+    wire = _rebuilt(_exported(folder), checksum_algorithm="blake2b_128").to_bytes()
     change, reason = MALFORMED_HEADERS[name]
     bad = _rewritten(wire, change)
     with pytest.raises(KVTransferError, match=reason):

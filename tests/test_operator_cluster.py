@@ -44,7 +44,7 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     operator_fixture,
     wait_for,
 )
-from operator_process import http_get
+from operator_process import OperatorProcess, http_get
 from prometheus_client import REGISTRY
 from tessera.api.model_deployment import ModelDeploymentSpec, Plan
 from tessera.operator.handlers import KOPF_PREFIX
@@ -632,6 +632,48 @@ def test_spec_changed_while_the_operator_is_down_converges_on_restart(
     assert md["status"]["plan"] == expected.to_wire()
     assert set(children(cluster, namespace.name)) == expected_children(expected)
     assert len(cluster.deployments(namespace.name)) == len(expected.pools)
+
+
+def test_an_operator_killed_mid_reconcile_converges_when_it_restarts(
+    cluster: Cluster, namespace: Namespace, tmp_path: Path
+) -> None:
+    """SIGKILL `tessera operator` the moment the new plan's first Deployment appears, while the
+    old plan's pools still stand; the restarted operator finishes the job: exactly the new
+    plan's children, status at the new generation."""
+    namespace.create_classes("l40s", "a100")
+    document = namespace.chat_deployment(servingMode="colocated")
+    env = {"TESSERA_WATCH_NAMESPACES": namespace.name}
+    first = OperatorProcess(cluster, tmp_path, "first", env)
+    try:
+        cluster.create_md(namespace.name, document)
+        settled(cluster, namespace.name, "chat", 1, "PlanApplied")
+        old = set(children(cluster, namespace.name))
+        cluster.patch_md(namespace.name, "chat", {"spec": {"servingMode": "disaggregated"}})
+
+        def new_child_applied() -> set[str] | None:
+            first.alive()
+            found = set(children(cluster, namespace.name))
+            return found if found - old else None
+
+        seen = wait_for(new_child_applied, "the new plan's first child", every_s=0.005)
+    finally:
+        first.kill()
+    mid_way = bool(seen & old)
+    second = OperatorProcess(cluster, tmp_path, "second", env)
+    try:
+        md = settled(cluster, namespace.name, "chat", 2, "PlanApplied")
+        # The command scores plans by simulation (the thread-run operator does not), so the
+        # plan in force is the reference here.
+        applied = Plan.model_validate(md["status"]["plan"])
+        assert applied.mode.value == "disaggregated"
+        wanted = expected_children(applied)
+        wait_for(
+            lambda: set(children(cluster, namespace.name)) == wanted,
+            f"exactly the new plan's children (killed mid-way: {mid_way})",
+        )
+    finally:
+        second.kill()
+    assert mid_way, "the kill came after the old pools were pruned: not mid-reconcile"
 
 
 # --- capacity ---------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ import json
 import math
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -244,7 +243,7 @@ def simulate(
     and the engine's KV capacity. KV moves at NVLink speed (the engine bench hands blocks over
     on the GPU)."""
     from tessera.sim.cluster import Cluster
-    from tessera.sim.engine import DeploymentSetup, SimConfig, Simulation
+    from tessera.sim.simulation import DeploymentSetup, SimConfig, Simulation
 
     setup = DeploymentSetup("validation", spec, sim_plan(mode, class_name))
     cluster = Cluster(
@@ -385,19 +384,29 @@ class RealTimeDriver:
         self.rng = np.random.default_rng(seed)
 
     def serve(self, served: Served) -> Served:
-        from tessera.agents.engine.kv_cache import OutOfKVBlocksError
+        """Replay `served`'s arrivals through the engine's real-time serving loop (the one
+        `tessera serve` runs on its thread), driven here step by step on this thread."""
         from tessera.agents.engine.request import SamplingParams
+        from tessera.agents.engine.serving_loop import ServingLoop, TokenEvent
 
         engine, count = self.engine, len(served.arrival_s)
+        loop = ServingLoop(engine, max_waiting=count + 1, clock=self.clock)
         first = [math.inf] * count
         finish = [math.inf] * count
-        index_of: dict[str, int] = {}
-        imports: deque[int] = deque()
+        events: list[TokenEvent] = []
         vocab = engine.config.vocab_size
         next_arrival = 0
         preempted_before = engine.stats.preemptions_total
         deadline = served.duration_s + self.drain_s
         start = self.clock()
+
+        def imported(i: int) -> Callable[[Any], None]:
+            def done(future: Any) -> None:
+                if not future.cancelled() and future.exception() is None:
+                    first[i] = served.arrival_s[i]
+
+            return done
+
         while True:
             now = self.clock() - start
             while next_arrival < count and served.arrival_s[next_arrival] <= now:
@@ -406,52 +415,47 @@ class RealTimeDriver:
                 if self.mode is Mode.DECODE:
                     if served.output_tokens[i] <= 1:  # nothing left to decode
                         first[i] = finish[i] = served.arrival_s[i]
-                    else:
-                        imports.append(i)
+                    else:  # the KV is on the GPU once blocks are free
+                        admitted = loop.submit_import(self._package(i, served), events.append)
+                        admitted.add_done_callback(imported(i))
                     continue
                 prompt = self.rng.integers(0, vocab, served.prompt_tokens[i]).tolist()
                 params = SamplingParams(max_new_tokens=served.output_tokens[i], ignore_eos=True)
-                index_of[engine.add_request(prompt, params, request_id=f"r{i}")] = i
-            while imports:  # decode-only: the KV is on the GPU once blocks are free
-                i = imports[0]
-                try:
-                    request_id = engine.import_kv(self._package(i, served))
-                except OutOfKVBlocksError:
-                    break
-                imports.popleft()
-                index_of[request_id] = i
-                first[i] = served.arrival_s[i]
-            if next_arrival >= count and not imports and not engine.has_unfinished():
+                loop.submit(prompt, params, events.append, request_id=f"r{i}")
+            if next_arrival >= count and not loop.has_work():
                 break
             if now > deadline:
                 break
-            if not engine.has_unfinished():
+            if not loop.has_work():
                 wait = served.arrival_s[next_arrival] - now if next_arrival < count else 0.0
                 time.sleep(max(0.0, min(wait, 0.05)))
                 continue
             self._profile(served.steps)
             prompt_before = engine.stats.prompt_tokens_total
             sampled_before = engine.stats.generated_tokens_total
-            outputs = engine.step()
+            loop.run_once()
             served.steps += 1
             stamp = self.clock() - start
             served.step_ms.append(round((stamp - now) * 1e3, 3))
             served.step_prompt_tokens.append(engine.stats.prompt_tokens_total - prompt_before)
             served.step_sampled_tokens.append(engine.stats.generated_tokens_total - sampled_before)
-            for output in outputs:
-                i = index_of[output.request_id]
-                if output.new_token_ids and math.isinf(first[i]):
+            parked = False
+            for event in events:
+                i = int(event.request_id.removeprefix("r"))
+                if event.token_ids and math.isinf(first[i]):
                     first[i] = stamp
-                if output.finished or output.parked:
+                if (event.finished or event.parked) and math.isinf(finish[i]):
                     finish[i] = stamp
-                    if output.parked:  # prefill-only: the KV would leave now; drop it
-                        engine.abort(output.request_id)
-                    engine.pop_finished(output.request_id)
+                if event.parked:  # prefill-only: the KV would leave now; drop it
+                    loop.abort(event.request_id)
+                    parked = True
+            events.clear()
+            if parked:
+                loop.apply_commands()  # free the blocks now, as the transfer would
+                events.clear()
         served.first_token_s, served.finish_s = first, finish
         served.preemptions = engine.stats.preemptions_total - preempted_before
-        for request_id in list(engine.requests):  # whatever the deadline cut off
-            engine.abort(request_id)
-            engine.pop_finished(request_id)
+        loop.shutdown()  # whatever the deadline cut off
         return served
 
     def _profile(self, step: int) -> None:

@@ -23,7 +23,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from tessera.agents.engine.engine import Engine, RequestNotFoundError
+from tessera.agents.engine.engine import Engine, RequestNotFoundError, RoleError
+from tessera.agents.engine.kv_cache import OutOfKVBlocksError
+from tessera.agents.engine.kv_transfer import KVPackage
 from tessera.agents.engine.request import FinishReason, SamplingParams
 from tessera.agents.engine.stats import EngineStatsSnapshot
 
@@ -47,6 +49,9 @@ class TokenEvent:
     finished: bool
     finish_reason: FinishReason | None = None
     timed_out: bool = False
+    parked: bool = False
+    """Prefill-only role: prefill done, first token sampled, KV held until exported (or
+    aborted)."""
     error: str | None = None
     """The engine failed while running this request (FinishReason.ERROR, or a step that
     raised); the server answers 500."""
@@ -60,6 +65,14 @@ class _Submission:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    sink: Sink
+    deadline_s: float | None
+    admitted: Future[str]
+
+
+@dataclass
+class _Import:
+    package: KVPackage
     sink: Sink
     deadline_s: float | None
     admitted: Future[str]
@@ -92,6 +105,8 @@ class ServingLoop:
         self._lock = threading.Lock()
         self._inbox: deque[_Submission] = deque()
         self._aborts: deque[str] = deque()
+        self._imports: deque[_Import] = deque()
+        """KV packages waiting for free blocks, tried in arrival order before each step."""
         self._engine_waiting = 0
         self._wake = threading.Event()
         self._live: dict[str, _Live] = {}
@@ -117,14 +132,34 @@ class ServingLoop:
         admitted: Future[str] = Future()
         deadline = None if timeout_s is None else self.clock() + timeout_s
         with self._lock:
-            if len(self._inbox) + self._engine_waiting >= self.max_waiting:
-                raise QueueFullError(f"{self.max_waiting} requests are already waiting")
+            self._check_room()
             request_id = request_id or f"serve-{next(self._ids)}"
             self._inbox.append(
                 _Submission(request_id, list(prompt_token_ids), params, sink, deadline, admitted)
             )
         self._wake.set()
         return admitted
+
+    def submit_import(
+        self, package: KVPackage, sink: Sink, timeout_s: float | None = None
+    ) -> Future[str]:
+        """Queue a request that arrives with its KV (prefill->decode, migration); it enters
+        the engine once its blocks fit (`Engine.import_kv`), in arrival order. The future
+        resolves to its id then, or to the engine's KVTransferError."""
+        if self._stopping:
+            raise LoopStoppedError("the serving loop is stopping")
+        admitted: Future[str] = Future()
+        deadline = None if timeout_s is None else self.clock() + timeout_s
+        with self._lock:
+            self._check_room()
+            self._imports.append(_Import(package, sink, deadline, admitted))
+        self._wake.set()
+        return admitted
+
+    def _check_room(self) -> None:
+        waiting = len(self._inbox) + len(self._imports) + self._engine_waiting
+        if waiting >= self.max_waiting:
+            raise QueueFullError(f"{self.max_waiting} requests are already waiting")
 
     def abort(self, request_id: str) -> None:
         """Stop a request (client gone, stop string seen); its KV is freed before the next step.
@@ -137,7 +172,12 @@ class ServingLoop:
     def num_waiting(self) -> int:
         """Requests queued for the engine, submitted or waiting inside it."""
         with self._lock:
-            return len(self._inbox) + self._engine_waiting
+            return len(self._inbox) + len(self._imports) + self._engine_waiting
+
+    def has_work(self) -> bool:
+        """Anything submitted and not yet finished (for callers that drive `run_once`)."""
+        with self._lock:
+            return bool(self._inbox or self._imports or self._aborts or self._live)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -158,7 +198,17 @@ class ServingLoop:
     def _run(self) -> None:
         while not self._stopping:
             self.run_once(idle_wait_s=1.0)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Abort every request in flight, queued imports included (on the loop's thread, or
+        by a caller driving `run_once` itself)."""
         self._drain()
+        with self._lock:
+            imports = list(self._imports)
+            self._imports.clear()
+        for queued in imports:
+            queued.admitted.cancel()
         for request_id in list(self._live):
             self._end(request_id, FinishReason.ABORTED)
 
@@ -193,14 +243,18 @@ class ServingLoop:
                         list(output.new_token_ids),
                         output.finished,
                         output.finish_reason,
+                        parked=output.parked,
                         error=output.error,
                     )
                 )
-        snapshot = engine.stats_snapshot(drain=True)
-        with self._lock:
-            self._engine_waiting = snapshot.queue_length
         if self.on_iteration is not None:
+            snapshot = engine.stats_snapshot(drain=True)
+            waiting = snapshot.queue_length
             self.on_iteration(snapshot)
+        else:
+            waiting = engine.scheduler.num_waiting
+        with self._lock:
+            self._engine_waiting = waiting
         if not stepped and idle_wait_s > 0:
             self._wake.wait(self._idle_wait(idle_wait_s))
 
@@ -210,6 +264,11 @@ class ServingLoop:
         if not deadlines:
             return idle_wait_s
         return max(0.0, min(idle_wait_s, min(deadlines) - self.clock()))
+
+    def apply_commands(self) -> None:
+        """Take submissions, aborts and imports now, without stepping (for a caller driving
+        `run_once` on its own thread, e.g. to free an aborted request's blocks at once)."""
+        self._drain()
 
     def _drain(self) -> None:
         with self._lock:
@@ -230,6 +289,26 @@ class ServingLoop:
         for request_id in aborts:
             if request_id in self._live:
                 self._end(request_id, FinishReason.ABORTED)
+        self._admit_imports()
+
+    def _admit_imports(self) -> None:
+        while True:
+            with self._lock:
+                if not self._imports:
+                    return
+                queued = self._imports[0]
+            try:
+                request_id = self.engine.import_kv(queued.package)
+            except OutOfKVBlocksError:
+                return  # the blocks are not free yet: retry before the next step
+            except (ValueError, RoleError) as error:  # a package this engine cannot take
+                queued.admitted.set_exception(error)
+                request_id = None
+            with self._lock:
+                self._imports.popleft()
+            if request_id is not None:
+                self._live[request_id] = _Live(queued.sink, queued.deadline_s)
+                queued.admitted.set_result(request_id)
 
     def _expire(self) -> None:
         now = self.clock()

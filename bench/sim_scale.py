@@ -45,8 +45,8 @@ from tessera.api.model_deployment import (
 )
 from tessera.policies.perfmodel import PREFILL_CHUNK_TOKENS
 from tessera.sim.cluster import Cluster
-from tessera.sim.engine import DeploymentSetup, SimConfig, Simulation
 from tessera.sim.metrics import RunResult
+from tessera.sim.simulation import DeploymentSetup, SimConfig, Simulation
 from tessera.sim.workload import Workload, load_trace
 
 ROOT = Path(__file__).resolve().parent.parent

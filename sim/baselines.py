@@ -22,8 +22,8 @@ from tessera.api.model_deployment import ModelDeployment, Plan, PoolRole, Servin
 from tessera.policies.dispatch import DispatchPolicy
 from tessera.policies.placement import InfeasiblePlanError, plan_deployment
 from tessera.sim.cluster import Cluster
-from tessera.sim.engine import DeploymentSetup
 from tessera.sim.evaluate import SimulatedEvaluator
+from tessera.sim.simulation import DeploymentSetup
 
 
 class Baseline(StrEnum):

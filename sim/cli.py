@@ -25,7 +25,6 @@ from tessera.policies.dispatch import DispatchPolicy
 from tessera.policies.placement import InfeasiblePlanError
 from tessera.sim.baselines import Baseline
 from tessera.sim.cluster import ClusterError, load_cluster
-from tessera.sim.engine import SimConfig, SimulationSetupError
 from tessera.sim.experiment import (
     MAX_SIMULATED_REQUESTS,
     WorkloadSpec,
@@ -41,6 +40,7 @@ from tessera.sim.report import (
     write_json,
     write_requests_csv,
 )
+from tessera.sim.simulation import SimConfig, SimulationSetupError
 from tessera.sim.workload import (
     MAX_CV,
     MIN_CV,

@@ -18,8 +18,8 @@ from tessera.api.model_deployment import ModelDeploymentSpec, Plan
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.dispatch import DispatchPolicy
 from tessera.sim.cluster import Cluster
-from tessera.sim.engine import DeploymentSetup, SimConfig, Simulation
 from tessera.sim.metrics import RunResult
+from tessera.sim.simulation import DeploymentSetup, SimConfig, Simulation
 from tessera.sim.workload import synthetic_workload
 
 EVALUATION_REQUESTS = 1500

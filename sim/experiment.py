@@ -15,8 +15,8 @@ from tessera.api.model_deployment import ModelDeployment
 from tessera.policies.dispatch import DispatchPolicy
 from tessera.sim.baselines import Baseline, setups_for
 from tessera.sim.cluster import Cluster
-from tessera.sim.engine import SimConfig, Simulation
 from tessera.sim.metrics import RunResult, SweepResult, goodput_sweep
+from tessera.sim.simulation import SimConfig, Simulation
 from tessera.sim.workload import RateMode, Workload, synthetic_workload
 
 Progress = Callable[[int, int], None]

@@ -32,8 +32,8 @@ from tessera.policies.perfmodel import PrefillChunk
 from tessera.sim.stepcost import DecodeCurve, StepCost
 
 if TYPE_CHECKING:
-    from tessera.sim.engine import Simulation
     from tessera.sim.metrics import PowerTrack
+    from tessera.sim.simulation import Simulation
 
 
 class KvOvercommitError(AssertionError):

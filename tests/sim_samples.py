@@ -18,8 +18,8 @@ from tessera.api.scheduler import SchedulerConfig
 from tessera.policies.dispatch import DispatchPolicy
 from tessera.policies.efficiency import Calibration
 from tessera.sim.cluster import Cluster
-from tessera.sim.engine import DeploymentSetup, SimConfig, Simulation
 from tessera.sim.metrics import RunResult
+from tessera.sim.simulation import DeploymentSetup, SimConfig, Simulation
 from tessera.sim.workload import Workload
 
 CLASSES: dict[str, AcceleratorClassSpec] = {

@@ -23,8 +23,8 @@ from tessera.policies.placement import (
     to_plan,
 )
 from tessera.policies.plan_attainment import predict_attainment
-from tessera.sim.engine import DeploymentSetup, Simulation
 from tessera.sim.evaluate import SimulatedEvaluator
+from tessera.sim.simulation import DeploymentSetup, Simulation
 
 OFFERS = [ClassOffer(name, spec) for name, spec in CLASSES.items()]
 

@@ -25,8 +25,8 @@ from tessera.agents.engine.scheduler import SchedulerOutput
 from tessera.agents.engine.weights import random_llama_weights
 from tessera.api.model_deployment import PoolRole
 from tessera.api.scheduler import SchedulerConfig
-from tessera.sim.engine import DeploymentSetup, SimConfig, Simulation
 from tessera.sim.instance import Instance, Request
+from tessera.sim.simulation import DeploymentSetup, SimConfig, Simulation
 
 BLOCK_SIZE = 4
 KV_BLOCKS = 40

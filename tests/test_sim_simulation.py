@@ -22,8 +22,8 @@ from tessera.api.model_deployment import Plan, PoolRole
 from tessera.policies.attention_offload import OffloadedDecodePerformance
 from tessera.policies.dispatch import DispatchPolicy
 from tessera.policies.perfmodel import PrefillChunk, ReplicaPerformance
-from tessera.sim.engine import DeploymentSetup, Simulation, SimulationSetupError
 from tessera.sim.instance import KvOvercommitError
+from tessera.sim.simulation import DeploymentSetup, Simulation, SimulationSetupError
 
 ARCH = deployment().spec.model.architecture
 C = PoolRole.COLOCATED

@@ -127,3 +127,32 @@ def test_the_engines_refusal_reaches_the_submitter(loop: ServingLoop) -> None:
         loop.submit(too_long, SamplingParams(), Collector()).result(timeout=10)
     with pytest.raises(ValueError, match="vocabulary"):
         loop.submit([10**6], SamplingParams(), Collector()).result(timeout=10)
+
+
+def test_an_import_waits_for_free_blocks_and_continues_the_request() -> None:
+    source = tiny_engine()
+    prompt = random_prompts([21], TINY["vocab_size"], seed=5)[0]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    expected = tiny_engine().generate([prompt], params)[0].output_token_ids
+    request_id = source.add_request(prompt, params, request_id="moved")
+    source.step()  # prefill and first token
+    package = source.export_kv(request_id)
+
+    target = tiny_engine(num_kv_blocks=8)
+    serving = ServingLoop(target, max_waiting=8)  # driven here, step by step
+    sink = Collector()
+    capacity_tokens = target.kv_cache.allocator.capacity * target.kv_cache.block_size
+    filler = serving.submit([7] * (capacity_tokens - 8), SamplingParams(max_new_tokens=4), sink)
+    serving.run_once()
+    assert filler.done()
+    admitted = serving.submit_import(package, sink)
+    serving.run_once()
+    assert not admitted.done(), "the import took blocks the running request needs"
+    serving.abort(filler.result())
+    serving.run_once()
+    assert admitted.result() == "moved"
+    while serving.has_work():
+        serving.run_once()
+    assert package.output_token_ids + sink.tokens("moved") == expected
+    assert sink.last("moved").finish_reason is FinishReason.LENGTH
+    assert target.kv_cache.allocator.num_used == 0

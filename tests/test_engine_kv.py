@@ -410,3 +410,32 @@ def test_a_header_in_another_json_spelling_is_refused(folder: Path) -> None:
     with pytest.raises(KVTransferError, match="canonical"):
         KVPackage.from_bytes(bad)
     assert KVPackage.from_bytes(wire).to_bytes() == wire
+
+
+def test_a_package_is_hashed_again_only_if_its_blocks_changed(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """from_bytes and build have just hashed every block; import_kv does not hash them again
+    unless the blocks changed since (an in-place write, or another tensor)."""
+    hashed: list[int] = []
+    block_bytes = KVPackage.block_bytes
+
+    def counting(self: KVPackage, index: int) -> bytes:
+        hashed.append(index)
+        return block_bytes(self, index)
+
+    built = _exported(folder)
+    parsed = KVPackage.from_bytes(built.to_bytes())
+    monkeypatch.setattr(KVPackage, "block_bytes", counting)
+    geometry = engine(folder, EngineRole.DECODE).kv_geometry
+    for package in (built, parsed):
+        package.check_compatible(geometry)
+        assert hashed == []
+    parsed.blocks[1, 0, 0, 0, 0, 0] += 1.0  # in place, through a view
+    with pytest.raises(KVChecksumError, match="block 1"):
+        engine(folder, EngineRole.DECODE).import_kv(parsed)
+    assert hashed == [0, 1]
+    hashed.clear()
+    built.blocks = built.blocks.clone()
+    built.check_compatible(geometry)
+    assert hashed == list(range(built.num_blocks))

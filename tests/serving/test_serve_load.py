@@ -8,16 +8,22 @@ have its request aborted and its KV blocks freed, which /metrics shows.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
 
 import httpx2 as httpx
-from conftest import MAX_NUM_SEQS, MAX_WAITING, ServerProcess
+import pytest
+from conftest import MAX_NUM_SEQS, MAX_WAITING, ServerProcess, start_server, stop_server
 
 CLIENTS = 100
+T = TypeVar("T")
 
 
-def wait_for(condition, deadline_s: float = 20.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+def wait_for(condition: Callable[[], T | None], deadline_s: float = 20.0, what: str = "") -> T:
     """Poll `condition` until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
@@ -103,3 +109,39 @@ def test_a_client_that_disconnects_mid_stream_frees_its_kv(server: ServerProcess
     assert after[aborted] == before[aborted] + 1
     finished = "vllm:request_success_total{finished_reason=length}"
     assert after[finished] == before[finished]
+
+
+@pytest.fixture(scope="module")
+def impatient_server(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A second server whose requests may run for half a second, queue included."""
+    log = tmp_path_factory.mktemp("serve-timeout") / "serve.log"
+    running = start_server(tiny_model, log, "--request-timeout-s=0.5")
+    yield running
+    stop_server(running)
+
+
+def test_a_request_past_the_timeout_gets_504_and_frees_its_kv(
+    impatient_server: ServerProcess,
+) -> None:
+    long = {"prompt": [1, 40, 41], "max_tokens": 1800, "ignore_eos": True}
+    response = httpx.post(f"{impatient_server.base_url}/v1/completions", json=long, timeout=30)
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["type"] == "timeout"
+    with httpx.stream(
+        "POST",
+        f"{impatient_server.base_url}/v1/completions",
+        json={**long, "stream": True},
+        timeout=30,
+    ) as stream:
+        assert stream.status_code == 200
+        events = [line.removeprefix("data: ") for line in stream.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["type"] == "timeout"
+    metrics = wait_for(lambda: idle(impatient_server), what="KV freed after the timeouts")
+    assert metrics["tessera:requests_rejected_total{reason=timeout}"] == 2
+    short = httpx.post(
+        f"{impatient_server.base_url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}
+    )
+    assert short.status_code == 200

@@ -81,16 +81,7 @@ def _groups() -> list[tuple[int, list[tuple[str, int, int]]]]:
 
 
 def engine_steps(scheduler: SchedulerConfig) -> list[Step]:
-    config = LlamaConfig(
-        vocab_size=TINY["vocab_size"],
-        hidden_size=TINY["hidden_size"],
-        intermediate_size=TINY["intermediate_size"],
-        num_hidden_layers=TINY["num_hidden_layers"],
-        num_attention_heads=TINY["num_attention_heads"],
-        num_key_value_heads=TINY["num_key_value_heads"],
-        head_dim=TINY["hidden_size"] // TINY["num_attention_heads"],
-        max_position_embeddings=512,
-    )
+    config = LlamaConfig.from_dict(dict(TINY, max_position_embeddings=512))
     weights = random_llama_weights(config, "cpu", torch.float32, seed=0)
     engine = Engine(
         config,

@@ -158,7 +158,7 @@ class NameConflictError(Exception):
         self.owner = owner
         self.conflicts = list(conflicts)
         """(`Kind/name`, who holds it) of each refused child."""
-        held = "; ".join(f"{child} belongs to {holder}" for child, holder in self.conflicts)
+        held = "; ".join(f"{child} {holder}" for child, holder in self.conflicts)
         super().__init__(
             f"ModelDeployment {owner.name} cannot take over what others hold: {held} "
             "(rename one of them; nothing was applied)"
@@ -166,7 +166,8 @@ class NameConflictError(Exception):
 
 
 def foreign_holder(existing: Mapping[str, Any], owner: Owner) -> str | None:
-    """Who holds an existing object of a desired child's name, unless it is `owner` itself.
+    """Who holds an existing object of a desired child's name ("belongs to ModelDeployment x"),
+    or None if it is `owner`'s own.
 
     Its own are: objects `owner` controls; objects a ModelDeployment of the same name controls
     (an earlier one of that name, deleted: names are unique in a namespace, so it is this
@@ -183,18 +184,19 @@ def foreign_holder(existing: Mapping[str, Any], owner: Owner) -> str | None:
         is_md = kind == "ModelDeployment" and controller.get("apiVersion") == API_VERSION
         if is_md and (controller.get("uid") == owner.uid or name == owner.name):
             return None
-        return (
+        holder = (
             f"ModelDeployment {name}"
             if is_md
             else f"{kind} {name} ({controller.get('apiVersion')})"
         )
+        return f"belongs to {holder}"
     labels = meta.get("labels") or {}
     if labels.get(MANAGED_BY_LABEL) != MANAGED_BY:
-        return "an object Tessera does not manage"
+        return "exists and is not managed by Tessera"
     deployment = labels.get(DEPLOYMENT_LABEL)
     if deployment == label_value(owner.name):
         return None
-    return f"ModelDeployment {deployment} (orphaned)"
+    return f"belongs to ModelDeployment {deployment} (orphaned)"
 
 
 def check_names(applier: ChildApplier, owner: Owner, desired: Iterable[Mapping[str, Any]]) -> None:

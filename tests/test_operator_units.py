@@ -632,7 +632,9 @@ def test_a_name_another_deployment_holds_is_refused_and_nothing_is_applied(
     with pytest.raises(NameConflictError) as raised:
         apply_children(applier, second, children_of(second, second_spec))  # type: ignore[arg-type]
     assert applier.objects == before, "a refused apply must change nothing"
-    assert raised.value.conflicts == [("Service/x-prefill", f"ModelDeployment {first.name}")]
+    assert raised.value.conflicts == [
+        ("Service/x-prefill", f"belongs to ModelDeployment {first.name}")
+    ]
     message = str(raised.value)
     assert f"ModelDeployment {second.name} " in message
     assert f"belongs to ModelDeployment {first.name} " in message
@@ -668,23 +670,23 @@ MD_REF = {"apiVersion": "tessera.dev/v1alpha1", "kind": "ModelDeployment"}
         pytest.param(_existing(None, OURS), None, id="orphaned-ours"),
         pytest.param(
             _existing({**MD_REF, "name": "x-prefill", "uid": "u2"}),
-            "ModelDeployment x-prefill",
+            "belongs to ModelDeployment x-prefill",
             id="another-deployment",
         ),
         pytest.param(
             _existing({"apiVersion": "example.com/v1", "kind": "ModelDeployment", "name": "x"}),
-            "ModelDeployment x (example.com/v1)",
+            "belongs to ModelDeployment x (example.com/v1)",
             id="another-group-kind",
         ),
         pytest.param(
             _existing({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "r", "uid": "u3"}),
-            "ReplicaSet r (apps/v1)",
+            "belongs to ReplicaSet r (apps/v1)",
             id="another-controller",
         ),
-        pytest.param(_existing(), "an object Tessera does not manage", id="hand-made"),
+        pytest.param(_existing(), "exists and is not managed by Tessera", id="hand-made"),
         pytest.param(
             _existing(None, {**OURS, render.DEPLOYMENT_LABEL: "x-prefill"}),
-            "ModelDeployment x-prefill (orphaned)",
+            "belongs to ModelDeployment x-prefill (orphaned)",
             id="orphaned-other",
         ),
     ],

@@ -42,7 +42,8 @@ NOT_REQUESTED = [
     ("*", "", "pods", "list"),
     ("*", "", "secrets", "get"),
     ("*", "apps", "deployments", "update"),
-    ("*", "tessera.dev", "powerbudgets", "list"),
+    ("*", "", "configmaps", "get"),
+    ("*", "tessera.dev", "modeldeployments", "delete"),
 ]
 """Requests the operator never makes, which the old chart granted or which it must not have."""
 

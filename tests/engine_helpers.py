@@ -54,3 +54,20 @@ def reference_logits(model: Any, tokens: list[int]) -> torch.Tensor:
 def random_prompts(lengths: list[int], vocab: int, seed: int = 1) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def rebuilt_package(package: Any, **changes: Any) -> Any:
+    """`package` (a KVPackage) with fields changed and its checksums recomputed: consistent
+    with itself, but maybe wrong for the engine that imports it."""
+    from tessera.agents.engine.kv_transfer import KVPackage
+
+    fields = {
+        "request_id": package.request_id,
+        "geometry": package.geometry,
+        "prompt_token_ids": package.prompt_token_ids,
+        "output_token_ids": package.output_token_ids,
+        "num_computed_tokens": package.num_computed_tokens,
+        "sampling": package.sampling,
+        "blocks": package.blocks,
+    }
+    return KVPackage.build(**{**fields, **changes})

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import random_prompts, write_checkpoint
+from engine_helpers import random_prompts, rebuilt_package, write_checkpoint
 from tessera.agents.engine import (
     Engine,
     EngineConfig,
@@ -147,16 +147,7 @@ def test_a_request_whose_step_fails_is_failed_alone_and_frees_its_blocks(
     prompts = random_prompts([9, 6, 11], 128, seed=6)
     expected = make_engine(folder).generate(prompts, params)
     packages = _prefilled(folder, prompts, params)
-    poisoned = packages[1]
-    poisoned = KVPackage.build(
-        request_id=poisoned.request_id,
-        geometry=poisoned.geometry,
-        prompt_token_ids=poisoned.prompt_token_ids,
-        output_token_ids=poisoned.output_token_ids,
-        num_computed_tokens=poisoned.num_computed_tokens,
-        sampling=poisoned.sampling,
-        blocks=torch.full_like(poisoned.blocks, math.nan),
-    )
+    poisoned = rebuilt_package(packages[1], blocks=torch.full_like(packages[1].blocks, math.nan))
     decode = make_engine(folder, EngineRole.DECODE)
     free_before = decode.kv_cache.allocator.num_free
     for package in (packages[0], poisoned, packages[2]):

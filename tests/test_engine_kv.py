@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import random_prompts, write_checkpoint
+from engine_helpers import random_prompts, rebuilt_package, write_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tessera.agents.engine import (
@@ -240,20 +240,6 @@ def _exported(folder: Path, prompt_length: int = 6, **engine_kwargs: Any) -> KVP
     return e.export_kv(request)
 
 
-def _rebuilt(package: KVPackage, **changes: Any) -> KVPackage:
-    """`package` with fields changed and checksums recomputed: consistent, but maybe wrong."""
-    fields = {
-        "request_id": package.request_id,
-        "geometry": package.geometry,
-        "prompt_token_ids": package.prompt_token_ids,
-        "output_token_ids": package.output_token_ids,
-        "num_computed_tokens": package.num_computed_tokens,
-        "sampling": package.sampling,
-        "blocks": package.blocks,
-    }
-    return KVPackage.build(**{**fields, **changes})
-
-
 def _bad_packages(folder: Path, tmp_path: Path) -> dict[str, tuple[KVPackage, str]]:
     """Packages an engine of `folder` (block size 4, float32 or bfloat16) must refuse, and
     why. float16 is neither engine's dtype."""
@@ -273,34 +259,34 @@ def _bad_packages(folder: Path, tmp_path: Path) -> dict[str, tuple[KVPackage, st
             "blocks have shape",
         ),
         "blocks in another dtype": (
-            _rebuilt(good, blocks=good.blocks.to(torch.float16)),
+            rebuilt_package(good, blocks=good.blocks.to(torch.float16)),
             "blocks are torch.float16",
         ),
         "another dtype": (
-            _rebuilt(good, geometry=fp16, blocks=good.blocks.to(torch.float16)),
+            rebuilt_package(good, geometry=fp16, blocks=good.blocks.to(torch.float16)),
             "dtype 'float16'",
         ),
         "another model's config": (_exported(other_config), "model_signature"),
         "another model's weights": (_exported(other_weights), "model_signature"),
-        "nothing computed yet": (_rebuilt(good, output_token_ids=[]), "num_computed_tokens"),
+        "nothing computed yet": (rebuilt_package(good, output_token_ids=[]), "num_computed_tokens"),
         "num_computed_tokens off by one": (
-            _rebuilt(good, num_computed_tokens=good.num_computed_tokens - 1),
+            rebuilt_package(good, num_computed_tokens=good.num_computed_tokens - 1),
             "num_computed_tokens",
         ),
         "token outside the vocabulary": (
-            _rebuilt(good, prompt_token_ids=[999, *good.prompt_token_ids[1:]]),
+            rebuilt_package(good, prompt_token_ids=[999, *good.prompt_token_ids[1:]]),
             r"prompt_token_ids .*\[999\]",
         ),
         "NaN temperature": (
-            _rebuilt(good, sampling={**sampling, "temperature": math.nan}),
+            rebuilt_package(good, sampling={**sampling, "temperature": math.nan}),
             "temperature must be a finite number",
         ),
         "unknown sampling field": (
-            _rebuilt(good, sampling={**sampling, "beam_width": 4}),
+            rebuilt_package(good, sampling={**sampling, "beam_width": 4}),
             "beam_width is not a sampling parameter",
         ),
         "already finished": (
-            _rebuilt(good, sampling={**sampling, "max_new_tokens": 1}),
+            rebuilt_package(good, sampling={**sampling, "max_new_tokens": 1}),
             "it is finished",
         ),
     }
@@ -393,7 +379,7 @@ MALFORMED_HEADERS = {
 
 @pytest.mark.parametrize("name", sorted(MALFORMED_HEADERS))
 def test_malformed_headers_raise_the_transfer_error(folder: Path, name: str) -> None:
-    wire = _rebuilt(_exported(folder), checksum_algorithm="blake2b_128").to_bytes()
+    wire = rebuilt_package(_exported(folder), checksum_algorithm="blake2b_128").to_bytes()
     change, reason = MALFORMED_HEADERS[name]
     bad = _rewritten(wire, change)
     with pytest.raises(KVTransferError, match=reason):

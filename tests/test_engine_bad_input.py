@@ -165,3 +165,32 @@ def test_a_request_whose_step_fails_is_failed_alone_and_frees_its_blocks(
         assert ours.finish_reason is FinishReason.LENGTH
         assert ours.output_token_ids == expected[index].output_token_ids
     assert decode.kv_cache.allocator.num_free == free_before
+
+
+def test_a_step_that_raises_changes_no_request(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sampling used to run after every request in the batch had been advanced: when it raised,
+    they were left with no pending token and every later step failed. No real input makes the
+    sampler raise any more (bad rows fail alone), so the fault is injected, once."""
+    import tessera.agents.engine.engine as engine_module
+
+    prompts = random_prompts([7, 5, 9], 128, seed=8)
+    expected = make_engine(folder).generate(prompts, SEEDED)
+    e = make_engine(folder)
+    ids = [e.add_request(prompt, SEEDED) for prompt in prompts]
+    e.step()
+    e.step()
+    real_sample = engine_module.sample
+
+    def failing(*args: Any) -> Any:
+        monkeypatch.setattr(engine_module, "sample", real_sample)
+        raise RuntimeError("device fault while sampling")
+
+    monkeypatch.setattr(engine_module, "sample", failing)
+    with pytest.raises(RuntimeError, match="device fault"):
+        e.step()
+    e.run_until_idle(max_steps=50)
+    for request_id, reference in zip(ids, expected, strict=True):
+        assert e.pop_finished(request_id).output_token_ids == reference.output_token_ids
+    assert e.kv_cache.allocator.num_free == e.kv_cache.allocator.capacity

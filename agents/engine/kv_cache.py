@@ -146,6 +146,8 @@ class PagedKVCache:
         expected = (len(block_ids), *self.data.shape[:2], *self.data.shape[3:])
         if tuple(blocks.shape) != expected:
             raise ValueError(f"blocks have shape {tuple(blocks.shape)}, cache expects {expected}")
+        if blocks.dtype != self.dtype:  # a cast would hide KV made by another engine's dtype
+            raise ValueError(f"blocks are {blocks.dtype}, the cache holds {self.dtype}")
         index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
-        source = blocks.to(device=self.device, dtype=self.dtype).permute(1, 2, 0, 3, 4, 5)
+        source = blocks.to(device=self.device).permute(1, 2, 0, 3, 4, 5)
         self.data.index_copy_(2, index, source)

@@ -1,0 +1,294 @@
+"""The PowerBudget decision (POLCA-style oversubscription): which devices to slow, and how.
+
+Pure: the operator's controller (`operator/power_controller.py`) and the simulator
+(`sim/power.py`) hand in plain `DeviceView`s and get back a `PowerDecision`; neither Kubernetes,
+gRPC nor a clock is seen here. The rules, as fractions of `budgetW`:
+
+- above `emergencyAbove`: every device to its floor with a power limit (a limit is a hard bound;
+  a clock lock is not);
+- above `capAbove`: shed down to the middle of the hysteresis band, slowing devices one rung of
+  their ladder at a time in `priorityOrder` (lowest tier first), decode before colocated before
+  prefill within a tier (a 200 W limit slowed decode 1.25x but prefill 3.76x on the H100), and
+  a device to its floor before the next one is touched;
+- below `uncapBelow`: lift caps in the reverse order, one rung at a time, only while the predicted
+  draw stays at or below the middle of the band, so a lifted cap cannot push the group back over
+  `capAbove` under the same load (no oscillation: tests/test_power_policy.py has the property);
+- in between: hold whatever is in force.
+
+A device's ladder holds the Pareto-best actuations (power limits and SM clock locks, as
+`actions` allows) by predicted draw and slowdown from the class power model, so the policy locks
+clocks where a lock costs less speed per watt saved than a limit (prefill: 1.36x at 990 MHz
+against 3.76x at 200 W), and never goes below `minPowerFraction` of TDP.
+
+Missing or stale telemetry: such a device is taken to draw what its limit allows (TDP when
+uncapped), is capped to its fair share of the budget when that is lower than what is in force,
+and is never released until it reports again.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from tessera.api.power_budget import PowerBudgetSpec
+from tessera.policies.power_model import (
+    FREE,
+    ROLE_COMPUTE_SHARE,
+    Actuation,
+    ClassPowerModel,
+    model_for_device,
+)
+
+ROLE_ORDER = {"idle": 0, "decode": 1, "colocated": 2, "prefill": 3}
+"""Who is slowed first within a priority tier: the cheapest watts first."""
+
+LADDER_STEP_FRACTION = 0.05
+"""Rungs of the power-limit and clock ladders, as fractions of TDP and of the top clock: fine
+enough that a rung rarely sheds much more than asked."""
+
+
+class Mode(enum.StrEnum):
+    NORMAL = "Normal"  # below uncapBelow, nothing capped
+    RELEASING = "Releasing"
+    HOLDING = "Holding"  # inside the hysteresis band
+    CAPPING = "Capping"
+    EMERGENCY = "Emergency"
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """One device the budget covers, as the controller sees it now.
+
+    `power_w` None (or `fresh` False) means the controller cannot trust a reading of it.
+    `in_force` is what is imposed on it now (from its agent, or the controller's own record).
+    """
+
+    uuid: str
+    node: str
+    power_w: float | None
+    fresh: bool
+    role: str = "idle"
+    priority: str = "normal"
+    in_force: Actuation = FREE
+    tdp_w: float | None = None
+    power_limit_min_w: float | None = None
+    compute_share: float | None = None  # None: from the role
+    model: ClassPowerModel | None = None  # None: the H100 model carried to tdp_w
+
+    @property
+    def power_model(self) -> ClassPowerModel:
+        return self.model or model_for_device(self.tdp_w, self.power_limit_min_w, self.uuid)
+
+    @property
+    def share(self) -> float:
+        if self.compute_share is not None:
+            return self.compute_share
+        return ROLE_COMPUTE_SHARE.get(self.role, 0.5)
+
+    @property
+    def trusted(self) -> bool:
+        return self.fresh and self.power_w is not None
+
+
+@dataclass(frozen=True)
+class PowerDecision:
+    """What every covered device should have in force, and why."""
+
+    actuations: Mapping[str, Actuation]
+    mode: Mode
+    draw_w: float  # measured, with untrusted devices at their limits
+    predicted_draw_w: float  # the same load under `actuations`
+    budget_w: float
+    untrusted: tuple[str, ...]
+    reason: str
+
+    @property
+    def headroom_w(self) -> float:
+        return self.budget_w - self.draw_w
+
+    @property
+    def capped(self) -> dict[str, Actuation]:
+        return {uuid: a for uuid, a in self.actuations.items() if not a.is_free}
+
+    def changes(self, in_force: Mapping[str, Actuation]) -> dict[str, Actuation]:
+        """The devices whose actuation differs from what is in force."""
+        return {u: a for u, a in self.actuations.items() if in_force.get(u, FREE) != a}
+
+
+def floor_w(device: DeviceView, spec: PowerBudgetSpec) -> float:
+    """The lowest power limit the budget lets the controller set on this device."""
+    model = device.power_model
+    return max(model.power_limit_min_w, spec.min_power_fraction * model.tdp_w)
+
+
+def ladder(device: DeviceView, spec: PowerBudgetSpec) -> list[Actuation]:
+    """FREE, then ever lower predicted busy draw at the least slowdown for it (Pareto front)."""
+    model = device.power_model
+    share = device.share
+    lowest = floor_w(device, spec)
+    candidates: list[Actuation] = [FREE]
+    if "lower-power-limit" in spec.actions:
+        limit = model.tdp_w * (1.0 - LADDER_STEP_FRACTION)
+        while limit > lowest:
+            candidates.append(Actuation(power_limit_w=round(limit, 1)))
+            limit -= model.tdp_w * LADDER_STEP_FRACTION
+        candidates.append(Actuation(power_limit_w=round(lowest, 1)))
+    if "lock-clocks" in spec.actions:
+        # A lock is not a bound: only locks whose busy draw stays above the floor of limits.
+        step = model.sm_clock_max_mhz * LADDER_STEP_FRACTION
+        clock = model.sm_clock_max_mhz - step
+        while clock >= model.sm_clock_min_mhz:
+            lock = Actuation(sm_clock_max_mhz=round(clock))
+            if model.busy_draw_w(share, lock) < lowest:
+                break
+            candidates.append(lock)
+            clock -= step
+    scored = [
+        (model.busy_draw_w(share, a), model.slowdown(share, a), i, a)
+        for i, a in enumerate(candidates)
+    ]
+    front: list[tuple[float, float, int, Actuation]] = []
+    for draw, slow, i, a in scored:
+        dominated = any(
+            (d2 <= draw and s2 <= slow) and (d2 < draw or s2 < slow or i2 < i)
+            for d2, s2, i2, _ in scored
+            if i2 != i
+        )
+        if not dominated or a.is_free:
+            front.append((draw, slow, i, a))
+    front.sort(key=lambda t: (-t[0], t[1]))
+    return [a for *_, a in front]
+
+
+def _rung(device: DeviceView, rungs: list[Actuation]) -> int:
+    """Where the actuation in force sits on the ladder (the nearest rung by busy draw)."""
+    if device.in_force in rungs:
+        return rungs.index(device.in_force)
+    model, share = device.power_model, device.share
+    target = model.busy_draw_w(share, device.in_force)
+    draws = [model.busy_draw_w(share, a) for a in rungs]
+    return min(range(len(rungs)), key=lambda i: (abs(draws[i] - target), i))
+
+
+def _order_key(device: DeviceView, spec: PowerBudgetSpec) -> tuple[int, int, str, str]:
+    tiers: Sequence[str] = spec.priority_order
+    tier = tiers.index(device.priority) if device.priority in tiers else len(tiers)
+    return (tier, ROLE_ORDER.get(device.role, 2), device.node, device.uuid)
+
+
+def _estimate_w(device: DeviceView, actuation: Actuation) -> float:
+    """The draw a device is booked at: measured for trusted ones, predicted under `actuation`;
+    for untrusted ones what their limit (or lock, busy) allows."""
+    model = device.power_model
+    if device.trusted:
+        assert device.power_w is not None
+        if actuation == device.in_force:
+            return device.power_w
+        return model.predict_draw_w(device.power_w, device.share, device.in_force, actuation)
+    if actuation.power_limit_w is not None:
+        return min(actuation.power_limit_w, model.tdp_w)
+    if actuation.sm_clock_max_mhz is not None:
+        return model.busy_draw_w(1.0, actuation)  # the most a lock lets through (compute-bound)
+    return model.tdp_w
+
+
+def decide(spec: PowerBudgetSpec, devices: Sequence[DeviceView]) -> PowerDecision:
+    """The actuation every device should have, given the readings and what is in force."""
+    budget_w = spec.budget_w
+    thresholds = spec.thresholds
+    target_w = budget_w * (thresholds.cap_above + thresholds.uncap_below) / 2.0
+    actuation: dict[str, Actuation] = {d.uuid: d.in_force for d in devices}
+    untrusted = tuple(sorted(d.uuid for d in devices if not d.trusted))
+
+    # Untrusted devices: at most their fair share of the budget, never released.
+    total_tdp = sum(d.power_model.tdp_w for d in devices) or 1.0
+    for d in devices:
+        if d.trusted:
+            continue
+        model = d.power_model
+        share_w = max(floor_w(d, spec), budget_w * model.tdp_w / total_tdp)
+        limit = d.in_force.power_limit_w
+        if share_w < model.tdp_w and (limit is None or limit > share_w):
+            actuation[d.uuid] = Actuation(round(share_w, 1), d.in_force.sm_clock_max_mhz)
+
+    draw_w = sum(_estimate_w(d, d.in_force) for d in devices)
+    fraction = draw_w / budget_w
+    by_uuid = {d.uuid: d for d in devices}
+    trusted = sorted((d for d in devices if d.trusted), key=lambda d: _order_key(d, spec))
+
+    def predicted() -> float:
+        return sum(_estimate_w(by_uuid[u], a) for u, a in actuation.items())
+
+    if fraction > thresholds.emergency_above:
+        mode = Mode.EMERGENCY
+        for d in devices:
+            actuation[d.uuid] = strongest(d, spec)
+        reason = f"draw {draw_w:.0f} W is above emergencyAbove ({fraction:.2f} of budget)"
+    elif fraction > thresholds.cap_above:
+        mode = Mode.CAPPING
+        now_w = predicted()
+        slowed = 0
+        for d in trusted:
+            if now_w <= target_w:
+                break
+            rungs = ladder(d, spec)
+            rung = _rung(d, rungs)
+            start = rung
+            while now_w > target_w and rung + 1 < len(rungs):
+                rung += 1
+                actuation[d.uuid] = rungs[rung]
+                now_w = predicted()
+            slowed += rung > start
+        reason = (
+            f"draw {draw_w:.0f} W is above capAbove ({fraction:.2f} of budget): "
+            f"slowed {slowed} device(s) toward {target_w:.0f} W"
+        )
+    elif fraction < thresholds.uncap_below:
+        now_w = predicted()
+        lifted = 0
+        for d in reversed(trusted):
+            rungs = ladder(d, spec)
+            rung = _rung(d, rungs)
+            start = rung
+            while rung > 0:
+                trial = rungs[rung - 1]
+                before = actuation[d.uuid]
+                actuation[d.uuid] = trial
+                trial_w = predicted()
+                if trial_w > target_w:
+                    actuation[d.uuid] = before
+                    break
+                rung -= 1
+                now_w = trial_w
+            if rung == 0:
+                actuation[d.uuid] = FREE
+            lifted += rung < start
+        capped = sum(1 for a in actuation.values() if not a.is_free)
+        mode = Mode.RELEASING if capped else Mode.NORMAL
+        reason = (
+            f"draw {draw_w:.0f} W is below uncapBelow ({fraction:.2f} of budget): "
+            f"lifted {lifted} device(s); {capped} still capped"
+        )
+    else:
+        mode = Mode.HOLDING
+        reason = f"draw {draw_w:.0f} W is inside the hysteresis band ({fraction:.2f} of budget)"
+    if untrusted:
+        reason += f"; {len(untrusted)} device(s) without fresh telemetry held at a safe share"
+    return PowerDecision(
+        actuations=actuation,
+        mode=mode,
+        draw_w=draw_w,
+        predicted_draw_w=predicted(),
+        budget_w=budget_w,
+        untrusted=untrusted,
+        reason=reason,
+    )
+
+
+def strongest(device: DeviceView, spec: PowerBudgetSpec) -> Actuation:
+    """The emergency actuation: a power limit at the floor (a hard bound), or, where the spec
+    allows no limits, the lowest clock lock of the ladder."""
+    if "lower-power-limit" in spec.actions:
+        return Actuation(power_limit_w=round(floor_w(device, spec), 1))
+    return ladder(device, spec)[-1]

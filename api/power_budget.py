@@ -6,6 +6,7 @@ power policy can be written against it.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -84,13 +85,35 @@ class PowerBudgetSpec(ApiModel):
     )
 
 
+class DeviceCap(ApiModel):
+    """One device the controller has slowed: the record a restarted controller starts from."""
+
+    uuid: str = Field(min_length=1, description="Device UUID, as its agent reports it.")
+    node: str = Field(default="", description="Node the device is on.")
+    agent: str = Field(default="", description="The agent (pod) that controls it.")
+    power_limit_w: float | None = Field(default=None, gt=0, description="Power limit set, W.")
+    sm_clock_max_mhz: int | None = Field(default=None, gt=0, description="Top SM clock locked.")
+
+
 class PowerBudgetStatus(ApiModel):
     """What the power controller reports."""
 
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
     draw_w: float | None = Field(default=None, description="Last measured draw of the group.")
+    budget_w: float | None = Field(default=None, description="The budget in force, watts.")
+    headroom_w: float | None = Field(
+        default=None, description="Budget minus draw (negative while over budget), watts."
+    )
+    mode: str | None = Field(
+        default=None, description="Normal, Holding, Capping, Releasing or Emergency."
+    )
     capped_devices: int = Field(default=0, ge=0, description="Devices under a cap now.")
+    capped: list[DeviceCap] = Field(
+        default_factory=list, description="The devices under a cap or clock lock, and what."
+    )
+    last_action: str | None = Field(default=None, description="What the controller last did.")
+    last_action_time: datetime | None = Field(default=None, description="When it did it.")
 
 
 class PowerBudget(CustomResource):

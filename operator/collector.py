@@ -132,6 +132,8 @@ class DeviceTelemetry:
     memory_total_bytes: int | None
     temperature_c: float | None
     throttle_reasons: tuple[str, ...]
+    locked_sm_clock_min_mhz: int | None = None
+    locked_sm_clock_max_mhz: int | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,8 @@ def device_from_proto(sample: agent_pb2.DeviceSample) -> DeviceTelemetry:
         memory_total_bytes=_optional(sample, "memory_total_bytes"),
         temperature_c=_optional(sample, "temperature_c"),
         throttle_reasons=tuple(sample.throttle_reasons),
+        locked_sm_clock_min_mhz=_optional(sample, "locked_sm_clock_min_mhz"),
+        locked_sm_clock_max_mhz=_optional(sample, "locked_sm_clock_max_mhz"),
     )
 
 

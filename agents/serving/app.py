@@ -37,11 +37,8 @@ from tessera.agents.serving.metrics import ServingMetrics
 from tessera.agents.serving.protocol import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatDelta,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -50,6 +47,7 @@ from tessera.agents.serving.protocol import (
     ModelList,
     SamplingFields,
     Usage,
+    stream_chunk,
 )
 from tessera.agents.serving.tokenizer import ServingTokenizer, TemplateError
 
@@ -179,18 +177,7 @@ def build_app(served: Served) -> FastAPI:
         now = int(time.time())
         rid = f"cmpl-{generation.request_id}"
         if body.stream:
-
-            def chunk(delta: Delta) -> dict[str, Any]:
-                choice = CompletionChoice(
-                    text=delta.text,
-                    finish_reason=delta.finish_reason,  # type: ignore[arg-type]
-                    token_ids=delta.token_ids if body.return_token_ids else None,
-                )
-                return CompletionResponse(
-                    id=rid, created=now, model=served.model_name, choices=[choice]
-                ).model_dump(exclude_none=True)
-
-            return _event_stream(generation, request, chunk, body, rid, now, served, "text")
+            return _event_stream(generation, request, body, rid, now, served, "text")
         deltas = await _collect(generation, request)
         choice = CompletionChoice(
             text="".join(d.text for d in deltas),
@@ -220,18 +207,7 @@ def build_app(served: Served) -> FastAPI:
         now = int(time.time())
         rid = f"chatcmpl-{generation.request_id}"
         if body.stream:
-
-            def chunk(delta: Delta) -> dict[str, Any]:
-                choice = ChatChunkChoice(
-                    delta=ChatDelta(content=delta.text),
-                    finish_reason=delta.finish_reason,  # type: ignore[arg-type]
-                    token_ids=delta.token_ids if body.return_token_ids else None,
-                )
-                return ChatCompletionChunk(
-                    id=rid, created=now, model=served.model_name, choices=[choice]
-                ).model_dump(exclude_none=True)
-
-            return _event_stream(generation, request, chunk, body, rid, now, served, "chat")
+            return _event_stream(generation, request, body, rid, now, served, "chat")
         deltas = await _collect(generation, request)
         choice = ChatChoice(
             message=AssistantMessage(content="".join(d.text for d in deltas)),
@@ -345,7 +321,6 @@ def _usage(generation: Generation) -> Usage:
 def _event_stream(
     generation: Generation,
     request: Request,
-    chunk: Any,
     body: SamplingFields,
     rid: str,
     created: int,
@@ -354,29 +329,23 @@ def _event_stream(
 ) -> StreamingResponse:
     """Server-sent events: (chat: a first chunk with the role), one chunk per delta, an
     optional usage chunk, then [DONE]. An error after the stream began is an error chunk."""
+    chat = kind == "chat"
+    name = served.model_name
 
     async def events() -> AsyncIterator[str]:
         try:
-            if kind == "chat":
-                first = ChatCompletionChunk(
-                    id=rid,
-                    created=created,
-                    model=served.model_name,
-                    choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
-                )
-                yield _sse(first.model_dump(exclude_none=True))
+            if chat:
+                yield _sse(stream_chunk(True, rid, created, name, "", role="assistant"))
             async for delta in generation.deltas(request):
                 if delta.text or delta.finish_reason is not None:
-                    yield _sse(chunk(delta))
+                    token_ids = delta.token_ids if body.return_token_ids else None
+                    chunk = stream_chunk(
+                        chat, rid, created, name, delta.text, delta.finish_reason, token_ids
+                    )
+                    yield _sse(chunk)
             if body.include_usage:
-                usage = {
-                    "id": rid,
-                    "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                    "created": created,
-                    "model": served.model_name,
-                    "choices": [],
-                    "usage": _usage(generation).model_dump(),
-                }
+                usage = stream_chunk(chat, rid, created, name, None)
+                usage["usage"] = _usage(generation).model_dump()
                 yield _sse(usage)
         except (GenerationTimeoutError, EngineFailureError) as error:
             kind_name = "timeout" if isinstance(error, GenerationTimeoutError) else "server_error"

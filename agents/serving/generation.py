@@ -13,9 +13,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 from starlette.requests import Request
 from tessera.agents.engine.request import FinishReason, SamplingParams
@@ -44,6 +47,45 @@ class Delta:
     """"stop" or "length" on the last delta."""
 
 
+class EventHandoff:
+    """Moves token events from the serving loop's thread onto one asyncio loop, batched.
+
+    One `call_soon_threadsafe` (a wake-up of the event loop through its self-pipe) per batch,
+    not per request: a step that produces tokens for 64 streams wakes the event loop once.
+    """
+
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventHandoff]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, aio_loop: asyncio.AbstractEventLoop) -> None:
+        self.aio_loop = aio_loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[TokenEvent | None], TokenEvent]] = []
+
+    @classmethod
+    def of(cls, aio_loop: asyncio.AbstractEventLoop) -> EventHandoff:
+        handoff = cls._by_loop.get(aio_loop)
+        if handoff is None:
+            handoff = cls._by_loop[aio_loop] = cls(aio_loop)
+        return handoff
+
+    def put(self, queue: asyncio.Queue[TokenEvent | None], event: TokenEvent) -> None:
+        """From the loop thread: queue the event; wake the event loop if it is not due."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a flush is scheduled already
+        with contextlib.suppress(RuntimeError):  # the event loop closed (shutdown)
+            self.aio_loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class Generation:
     """Submit once, then iterate `deltas()`; `close()` in a finally block."""
 
@@ -66,11 +108,11 @@ class Generation:
         self.finished = False
         self.started_s = time.monotonic()
         self._queue: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
-        aio_loop = asyncio.get_running_loop()
+        handoff = EventHandoff.of(asyncio.get_running_loop())
+        queue = self._queue
 
         def sink(event: TokenEvent) -> None:
-            with contextlib.suppress(RuntimeError):  # the event loop closed (shutdown)
-                aio_loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            handoff.put(queue, event)
 
         self.admitted = loop.submit(
             prompt_token_ids, params, sink, request_id=self.request_id, timeout_s=timeout_s

@@ -163,26 +163,39 @@ class ChatCompletionResponse(BaseModel):
     prompt_token_ids: list[int] | None = None
 
 
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = 0
-    delta: ChatDelta
-    finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
-    token_ids: list[int] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
+def stream_chunk(
+    chat: bool,
+    rid: str,
+    created: int,
+    model: str,
+    text: str | None,
+    finish_reason: str | None = None,
+    token_ids: list[int] | None = None,
+    role: str | None = None,
+) -> dict[str, Any]:
+    """One server-sent event's JSON: a `chat.completion.chunk` (the text in `delta.content`)
+    or a `text_completion` (in `text`). `text=None` gives the choice-less usage chunk. Built
+    as a plain dict: it is made once per token batch per stream, where a model costs."""
+    chunk: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+    }
+    if text is None:
+        return chunk
+    choice: dict[str, Any] = {"index": 0}
+    if chat:
+        choice["delta"] = {"role": role, "content": text} if role else {"content": text}
+    else:
+        choice["text"] = text
+    choice["logprobs"] = None
+    choice["finish_reason"] = finish_reason
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    chunk["choices"].append(choice)
+    return chunk
 
 
 class ModelCard(BaseModel):

@@ -93,6 +93,7 @@ class FragmentationObjective:
         self.demand = np.array([s.requests.as_tuple() for s in shapes], dtype=np.int64)
         if (self.demand <= 0).all(axis=1).any():
             raise ValueError("shapes: every shape must request some resource")
+        self._asks = [np.nonzero(self.demand[:, r] > 0)[0] for r in range(self.demand.shape[1])]
         self.mask = np.array([[s.requirement.admits(n) for n in nodes] for s in shapes], bool)
         pool_free = problem.free.sum(axis=0)
         self.pool = self._fits_rows(pool_free[None, :])[:, 0]
@@ -101,14 +102,19 @@ class FragmentationObjective:
         self.coef = np.where(self.pool > 0, self.weight / np.maximum(self.pool, 1), 0.0)
 
     def _fits_rows(self, free_rows: np.ndarray) -> np.ndarray:
-        """(shapes, rows) replicas of each shape that fit each row, ignoring node masks."""
-        demand = self.demand[:, None, :]
-        per_resource = np.where(
-            demand > 0,
-            np.maximum(free_rows[None, :, :], 0) // np.maximum(demand, 1),
-            np.iinfo(np.int64).max,
-        )
-        return per_resource.min(axis=2)
+        """(shapes, rows) replicas of each shape that fit each row, ignoring node masks.
+
+        Float division (exact here: integers below 2**53, and a quotient's fraction is at least
+        1/demand) is several times faster than numpy's integer floor division.
+        """
+        free_rows = np.maximum(free_rows, 0).astype(np.float64)
+        out = np.full((self.demand.shape[0], free_rows.shape[0]), np.inf)
+        for r in range(self.demand.shape[1]):
+            asks = self._asks[r]
+            if asks.size:
+                quotient = free_rows[None, :, r] / self.demand[asks, r][:, None].astype(float)
+                out[asks] = np.minimum(out[asks], quotient)
+        return np.floor(out).astype(np.int64)
 
     def fits(self, free_rows: np.ndarray, nodes: np.ndarray | None = None) -> np.ndarray:
         """(shapes, rows) replicas of each shape that fit on each node's free capacity."""

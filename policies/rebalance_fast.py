@@ -37,7 +37,7 @@ class FastOptions:
     """Candidates re-evaluated exactly per step, out of those the vector estimate ranks first."""
     targets_kept: int = 8
     """Best targets kept per signature; must exceed max_group + 1 for exact stage 2."""
-    local_search_rounds: int = 24
+    local_search_rounds: int = 8
     seed: int = 0
 
 
@@ -71,21 +71,39 @@ class _Candidates:
         width = max_group
         self.by_node = {n: np.array(c, dtype=np.int64) for n, c in _indices_by(nodes).items()}
         self.node = np.array(nodes, dtype=np.int64)
-        self.size = np.array([len(m) for m in members], dtype=np.int64)
         self.members = members
-        self.group = np.full((len(members), width), _NONE, dtype=np.int64)
-        self.count = np.zeros((len(members), width), dtype=np.int64)
-        self.sig = np.full((len(members), width), _NONE, dtype=np.int64)
-        for c, combo in enumerate(members):
-            for j, (g, k) in enumerate(sorted(Counter(combo).items())):
-                self.group[c, j], self.count[c, j] = g, k
-            for j, g in enumerate(combo):
-                self.sig[c, j] = self.group_sig[g]
+        self.member = np.array([m + (_NONE,) * (width - len(m)) for m in members], dtype=np.int64)
+        self.member = self.member.reshape(len(members), width)
+        self.size = (self.member >= 0).sum(axis=1)
+        # Combos are sorted, so a repeated group sits in a run; its n-th copy needs n+1 pods left.
+        self.occurrence = np.zeros_like(self.member)
+        for j in range(1, width):
+            same = self.member[:, j] == self.member[:, j - 1]
+            self.occurrence[:, j] = np.where(same, self.occurrence[:, j - 1] + 1, 0)
+        self.moving_signatures = np.array(sorted(set(self.group_sig)), dtype=np.int64)
+        group_sig = np.array([*self.group_sig, _NONE], dtype=np.int64)
+        self.sig = group_sig[self.member]  # _NONE indexes the sentinel
+        self.within_pdbs = np.array(
+            [
+                all(
+                    problem.pdb_allowed[pdb] >= n
+                    for pdb, n in Counter(d for g in m for d in self.group_pdbs[g]).items()
+                )
+                for m in members
+            ],
+            dtype=bool,
+        )
         sig_req = problem.signature_requests
         self.requests = np.zeros((len(members), sig_req.shape[1]), dtype=np.int64)
         for j in range(width):
             present = self.sig[:, j] >= 0
             self.requests[present] += sig_req[self.sig[present, j]]
+        # (signature, evacuation of <= 2 pods on a node admitting it): every way to prepare a
+        # target for a pod of that signature (stage 2's ejection chains).
+        small = np.nonzero(self.size <= 2)[0]
+        hosts = [small[problem.admits[k, self.node[small]]] for k in self.moving_signatures]
+        self.host_sig = np.repeat(self.moving_signatures, [h.size for h in hosts])
+        self.host_cand = np.concatenate(hosts) if hosts else np.zeros(0, dtype=np.int64)
 
 
 class _State:
@@ -122,14 +140,17 @@ class _State:
 
     def _gain_in(self, nodes: np.ndarray) -> np.ndarray:
         """(signatures, nodes) score change on receiving one pod of each signature (-inf:
-        it cannot go there)."""
-        req = self.problem.signature_requests
+        it cannot go there, or no pod of that signature moves)."""
+        sigs = self.cands.moving_signatures
+        out = np.full((len(self.problem.signature_requests), len(nodes)), -np.inf)
+        req = self.problem.signature_requests[sigs]
         after = self.free[nodes][None, :, :] - req[:, None, :]
-        ok = self.problem.admits[:, nodes] & (after >= 0).all(axis=2)
+        ok = self.problem.admits[sigs][:, nodes] & (after >= 0).all(axis=2)
         flat = after.reshape(-1, after.shape[2])
-        scores = self.objective.node_scores(flat, np.tile(nodes, len(req)))
-        gain = scores.reshape(len(req), len(nodes)) - self.scores[nodes][None, :]
-        return np.where(ok, gain, -np.inf)
+        scores = self.objective.node_scores(flat, np.tile(nodes, len(sigs)))
+        gain = scores.reshape(len(sigs), len(nodes)) - self.scores[nodes][None, :]
+        out[sigs] = np.where(ok, gain, -np.inf)
+        return out
 
     def _update_sources(self, cand_idx: np.ndarray) -> None:
         nodes = self.cands.node[cand_idx]
@@ -254,7 +275,7 @@ def _greedy(
                 pdb_left[pdb] -= 1
         for p, _ in evacuation:
             remaining[cands.pod_group[p]] -= 1
-        state.touch([int(problem.pod_node[evacuation[0][0]])] + [t for _, t in evacuation])
+        state.touch([int(problem.pod_node[p]) for p, _ in evacuation] + [t for _, t in evacuation])
         applied.append(evacuation)
         left -= len(evacuation)
         banned_sets = []
@@ -272,88 +293,218 @@ def _best_evacuation(
     banned: list[frozenset[int]],
     shortlist: int,
 ) -> list[tuple[int, int]] | None:
-    """Stage 1 by vector estimate, then stages 1 and 2 exactly on a shortlist."""
-    present = cands.group >= 0
-    enough = np.where(present, remaining[np.maximum(cands.group, 0)] >= cands.count, True)
-    valid = enough.all(axis=1) & (cands.size <= left)
-    src_gain = state.src_gain
-    valid &= src_gain > _EPS
+    """Stage 1 by vector estimate, then stages 1 and 2 exactly on a shortlist.
+
+    Stage 2 may also *prepare* a target: move one or two pods off a node so the evacuated pod
+    fits there (an ejection chain, e.g. two 2-GPU pods off an A100 node so an 8-GPU pod can
+    leave an H100 node whole); without it greedy stalls where every single move loses.
+    """
+    present = cands.member >= 0
+    enough = ~present | (remaining[np.maximum(cands.member, 0)] > cands.occurrence)
+    available = enough.all(axis=1) & cands.within_pdbs
+    valid = available & (cands.size <= left) & (state.src_gain > _EPS)
     if not valid.any():
         return None
+    chains = _chain_table(problem, cands, state, available & (cands.size <= min(2, left - 1)))
     idx = np.nonzero(valid)[0]
-    est = src_gain[idx].copy()
+    est = state.src_gain[idx].copy()
+    size = cands.size[idx].astype(float)
+    node = cands.node[idx]
     for j in range(cands.sig.shape[1]):
         sig = cands.sig[idx, j]
         has = sig >= 0
         s = np.maximum(sig, 0)
-        first = np.where(
-            state.top[s, 0] != cands.node[idx], state.top_gain[s, 0], state.top_gain[s, 1]
-        )
-        est += np.where(has, first, 0.0)
-    ratio = est / cands.size[idx]
-    order = idx[np.argsort(-ratio, kind="stable")][:shortlist]
+        direct = np.where(state.top[s, 0] != node, state.top_gain[s, 0], state.top_gain[s, 1])
+        via = np.where(chains.node[s, 0] != node, chains.value[s, 0], chains.value[s, 1])
+        via_size = np.where(chains.node[s, 0] != node, chains.size[s, 0], chains.size[s, 1])
+        use_chain = via > direct
+        est += np.where(has, np.maximum(direct, via), 0.0)
+        size += np.where(has & use_chain, via_size, 0)
+    ratio = np.where(size <= left, est / size, -np.inf)
+    if ratio.size > shortlist:
+        head = np.argpartition(-ratio, shortlist - 1)[:shortlist]
+    else:
+        head = np.arange(ratio.size)
+    head = head[np.argsort(-ratio[head], kind="stable")]
     best, best_ratio = None, _EPS
-    for c in order:
-        if ratio[np.searchsorted(idx, c)] <= best_ratio and best is not None:
+    for h in head:
+        if not np.isfinite(ratio[h]):
             break
-        plan = _exact(problem, cands, state, int(c), remaining, pdb_left, moved)
-        if plan is None:
-            continue
-        moves, gain = plan
-        if banned and frozenset(p for p, _ in moves) in banned:
-            continue
-        if gain / len(moves) > best_ratio:
-            best, best_ratio = moves, gain / len(moves)
+        for use_chains in (False, True):
+            plan = _exact(
+                problem, cands, state, chains, int(idx[h]), pdb_left, moved, left, use_chains
+            )
+            if plan is None:
+                continue
+            moves, gain = plan
+            if banned and frozenset(p for p, _ in moves) in banned:
+                continue
+            if gain / len(moves) > best_ratio:
+                best, best_ratio = moves, gain / len(moves)
     return best
+
+
+@dataclass
+class _Chains:
+    """Per signature, the best nodes to prepare for one of its pods: node, evacuation
+    candidate, its size in moves, and the estimated gain (target change + its pods' moves)."""
+
+    node: np.ndarray
+    cand: np.ndarray
+    size: np.ndarray
+    value: np.ndarray
+
+
+def _chain_table(
+    problem: RebalanceProblem, cands: _Candidates, state: _State, usable: np.ndarray
+) -> _Chains:
+    keep = 6
+    n_sig = len(problem.signature_requests)
+    table = _Chains(
+        np.full((n_sig, keep), _NONE, dtype=np.int64),
+        np.full((n_sig, keep), _NONE, dtype=np.int64),
+        np.zeros((n_sig, keep), dtype=np.int64),
+        np.full((n_sig, keep), -np.inf),
+    )
+    moves_out = np.zeros(len(cands.node))
+    for j in range(cands.sig.shape[1]):
+        sig = cands.sig[:, j]
+        s = np.maximum(sig, 0)
+        first = state.top[s, 0] != cands.node
+        direct = np.where(first, state.top_gain[s, 0], state.top_gain[s, 1])
+        moves_out += np.where(sig >= 0, direct, 0.0)
+    usable = usable & np.isfinite(moves_out)
+    pair_k, pair_c = cands.host_sig, cands.host_cand
+    keep_pair = usable[pair_c]
+    pair_k, pair_c = pair_k[keep_pair], pair_c[keep_pair]
+    nodes = cands.node[pair_c]
+    req = problem.signature_requests[pair_k]
+    room = state.free[nodes] + cands.requests[pair_c] - req
+    hit = (room >= 0).all(axis=1) & ~(state.free[nodes] >= req).all(axis=1)
+    pair_k, pair_c, nodes = pair_k[hit], pair_c[hit], nodes[hit]
+    if pair_c.size == 0:
+        return table
+    value = state.objective.node_scores(room[hit], nodes) - state.scores[nodes] + moves_out[pair_c]
+    order = np.lexsort((-value, pair_k))
+    pair_k, pair_c, nodes, value = pair_k[order], pair_c[order], nodes[order], value[order]
+    starts = np.r_[0, np.nonzero(np.diff(pair_k))[0] + 1]
+    rank = np.arange(pair_k.size) - np.repeat(starts, np.diff(np.r_[starts, pair_k.size]))
+    top = rank < keep
+    k, r = pair_k[top], rank[top]
+    table.node[k, r] = nodes[top]
+    table.cand[k, r] = pair_c[top]
+    table.size[k, r] = cands.size[pair_c[top]]
+    table.value[k, r] = value[top]
+    return table
+
+
+def _pods_of(cands: _Candidates, c: int, taken: set[int]) -> list[int] | None:
+    """Pods for candidate c's groups, none of them already moved or used in this plan."""
+    pods: list[int] = []
+    for g, k in Counter(cands.members[c]).items():
+        free_pods = [p for p in cands.group_pods[g] if p not in taken]
+        if len(free_pods) < k:
+            return None
+        pods += free_pods[:k]
+    return pods
+
+
+def _best_direct(
+    state: _State, k: int, req: np.ndarray, avoid: set[int], free: dict[int, np.ndarray]
+) -> int:
+    """Best target of one pod of signature k among the kept ones, given this plan's changes."""
+    objective = state.objective
+    best_t, best_g = _NONE, -np.inf
+    for t, g in zip(state.top[k], state.top_gain[k], strict=True):
+        t = int(t)
+        if t in avoid or not np.isfinite(g):
+            continue
+        if t in free:
+            after = free[t] - req
+            if (after < 0).any():
+                continue
+            idx = np.array([t])
+            g = float(
+                objective.node_scores(after[None, :], idx)[0]
+                - objective.node_scores(free[t][None, :], idx)[0]
+            )
+        if g > best_g:
+            best_t, best_g = t, g
+    return best_t
 
 
 def _exact(
     problem: RebalanceProblem,
     cands: _Candidates,
     state: _State,
+    chains: _Chains,
     c: int,
-    remaining: np.ndarray,
     pdb_left: np.ndarray,
     moved: set[int],
+    left: int,
+    use_chains: bool,
 ) -> tuple[list[tuple[int, int]], float] | None:
-    """The evacuation's moves (largest pod first, each to its best target) and exact gain."""
-    objective = state.objective
-    node = int(cands.node[c])
-    pods: list[int] = []
-    for g, k in Counter(cands.members[c]).items():
-        free_pods = [p for p in cands.group_pods[g] if p not in moved]
-        if len(free_pods) < k:
-            return None
-        pods += free_pods[:k]
-    pdb_need = Counter(pdb for p in pods for pdb in problem.pod_pdbs[p])
-    if any(pdb_left[pdb] < k for pdb, k in pdb_need.items()):
+    """Candidate c as moves (largest pod first, each to its best direct target or, with
+    `use_chains`, a prepared one where the estimate says that is better) and its exact gain,
+    or None where it breaks capacity, a PDB or the budget."""
+    source = int(cands.node[c])
+    taken = set(moved)
+    pods = _pods_of(cands, c, taken)
+    if pods is None:
         return None
-    src = state.free[node] + problem.pod_requests[pods].sum(axis=0)
-    gain = float(objective.node_scores(src[None, :], np.array([node]))[0] - state.scores[node])
-    changed: dict[int, np.ndarray] = {}
-    moves = []
+    taken |= set(pods)
+    pdb_use = Counter(pdb for q in pods for pdb in problem.pod_pdbs[q])
+    if any(pdb_left[pdb] < n for pdb, n in pdb_use.items()):
+        return None
+    free: dict[int, np.ndarray] = {source: state.free[source] + problem.pod_requests[pods].sum(0)}
+    locked = {source}
+    moves: list[tuple[int, int]] = []
+
+    def place(p: int, avoid: set[int]) -> bool:
+        req = problem.pod_requests[p]
+        t = _best_direct(state, int(problem.pod_signature[p]), req, avoid, free)
+        if t == _NONE:
+            return False
+        free[t] = free.get(t, state.free[t]) - req
+        moves.append((p, t))
+        return True
+
     for p in sorted(pods, key=lambda p: -int(problem.pod_requests[p, 0])):
         k = int(problem.pod_signature[p])
         req = problem.pod_requests[p]
-        best_t, best_g = _NONE, -np.inf
-        for t, g in zip(state.top[k], state.top_gain[k], strict=True):
-            t = int(t)
-            if t == node or not np.isfinite(g):
+        direct = _best_direct(state, k, req, locked, free)
+        direct_gain = state.top_gain[k][state.top[k] == direct][0] if direct != _NONE else -np.inf
+        prepared = False
+        options = zip(chains.node[k], chains.cand[k], chains.value[k], strict=True)
+        for b, cb, value in options if use_chains else ():
+            b = int(b)
+            if b == _NONE or value <= direct_gain or b in free or b in locked:
                 continue
-            if t in changed:
-                after = changed[t] - req
-                if (after < 0).any():
-                    continue
-                idx = np.array([t])
-                g = float(
-                    objective.node_scores(after[None, :], idx)[0]
-                    - objective.node_scores(changed[t][None, :], idx)[0]
-                )
-            if g > best_g:
-                best_t, best_g = t, g
-        if best_t == _NONE:
+            sub = _pods_of(cands, int(cb), taken)
+            if sub is None or len(moves) + len(pods) + len(sub) > left:
+                continue
+            sub_use = pdb_use + Counter(pdb for q in sub for pdb in problem.pod_pdbs[q])
+            if any(pdb_left[pdb] < n for pdb, n in sub_use.items()):
+                continue
+            mark, saved = len(moves), dict(free)
+            free[b] = state.free[b] + problem.pod_requests[sub].sum(0) - req
+            if all(place(q, locked | {b}) for q in sub):
+                moves.append((p, b))
+                taken |= set(sub)
+                pdb_use = sub_use
+                locked.add(b)
+                prepared = True
+                break
+            del moves[mark:]
+            free.clear()
+            free.update(saved)
+        if not prepared and not place(p, locked):
             return None
-        changed[best_t] = changed.get(best_t, state.free[best_t]) - req
-        gain += best_g
-        moves.append((p, best_t))
+    if len(moves) > left:
+        return None
+    touched = np.array(sorted(free), dtype=np.int64)
+    after = np.array([free[n] for n in touched])
+    if (after < 0).any():
+        return None
+    gain = float(state.objective.node_scores(after, touched).sum() - state.scores[touched].sum())
     return moves, gain

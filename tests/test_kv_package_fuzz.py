@@ -4,19 +4,25 @@
 Mutations, truncations and splices of a valid package are refused outright (its checksums and
 canonical header leave no byte free); headers rewritten with random JSON values and a matching
 header checksum (a buggy or hostile peer) are refused by type, or, when they happen to be valid,
-parse to a package that writes back the very same bytes.
+parse to a package that writes back the very same bytes. A package handed over in memory, with
+any field changed, is imported or refused with KVTransferError, and a refusal holds no block.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from engine_helpers import random_prompts, rebuilt_package, write_checkpoint
+from hypothesis import HealthCheck, assume, given, reject, settings
 from hypothesis import strategies as st
+from tessera.agents.engine import Engine, EngineConfig, EngineRole, SamplingParams
 from tessera.agents.engine.kv_transfer import MAGIC, KVGeometry, KVPackage, KVTransferError
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -193,3 +199,85 @@ def test_any_valid_package_round_trips(
     parsed = KVPackage.from_bytes(wire)
     assert parsed.to_bytes() == wire
     assert torch.equal(parsed.blocks, package.blocks)
+
+
+@pytest.fixture(scope="module")
+def decode_and_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, KVPackage]:
+    """A decode engine of a tiny model (CPU, blocks of 4) and a package it accepts."""
+    folder = tmp_path_factory.mktemp("tiny-llama-fuzz")
+    write_checkpoint(folder, seed=41)
+
+    def make(role: EngineRole) -> Engine:
+        return Engine.from_pretrained(
+            folder, EngineConfig(role=role, block_size=4, num_kv_blocks=40, device="cpu")
+        )
+
+    prefill = make(EngineRole.PREFILL)
+    request = prefill.add_request(
+        random_prompts([9], 128, seed=2)[0], SamplingParams(max_new_tokens=4)
+    )
+    prefill.run_until_idle()
+    return make(EngineRole.DECODE), prefill.export_kv(request)
+
+
+TOKENS = st.lists(st.integers(-3, 140), max_size=12) | JSON
+BLOCK_CHANGES: dict[str, Callable[[torch.Tensor], Any]] = {
+    "same": lambda b: b.clone(),
+    "fewer layers": lambda b: b[:, :1],
+    "fewer blocks": lambda b: b[:-1],
+    "float16": lambda b: b.to(torch.float16),
+    "shifted": lambda b: b + 1,
+    "extra axis": lambda b: b.unsqueeze(0),
+    "flat": lambda b: b.reshape(-1),
+    "not a tensor": lambda b: b.tolist(),
+}
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), rehash=st.booleans())
+def test_an_in_memory_package_imports_or_leaves_the_cache_as_it_was(
+    decode_and_package: tuple[Engine, KVPackage], data: st.DataObject, rehash: bool
+) -> None:
+    """Any field of a handed-over package changed to anything (checksums recomputed or left
+    stale): import_kv accepts it or raises KVTransferError, and a refusal holds no block."""
+    decode, good = decode_and_package
+    geometry_field = st.sampled_from([f.name for f in dataclasses.fields(KVGeometry)])
+    sampling_field = st.sampled_from([*good.sampling, "beam_width"])
+    fields: dict[str, st.SearchStrategy[Any]] = {
+        "request_id": st.text(max_size=4) | JSON,
+        "geometry": st.tuples(geometry_field, JSON).map(
+            lambda change: dataclasses.replace(good.geometry, **dict([change]))
+        ),
+        "prompt_token_ids": TOKENS,
+        "output_token_ids": TOKENS,
+        "num_computed_tokens": st.integers(-2, 30) | JSON,
+        "sampling": st.dictionaries(sampling_field, JSON, max_size=2).map(
+            lambda change: {**good.sampling, **change}
+        ),
+        "blocks": st.sampled_from(sorted(BLOCK_CHANGES)).map(
+            lambda name: BLOCK_CHANGES[name](good.blocks)
+        ),
+    }
+    if not rehash:
+        fields["checksum_algorithm"] = st.sampled_from(["blake2b_128", "none", "md5"]) | JSON
+        fields["block_checksums"] = st.just(good.block_checksums[:-1]) | JSON
+    names = data.draw(st.sets(st.sampled_from(sorted(fields)), min_size=1, max_size=3))
+    changes = {name: data.draw(fields[name], label=name) for name in sorted(names)}
+    if rehash:
+        try:  # build itself takes only lists and a tensor
+            package = rebuilt_package(good, **changes)
+        except (TypeError, AttributeError):
+            reject()
+    else:
+        package = dataclasses.replace(good, **changes)
+    allocator = decode.kv_cache.allocator
+    free = allocator.num_free
+    try:
+        request_id = decode.import_kv(package)
+    except KVTransferError:
+        assert allocator.num_free == free
+        assert not decode.requests and not decode.has_unfinished()
+        return
+    decode.abort(request_id)
+    decode.pop_finished(request_id)
+    assert allocator.num_free == free

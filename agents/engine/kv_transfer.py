@@ -234,10 +234,13 @@ class KVPackage:
 
     def verify(self) -> None:
         """Raise KVChecksumError naming the first block whose bytes do not match."""
-        if self.checksum_algorithm == UNCHECKED and not self.block_checksums:
+        checksums = self.block_checksums
+        if not isinstance(checksums, list) or not all(isinstance(c, str) for c in checksums):
+            raise KVChecksumError(f"{self.request_id}: block_checksums must be a list of strings")
+        if self.checksum_algorithm == UNCHECKED and not checksums:
             return
         digest = _digest_function(self.checksum_algorithm)
-        if len(self.block_checksums) != self.num_blocks:
+        if len(checksums) != self.num_blocks:
             raise KVChecksumError(
                 f"{self.request_id}: {len(self.block_checksums)} checksums for "
                 f"{self.num_blocks} blocks"
@@ -256,7 +259,8 @@ class KVPackage:
             return False
         blocks, version, algorithm, checksums = self._verified
         return (
-            blocks is self.blocks
+            isinstance(self.block_checksums, list)
+            and blocks is self.blocks
             and version == self.blocks._version
             and (algorithm, checksums) == (self.checksum_algorithm, tuple(self.block_checksums))
         )

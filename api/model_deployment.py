@@ -304,7 +304,7 @@ class EngineSpec(ApiModel):
     """The serving container each replica runs."""
 
     image: str = Field(
-        default="ghcr.io/tessera-dev/tessera-engine:0.1.0",
+        default="ghcr.io/tessera-dev/tessera:0.1.0",
         description="Container image of the Tessera engine.",
     )
     port: int = Field(default=8000, gt=0, lt=65536, description="Serving port.")

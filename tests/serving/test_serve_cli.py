@@ -18,7 +18,7 @@ from api_samples import EXAMPLES, example_documents
 from click.testing import CliRunner
 from tessera.agents.serving import cli as serve_cli
 from tessera.api.accelerator_class import AcceleratorClass, AcceleratorClassSpec
-from tessera.api.model_deployment import ModelDeploymentSpec
+from tessera.api.model_deployment import EngineSpec, ModelDeploymentSpec
 from tessera.operator import render
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.placement import plan_deployment
@@ -150,3 +150,10 @@ def test_the_image_entry_point_is_the_command_the_operator_and_chart_run() -> No
         r'^tessera = "tessera\.cli:main"$', (REPO / "pyproject.toml").read_text(), re.M
     )
     assert 'pip install ".[serve]"' in dockerfile
+
+
+def test_the_engine_image_is_the_charts_image() -> None:
+    values = yaml.safe_load((REPO / "helm/tessera/values.yaml").read_text())["image"]
+    chart = yaml.safe_load((REPO / "helm/tessera/Chart.yaml").read_text())
+    chart_image = f"{values['registry']}/{values['repository']}:{chart['appVersion']}"
+    assert EngineSpec().image == chart_image

@@ -9,6 +9,8 @@
   owner, which puts it back, and the namespace's deployments in NameConflict, which may now
   take the name.
   (Hand edits of a child's spec are undone at the owner's next reconcile, not on the edit.)
+- PowerBudget -> a control loop per budget in `power_controller` (imported at the end of this
+  module, so that importing the handlers registers it).
 
 Status is written through the API under a per-deployment lock shared by the reconcile and the
 readiness handler, so the last writer has always read the newest children.
@@ -323,3 +325,6 @@ def on_child_event(
         patch = refreshed_readiness(md.get("status"), rollout, utc_now())
         if patch is not None:
             _write_status(kube, namespace, name, patch)
+
+
+from tessera.operator import power_controller  # noqa: E402,F401  (registers its handlers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "tessera.dev"
@@ -16,6 +16,9 @@ PriorityTier = Literal["critical", "high", "normal", "low"]
 """Tiers of importance: power capping and migration touch low tiers first."""
 
 PRIORITY_TIERS_LOW_FIRST: tuple[PriorityTier, ...] = ("low", "normal", "high", "critical")
+
+INT64_MAX = 2**63 - 1
+"""Largest integer the API server stores (a CRD `integer` is an int64)."""
 
 
 class ApiModel(BaseModel):
@@ -34,6 +37,15 @@ class ApiModel(BaseModel):
         validate_assignment=True,
         allow_inf_nan=False,
     )
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_int64(cls, value: Any) -> Any:
+        """Integers beyond int64 are refused: the API server cannot store them, and the
+        planner's float arithmetic overflows on them (a 400-digit numLayers crashed it)."""
+        if isinstance(value, int) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise ValueError(f"must fit a Kubernetes int64 (|x| <= {INT64_MAX})")
+        return value
 
     def to_wire(self) -> dict[str, Any]:
         """The Kubernetes (camelCase, no nulls) form of this object."""

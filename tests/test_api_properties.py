@@ -3,8 +3,8 @@
 Hypothesis replaces one field of a complete, valid document of each kind (every optional number
 set, status included) with a hostile value: NaN, infinities, negatives, huge numbers, strings,
 lists, maps, None. The model must then accept it, in which case its wire form is JSON the API
-server can carry (finite numbers) and reads back the same, or raise a pydantic ValidationError
-whose location is the field (or whose model-level message names it).
+server can carry (finite floats, int64 integers) and reads back the same, or raise a pydantic
+ValidationError whose location is the field (or whose model-level message names it).
 """
 
 from __future__ import annotations
@@ -202,12 +202,15 @@ def _names_field(problem: dict[str, Any], path: Path) -> bool:
     return path[: len(loc)] == loc and str(path[-1]) in problem["msg"]
 
 
-def _all_finite(node: Any) -> bool:
+def _storable(node: Any) -> bool:
+    """Numbers the API server can store: finite floats, integers that fit an int64."""
     if isinstance(node, dict):
-        return all(_all_finite(v) for v in node.values())
+        return all(_storable(v) for v in node.values())
     if isinstance(node, list):
-        return all(_all_finite(v) for v in node)
-    return not isinstance(node, float) or math.isfinite(node)
+        return all(_storable(v) for v in node)
+    if isinstance(node, float):
+        return math.isfinite(node)
+    return not isinstance(node, int) or -(2**63) <= node < 2**63
 
 
 def test_the_samples_are_valid() -> None:
@@ -231,7 +234,7 @@ def test_a_model_validates_or_names_the_field(
         assert all(_names_field(p, path) for p in problems), (path, value, problems)
         return
     wire = resource.to_wire()
-    assert _all_finite(wire), (path, value, wire)
+    assert _storable(wire), (path, value, wire)
     json.dumps(wire, allow_nan=False)  # the API server takes JSON: no NaN or Infinity in it
     assert model.model_validate(wire) == resource
 
@@ -246,3 +249,14 @@ def test_non_finite_numbers_are_invalid_in_every_field(
         parse_resource(document, "sample")
     field = ".".join(map(str, path))
     assert f"  {field}: " in str(raised.value)
+
+
+@pytest.mark.parametrize(("model", "path"), NUMERIC_LEAVES)
+def test_integers_beyond_int64_are_invalid_in_every_field(
+    model: type[CustomResource], path: Path
+) -> None:
+    """A 400-digit numLayers used to validate and then overflow the planner's arithmetic."""
+    document = _replaced(SAMPLES[model], path, 10**400)
+    with pytest.raises(InvalidResourceError) as raised:
+        parse_resource(document, "sample")
+    assert f"  {'.'.join(map(str, path))}: " in str(raised.value)

@@ -203,3 +203,19 @@ def test_plan_refuses_empty_files_naming_the_flag(tmp_path: Path) -> None:
     assert_usage_error(result, "--classes", str(empty))
     result = invoke("plan", "-f", str(DEPLOYMENT), "--classes", str(DEPLOYMENT))
     assert_usage_error(result, "--classes", "no AcceleratorClass")
+
+
+def test_plan_refuses_an_integer_the_api_server_cannot_store(tmp_path: Path) -> None:
+    """A 400-digit numLayers validated, then crashed the planner with OverflowError."""
+    document = yaml.safe_load(DEPLOYMENT.read_text())
+    document["spec"]["model"]["architecture"]["numLayers"] = 10**400
+    path = tmp_path / "huge.yaml"
+    path.write_text(yaml.safe_dump(document))
+    result = invoke("plan", "-f", str(path), "--classes", str(CLASSES))
+    assert_usage_error(result, "spec.model.architecture.numLayers", "int64", "> 0")
+
+
+def test_validate_refuses_a_binary_file_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    assert_usage_error(invoke("validate", str(path)), str(path))

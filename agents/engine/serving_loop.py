@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from tessera.agents.engine.engine import Engine, RequestNotFoundError, RoleError
 from tessera.agents.engine.kv_cache import OutOfKVBlocksError
@@ -127,18 +128,13 @@ class ServingLoop:
         """Queue a request; the future resolves to its id once the engine holds it, or to the
         engine's ValueError when it refuses the prompt. Raises QueueFullError at once when
         `max_waiting` requests are already waiting."""
-        if self._stopping:
-            raise LoopStoppedError("the serving loop is stopping")
-        admitted: Future[str] = Future()
-        deadline = None if timeout_s is None else self.clock() + timeout_s
-        with self._lock:
-            self._check_room()
-            request_id = request_id or f"serve-{next(self._ids)}"
-            self._inbox.append(
-                _Submission(request_id, list(prompt_token_ids), params, sink, deadline, admitted)
-            )
-        self._wake.set()
-        return admitted
+        rid = request_id or f"serve-{next(self._ids)}"
+        prompt = list(prompt_token_ids)
+        return self._enqueue(
+            self._inbox,
+            lambda deadline, admitted: _Submission(rid, prompt, params, sink, deadline, admitted),
+            timeout_s,
+        )
 
     def submit_import(
         self, package: KVPackage, sink: Sink, timeout_s: float | None = None
@@ -146,13 +142,26 @@ class ServingLoop:
         """Queue a request that arrives with its KV (prefill->decode, migration); it enters
         the engine once its blocks fit (`Engine.import_kv`), in arrival order. The future
         resolves to its id then, or to the engine's KVTransferError."""
+        return self._enqueue(
+            self._imports,
+            lambda deadline, admitted: _Import(package, sink, deadline, admitted),
+            timeout_s,
+        )
+
+    def _enqueue(
+        self,
+        queue: deque[Any],
+        build: Callable[[float | None, Future[str]], Any],
+        timeout_s: float | None,
+    ) -> Future[str]:
+        """Append what `build` makes to `queue` if the waiting queue has room; wake the loop."""
         if self._stopping:
             raise LoopStoppedError("the serving loop is stopping")
         admitted: Future[str] = Future()
         deadline = None if timeout_s is None else self.clock() + timeout_s
         with self._lock:
             self._check_room()
-            self._imports.append(_Import(package, sink, deadline, admitted))
+            queue.append(build(deadline, admitted))
         self._wake.set()
         return admitted
 

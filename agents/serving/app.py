@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from tessera.agents.engine.request import SamplingParams
 from tessera.agents.engine.serving_loop import QueueFullError, ServingLoop
 from tessera.agents.serving.generation import (
@@ -173,26 +174,7 @@ def build_app(served: Served) -> FastAPI:
             prompt = tokenizer.encode(body.prompt)
         else:
             prompt = list(body.prompt)
-        generation = await _start(served, loop, tokenizer, body, prompt, body.max_tokens)
-        now = int(time.time())
-        rid = f"cmpl-{generation.request_id}"
-        if body.stream:
-            return _event_stream(generation, request, body, rid, now, served, "text")
-        deltas = await _collect(generation, request)
-        choice = CompletionChoice(
-            text="".join(d.text for d in deltas),
-            finish_reason=deltas[-1].finish_reason if deltas else None,  # type: ignore[arg-type]
-            token_ids=generation.output.token_ids if body.return_token_ids else None,
-        )
-        response = CompletionResponse(
-            id=rid,
-            created=now,
-            model=served.model_name,
-            choices=[choice],
-            usage=_usage(generation),
-            prompt_token_ids=prompt if body.return_token_ids else None,
-        )
-        return JSONResponse(response.model_dump(exclude_none=True))
+        return await _generate(served, loop, tokenizer, body, prompt, body.max_tokens, request)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -203,26 +185,8 @@ def build_app(served: Served) -> FastAPI:
             raise ApiError(400, f"messages: {error}", param="messages") from error
         if not prompt:
             raise ApiError(400, "messages: the conversation renders to no tokens", "messages")
-        generation = await _start(served, loop, tokenizer, body, prompt, body.requested_max_tokens)
-        now = int(time.time())
-        rid = f"chatcmpl-{generation.request_id}"
-        if body.stream:
-            return _event_stream(generation, request, body, rid, now, served, "chat")
-        deltas = await _collect(generation, request)
-        choice = ChatChoice(
-            message=AssistantMessage(content="".join(d.text for d in deltas)),
-            finish_reason=deltas[-1].finish_reason if deltas else None,  # type: ignore[arg-type]
-            token_ids=generation.output.token_ids if body.return_token_ids else None,
-        )
-        response = ChatCompletionResponse(
-            id=rid,
-            created=now,
-            model=served.model_name,
-            choices=[choice],
-            usage=_usage(generation),
-            prompt_token_ids=prompt if body.return_token_ids else None,
-        )
-        return JSONResponse(response.model_dump(exclude_none=True))
+        max_tokens = body.requested_max_tokens
+        return await _generate(served, loop, tokenizer, body, prompt, max_tokens, request)
 
     return app
 
@@ -301,6 +265,44 @@ async def _start(
     return generation
 
 
+async def _generate(
+    served: Served,
+    loop: ServingLoop,
+    tokenizer: ServingTokenizer,
+    body: CompletionRequest | ChatCompletionRequest,
+    prompt: list[int],
+    max_tokens: int | None,
+    request: Request,
+) -> Response:
+    """Run one request; a stream of events, or the whole answer as one body."""
+    chat = isinstance(body, ChatCompletionRequest)
+    generation = await _start(served, loop, tokenizer, body, prompt, max_tokens)
+    now = int(time.time())
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{generation.request_id}"
+    if body.stream:
+        return _event_stream(generation, request, body, rid, now, served, chat)
+    deltas = await _collect(generation, request)
+    text = "".join(d.text for d in deltas)
+    finish: Any = deltas[-1].finish_reason if deltas else None
+    token_ids = generation.output.token_ids if body.return_token_ids else None
+    common: dict[str, Any] = {
+        "id": rid,
+        "created": now,
+        "model": served.model_name,
+        "usage": _usage(generation),
+        "prompt_token_ids": prompt if body.return_token_ids else None,
+    }
+    response: BaseModel
+    if chat:
+        message = AssistantMessage(content=text)
+        choice = ChatChoice(message=message, finish_reason=finish, token_ids=token_ids)
+        response = ChatCompletionResponse(choices=[choice], **common)
+    else:
+        plain = CompletionChoice(text=text, finish_reason=finish, token_ids=token_ids)
+        response = CompletionResponse(choices=[plain], **common)
+    return JSONResponse(response.model_dump(exclude_none=True))
+
+
 async def _collect(generation: Generation, request: Request) -> list[Delta]:
     try:
         return [delta async for delta in generation.deltas(request)]
@@ -325,11 +327,10 @@ def _event_stream(
     rid: str,
     created: int,
     served: Served,
-    kind: str,
+    chat: bool,
 ) -> StreamingResponse:
     """Server-sent events: (chat: a first chunk with the role), one chunk per delta, an
     optional usage chunk, then [DONE]. An error after the stream began is an error chunk."""
-    chat = kind == "chat"
     name = served.model_name
 
     async def events() -> AsyncIterator[str]:

@@ -161,23 +161,26 @@ def load_trace(path: Path | str, name: str | None = None) -> Workload:
     stamps: list[str] = []
     lines: list[int] = []
     counts: list[tuple[int, int]] = []
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header[:3]) != TRACE_COLUMNS:
-            raise TraceFormatError(
-                f"{path}: expected columns {','.join(TRACE_COLUMNS)}, got {header}"
-            )
-        for row in reader:
-            if row:
-                stamps.append(_trace_cell(path, reader.line_num, row, 0))
-                lines.append(reader.line_num)
-                counts.append(
-                    (
-                        _token_count(path, reader.line_num, row, 1),
-                        _token_count(path, reader.line_num, row, 2),
-                    )
+    try:
+        with path.open(newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None or tuple(h.strip() for h in header[:3]) != TRACE_COLUMNS:
+                raise TraceFormatError(
+                    f"{path}: expected columns {','.join(TRACE_COLUMNS)}, got {header}"
                 )
+            for row in reader:
+                if row:
+                    stamps.append(_trace_cell(path, reader.line_num, row, 0))
+                    lines.append(reader.line_num)
+                    counts.append(
+                        (
+                            _token_count(path, reader.line_num, row, 1),
+                            _token_count(path, reader.line_num, row, 2),
+                        )
+                    )
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise TraceFormatError(f"{path}: not a CSV text file: {error}") from error
     if not stamps:
         raise TraceFormatError(f"{path}: no requests")
     try:
@@ -193,6 +196,11 @@ def load_trace(path: Path | str, name: str | None = None) -> Workload:
             f"{stamps[bad[0]]!r}"
         )
     seconds = (times - times.min()).astype(np.int64) / 1e9
+    if not seconds.max() > 0:
+        raise TraceFormatError(
+            f"{path}: every request arrives at the same time, so the trace spans no time and "
+            "has no rate; a trace needs at least two distinct timestamps"
+        )
     order = np.argsort(seconds, kind="stable")
     arrival = seconds[order]
     tokens = np.array(counts, dtype=np.int64)

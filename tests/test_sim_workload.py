@@ -118,6 +118,18 @@ def test_a_bad_trace_row_is_an_error_naming_file_line_and_column(
     assert str(path) in text and "line 5" in text and column in text and message in text
 
 
+def test_a_trace_that_is_not_csv_text_or_spans_no_time_is_an_error(tmp_path: Path) -> None:
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(TRACE_HEADER.encode() + b"\xff\xfe\x00\x81,1,1\n")
+    with pytest.raises(TraceFormatError, match="not a CSV text file"):
+        load_trace(binary)
+    for rows in (GOOD_ROW, GOOD_ROW * 3):
+        instant = tmp_path / "instant.csv"
+        instant.write_text(TRACE_HEADER + rows)
+        with pytest.raises(TraceFormatError, match="spans no time"):
+            load_trace(instant)
+
+
 def test_workloads_refuse_requests_without_tokens_or_times() -> None:
     times = np.array([0.0, 1.0])
     with pytest.raises(ValueError, match="at least 1 prompt and 1 output token"):

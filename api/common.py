@@ -41,10 +41,13 @@ class ApiModel(BaseModel):
     @field_validator("*", mode="after")
     @classmethod
     def _fits_int64(cls, value: Any) -> Any:
-        """Integers beyond int64 are refused: the API server cannot store them, and the
-        planner's float arithmetic overflows on them (a 400-digit numLayers crashed it)."""
-        if isinstance(value, int) and not -INT64_MAX - 1 <= value <= INT64_MAX:
-            raise ValueError(f"must fit a Kubernetes int64 (|x| <= {INT64_MAX})")
+        """Integers beyond int64 (in a field, or a list's or mapping's values) are refused: the
+        API server cannot store them, and the planner's float arithmetic overflows on them (a
+        400-digit numLayers crashed it)."""
+        items = list(value.values()) if isinstance(value, dict) else value
+        for item in items if isinstance(items, list) else [value]:
+            if isinstance(item, int) and not -INT64_MAX - 1 <= item <= INT64_MAX:
+                raise ValueError(f"must fit a Kubernetes int64 (|x| <= {INT64_MAX})")
         return value
 
     def to_wire(self) -> dict[str, Any]:

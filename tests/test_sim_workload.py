@@ -228,6 +228,9 @@ def test_simulated_cluster_document_sets_nodes_caps_and_link(tmp_path: Path) -> 
         ("nodes: {tpu: 1}", "undefined AcceleratorClass"),
         ("nodes: {l40s: 1}\npowerCapW: {l40s: 50}", "outside"),
         ("nodez: {l40s: 1}", "nodez"),
+        ("nodes: {l40s: 1}\nkvLinkGbps: .inf", "kvLinkGbps: Input should be a finite number"),
+        ("nodes: {l40s: 1}\npowerCapW: {l40s: .nan}", "powerCapW.l40s: Input should be a finite"),
+        ("nodes: {l40s: 1" + "0" * 400 + "}", "nodes: Value error, must fit a Kubernetes int64"),
     ],
 )
 def test_cluster_errors_name_the_problem(tmp_path: Path, extra: str, message: str) -> None:

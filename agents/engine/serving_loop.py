@@ -204,9 +204,19 @@ class ServingLoop:
 
     # ---- the loop thread -----------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """The loop thread runs (a server's liveness: requests would hang without it)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         while not self._stopping:
-            self.run_once(idle_wait_s=1.0)
+            try:
+                self.run_once(idle_wait_s=1.0)
+            except Exception as error:  # keep serving: fail what is in flight, not the thread
+                log.exception("serving loop iteration failed; failing %d requests", len(self._live))
+                for request_id in list(self._live):
+                    self._end(request_id, FinishReason.ERROR, error=f"serving loop: {error}")
         self.shutdown()
 
     def shutdown(self) -> None:

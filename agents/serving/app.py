@@ -146,6 +146,8 @@ def build_app(served: Served) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, str]:
+        if served.loop is not None and not served.loop.alive:
+            raise ApiError(503, "the serving loop has stopped", kind="unavailable")
         return {"status": "ok"}
 
     @app.get("/ready", responses={503: {"model": ErrorResponse}})

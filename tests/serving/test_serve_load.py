@@ -111,6 +111,19 @@ def test_a_client_that_disconnects_mid_stream_frees_its_kv(server: ServerProcess
     assert after[finished] == before[finished]
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_kv(server: ServerProcess) -> None:
+    wait_for(lambda: idle(server), what="an idle engine before the test")
+    before = server.metrics()
+    body = {"prompt": [1, 50, 51], "max_tokens": 1800, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=0.5)
+    after = wait_for(lambda: idle(server), what="KV freed after the client left")
+    generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+    assert generated < 1800
+    aborted = "tessera:requests_rejected_total{reason=aborted}"
+    assert after[aborted] == before[aborted] + 1
+
+
 @pytest.fixture(scope="module")
 def impatient_server(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory

@@ -156,3 +156,32 @@ def test_an_import_waits_for_free_blocks_and_continues_the_request() -> None:
     assert package.output_token_ids + sink.tokens("moved") == expected
     assert sink.last("moved").finish_reason is FinishReason.LENGTH
     assert target.kv_cache.allocator.num_used == 0
+
+
+def test_a_failing_iteration_fails_its_requests_and_the_loop_serves_on() -> None:
+    failures = iter([RuntimeError("metrics exporter broke")])
+
+    def report(snapshot: object) -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+
+    serving = ServingLoop(tiny_engine(), on_iteration=report)
+    sink = Collector()
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    first = serving.submit([3, 4, 5], params, sink)
+    serving.start()
+    try:
+        assert sink.done.get(timeout=10) == first.result(timeout=10)
+        failed = sink.last(first.result())
+        assert failed.finish_reason is FinishReason.ERROR and "metrics exporter" in str(
+            failed.error
+        )
+        assert serving.alive
+        second = serving.submit([3, 4, 5], params, sink).result(timeout=10)
+        assert sink.done.get(timeout=10) == second
+        assert len(sink.tokens(second)) == 6
+        assert serving.engine.kv_cache.allocator.num_used == 0
+    finally:
+        serving.stop()
+    assert not serving.alive

@@ -21,13 +21,14 @@ from tessera.sim.workload import RateMode, Workload, synthetic_workload
 
 Progress = Callable[[int, int], None]
 
-MAX_SIMULATED_REQUESTS = 1_000_000
-"""Most requests one simulated run may hold: about 350 times the bundled ten-minute
-conversation window. Superposed rate scales and synthetic traffic multiply the request count;
-`--rate-scale 1e9` superposed once asked for 3e12 requests and grew memory until it died. At
-the measured cost (a balanced 19,100-request run: 12 s, 92 MB peak against 88 MB for 1,910
-requests, so ~1,600 requests/s and ~0.2 kB each) a run at the limit takes about ten minutes and
-a few hundred MB; past it the workload is refused up front (the CLI names the flag)."""
+MAX_SIMULATED_REQUESTS = 4_000_000
+"""Most requests one simulated run may hold: twice the largest run docs/simulator.md reports
+(1,936,600, the hour-long trace superposed x100). Superposed rate scales and synthetic traffic
+multiply the request count; `--rate-scale 1e9` superposed once asked for 3e12 requests and grew
+memory until it died. bench/sim_scale.py's 286,700-request run peaked at 113 MB in 92 s on a
+2-core machine (~3,100 requests/s, ~0.1 kB a request), so a run at the limit takes about 20
+minutes and well under 1 GB; past it the workload is refused up front (the CLI names the
+flag)."""
 
 SWEEP_MAX_EXPANSIONS = 8
 """Doublings (or halvings) a goodput sweep may take to bracket the edge: up to 256x."""

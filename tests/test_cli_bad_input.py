@@ -119,13 +119,13 @@ def test_simulate_refuses_a_window_with_no_request(tmp_path: Path) -> None:
 
 
 def test_simulate_bounds_the_superposed_request_count(tmp_path: Path) -> None:
-    """Superposing multiplies requests: 1000 copies of the ten-minute window would have grown
-    memory for minutes; it is refused at once, naming the flag and the scale that fits."""
+    """Superposing multiplies requests: 2000 copies of the ten-minute window would have grown
+    memory for an hour; it is refused at once, naming the flag and the scale that fits."""
     args = [a for a in SIM if a not in ("--window", "20")]
     result = invoke(
-        *args, "--out", str(tmp_path), "--rate-mode", "superpose", "--rate-scale", "1000"
+        *args, "--out", str(tmp_path), "--rate-mode", "superpose", "--rate-scale", "2000"
     )
-    assert_usage_error(result, "--rate-scale", "at most 1,000,000", "rate scale <= 348.8")
+    assert_usage_error(result, "--rate-scale", "at most 4,000,000", "rate scale <= 1395")
 
 
 def test_simulate_bounds_synthetic_traffic_from_a_huge_declared_rate(tmp_path: Path) -> None:
@@ -133,7 +133,7 @@ def test_simulate_bounds_synthetic_traffic_from_a_huge_declared_rate(tmp_path: P
     result = invoke(
         *SIM, "--out", str(tmp_path), "--synthetic", "poisson", "--deployment", str(deployment)
     )
-    assert_usage_error(result, "--duration", "requestRatePerSecond", "at most 1,000,000")
+    assert_usage_error(result, "--duration", "requestRatePerSecond", "at most 4,000,000")
 
 
 @pytest.mark.parametrize("rate", [".inf", ".nan", "-1"])

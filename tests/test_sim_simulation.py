@@ -64,6 +64,7 @@ def test_every_request_finishes_once_and_kv_is_never_overcommitted(
     for instance in _instances(simulation):
         assert instance.peak_used_blocks <= instance.total_blocks
         assert instance.used_blocks == 0, f"{instance.name} leaked KV blocks"
+        assert instance.pending_prefill_tokens == 0, f"{instance.name} miscounts prefill work"
         assert not instance.running and not instance.waiting and not instance.incoming
     assert (result.first_token_s >= result.arrival_s).all()
     assert (result.finish_s >= result.first_token_s).all()

@@ -100,6 +100,67 @@ def check_paged_attention(device: str, dtype: torch.dtype, seed: int = 0) -> lis
     return failures
 
 
+def check_paged_prefill(device: str, dtype: torch.dtype, seed: int = 0) -> list[str]:
+    """Paged prefill attention (later chunks over their cached prefix and themselves, several
+    spans in one launch) vs float64 causal softmax attention; rows outside the spans must be
+    left as they were."""
+    from tessera.agents.engine.attention import AttentionMetadata, PrefillSpan
+    from tessera.agents.engine.attention import paged_prefill_attention as run_paged
+
+    failures = []
+    cases = [
+        # heads, kv_heads, head_dim, block_size, [(cached, chunk)] per span
+        (4, 2, 16, 4, [(5, 3), (1, 9)]),
+        (4, 1, 32, 8, [(70, 20), (9, 1)]),
+        (2, 2, 16, 4, [(3, 70)]),
+        (32, 8, 128, 16, [(300, 37), (16, 64)]),
+    ]
+    generator = torch.Generator().manual_seed(seed)
+    for heads, kv_heads, head_dim, block_size, shapes in cases:
+        totals = [cached + chunk for cached, chunk in shapes]
+        blocks_per_span = [-(-t // block_size) for t in totals]
+        num_blocks = RESERVED_BLOCKS + sum(blocks_per_span) + 3
+        cache_shape = (num_blocks, block_size, kv_heads, head_dim)
+        k_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
+        v_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
+        order = (torch.randperm(num_blocks - RESERVED_BLOCKS, generator=generator) + 1).tolist()
+        rows = 2 + sum(chunk for _, chunk in shapes)  # two rows before the spans (decodes)
+        q = torch.randn(rows, heads, head_dim, generator=generator).to(dtype)
+        sentinel = torch.randn(rows, heads, head_dim, generator=generator).to(dtype)
+        reference = sentinel.double().clone()
+        spans, start = [], 2
+        scale = head_dim**-0.5
+        group = heads // kv_heads
+        for (cached, chunk), total, count in zip(shapes, totals, blocks_per_span, strict=True):
+            ids = [order.pop() for _ in range(count)]
+            keys = torch.randn(total, kv_heads, head_dim, generator=generator).to(dtype)
+            values = torch.randn(total, kv_heads, head_dim, generator=generator).to(dtype)
+            for t in range(total):
+                k_cache[ids[t // block_size], t % block_size] = keys[t]
+                v_cache[ids[t // block_size], t % block_size] = values[t]
+            table = torch.tensor([*ids, 0, 0], dtype=torch.int64)
+            spans.append(PrefillSpan(start, chunk, cached, table.to(device)))
+            k64 = keys.double().repeat_interleave(group, dim=1)
+            v64 = values.double().repeat_interleave(group, dim=1)
+            q64 = q[start : start + chunk].double()
+            scores = torch.einsum("lhd,thd->hlt", q64, k64) * scale
+            visible = torch.arange(total)[None, :] <= (cached + torch.arange(chunk))[:, None]
+            scores = scores.masked_fill(~visible, float("-inf"))
+            reference[start : start + chunk] = torch.einsum("hlt,thd->lhd", scores.softmax(-1), v64)
+            start += chunk
+        out = sentinel.clone().to(device)
+        meta = AttentionMetadata(slot_mapping=torch.zeros(rows, dtype=torch.int64))
+        meta.prefill_spans = spans
+        left = run_paged(q.to(device), out, meta, k_cache.to(device), v_cache.to(device), scale)
+        error = _relative_error(out.cpu(), reference)
+        if left or not error < _tolerance(dtype):
+            failures.append(
+                f"paged_prefill_attention {dtype} H{heads}/{kv_heads} D{head_dim} "
+                f"bs{block_size} spans{shapes}: rel err {error:.2e}, {len(left)} spans left"
+            )
+    return failures
+
+
 def check_elementwise(device: str, dtype: torch.dtype, seed: int = 0) -> list[str]:
     """rms_norm, rope_and_cache and silu_and_mul: Triton vs the torch definitions in ops."""
     failures = []
@@ -163,6 +224,7 @@ def run_all(device: str, dtypes: tuple[torch.dtype, ...]) -> list[str]:
     failures: list[str] = []
     for dtype in dtypes:
         failures += check_paged_attention(device, dtype)
+        failures += check_paged_prefill(device, dtype)
         failures += check_elementwise(device, dtype)
     return failures
 

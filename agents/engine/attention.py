@@ -2,7 +2,9 @@
 
 A batch is flattened: decode tokens first (one per sequence), then prefill spans (a chunk of
 one sequence's prompt each). Decode attention runs the Triton paged kernel on CUDA and a torch
-loop elsewhere; prefill runs torch's scaled_dot_product_attention (flash on CUDA) per span.
+loop elsewhere. A first chunk runs torch's scaled_dot_product_attention (flash on CUDA) on its
+fresh K/V; later chunks (a cached prefix) run one Triton launch for all of them that reads the
+prefix from its blocks on CUDA, and gather the prefix per span elsewhere.
 """
 
 from __future__ import annotations
@@ -46,6 +48,47 @@ class AttentionMetadata:
     """Bound on decode_context_lens; fixes the kernel's grid (a CUDA graph's capacity)."""
     decode_context_lens_host: list[int] | None = None
     prefill_spans: list[PrefillSpan] = field(default_factory=list)
+    paged_prefill: PagedPrefillBatch | None = None
+    """The later chunks' launch arguments, built by the first layer that needs them."""
+
+
+@dataclass
+class PagedPrefillBatch:
+    """Launch arguments of the paged prefill kernel for a forward pass's later chunks (spans
+    with a cached prefix), the same for every layer: built once per forward."""
+
+    block_tables: torch.Tensor
+    span_starts: torch.Tensor
+    span_lens: torch.Tensor
+    span_cached: torch.Tensor
+    tile_spans: torch.Tensor
+    tile_firsts: torch.Tensor
+    group: int
+
+
+def _build_paged_prefill(
+    spans: list[PrefillSpan], group: int, tokens_per_tile: int, device: torch.device
+) -> PagedPrefillBatch:
+    width = max(span.block_table.shape[0] for span in spans)
+    tables = torch.zeros(len(spans), width, dtype=torch.int32, device=device)
+    for index, span in enumerate(spans):
+        tables[index, : span.block_table.shape[0]] = span.block_table
+    tile_spans: list[int] = []
+    tile_firsts: list[int] = []
+    for index, span in enumerate(spans):
+        for first in range(0, span.num_tokens, tokens_per_tile):
+            tile_spans.append(index)
+            tile_firsts.append(first)
+    host = torch.tensor(
+        [
+            [s.start for s in spans],
+            [s.num_tokens for s in spans],
+            [s.num_cached for s in spans],
+        ],
+        dtype=torch.int32,
+    ).to(device)
+    tiles = torch.tensor([tile_spans, tile_firsts], dtype=torch.int32).to(device)
+    return PagedPrefillBatch(tables, host[0], host[1], host[2], tiles[0], tiles[1], group)
 
 
 _prefill_backends: list[SDPBackend] | None = None
@@ -140,6 +183,44 @@ def prefill_attention(
     return _sdpa(
         q, _expand_kv(keys, group), _expand_kv(values, group), scale, causal=False, mask=mask
     )
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    meta: AttentionMetadata,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+) -> list[PrefillSpan]:
+    """Attention of every later chunk (a span with a cached prefix) in one Triton launch that
+    reads the prefix from its blocks, written into `out` (q, out: the flattened batch [N, H, D]);
+    returns the spans left to `prefill_attention`: first chunks, which flash attention serves
+    from the fresh K/V, or every span where the kernel does not apply (no Triton, a group size
+    that is not a power of two)."""
+    group = q.shape[1] // k_cache.shape[2]
+    later = [span for span in meta.prefill_spans if span.num_cached > 0]
+    if not later or not ops.use_triton(q) or group & (group - 1) or group > 64:
+        return meta.prefill_spans
+    kernels = ops.triton_kernels()
+    batch = meta.paged_prefill
+    if batch is None or batch.group != group:
+        batch = _build_paged_prefill(later, group, kernels.prefill_tokens_per_tile(group), q.device)
+        meta.paged_prefill = batch
+    kernels.paged_prefill_attention(
+        q,
+        k_cache,
+        v_cache,
+        out,
+        batch.block_tables,
+        batch.span_starts,
+        batch.span_lens,
+        batch.span_cached,
+        batch.tile_spans,
+        batch.tile_firsts,
+        scale,
+    )
+    return [span for span in meta.prefill_spans if span.num_cached == 0]
 
 
 def decode_attention(

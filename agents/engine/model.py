@@ -10,7 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from tessera.agents.engine import ops
-from tessera.agents.engine.attention import AttentionMetadata, decode_attention, prefill_attention
+from tessera.agents.engine.attention import (
+    AttentionMetadata,
+    decode_attention,
+    paged_prefill_attention,
+    prefill_attention,
+)
 from tessera.agents.engine.config import LlamaConfig, rope_inverse_frequencies
 from tessera.agents.engine.kv_cache import PagedKVCache
 from tessera.agents.engine.weights import LlamaWeights
@@ -92,7 +97,7 @@ class LlamaModel:
         out = torch.empty_like(q)
         if num_decode:
             out[:num_decode] = decode_attention(q[:num_decode], k_cache, v_cache, meta, self.scale)
-        for span in meta.prefill_spans:
+        for span in paged_prefill_attention(q, out, meta, k_cache, v_cache, self.scale):
             rows = slice(span.start, span.start + span.num_tokens)
             k = qkv[rows, q_size : q_size + kv_size].view(-1, cfg.num_key_value_heads, cfg.head_dim)
             v = qkv[rows, q_size + kv_size :].view(-1, cfg.num_key_value_heads, cfg.head_dim)

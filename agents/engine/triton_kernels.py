@@ -10,6 +10,10 @@ tests and bench/engine_bench.py check one against the other.
   at once (one tensor-core product per tile), so each K/V byte is read once. Partitions past a
   sequence's live context exit at once: only live blocks are read. A second kernel merges the
   partitions' softmax statistics; with a single partition the first kernel writes the output.
+- `paged_prefill_attention`: causal attention of prompt chunks over their paged context (the
+  cached prefix and the chunk itself), all spans in one launch. One program per (tile of query
+  tokens of one span, KV head); its rows are the tile's tokens times the group's query heads,
+  so GQA reads each K/V byte once per tile. Keys are read straight from the blocks: no gather.
 - `rms_norm`: residual add + RMSNorm in one pass (the residual stream is read once).
 - `rope_and_cache`: rotary embedding of Q and K in place, and the write of K and V into their
   cache slots, in one launch.
@@ -299,6 +303,180 @@ def paged_decode_attention(
             num_warps=4,
         )
     return out
+
+
+# Launch settings of the prefill-attention kernel: query rows (tokens x heads of a KV group)
+# and keys per tile.
+PREFILL_ROWS = 64
+PREFILL_KEYS = 64
+PREFILL_NUM_WARPS = 4
+PREFILL_NUM_STAGES = 2
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    tile_span_ptr,
+    tile_first_ptr,
+    span_start_ptr,
+    span_len_ptr,
+    span_cached_ptr,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_bts,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOKENS: tl.constexpr,
+    KEYS: tl.constexpr,
+    EXACT_FP32: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    span = tl.load(tile_span_ptr + tile)
+    first = tl.load(tile_first_ptr + tile)
+    start = tl.load(span_start_ptr + span)
+    length = tl.load(span_len_ptr + span)
+    cached = tl.load(span_cached_ptr + span)
+    r = tl.arange(0, TOKENS * GROUP)
+    token = first + r // GROUP
+    head = kv_head * GROUP + r % GROUP
+    row_mask = token < length
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + (start + token)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )
+    query_pos = cached + token
+    end = cached + tl.minimum(first + TOKENS, length)
+    m_i = tl.full([TOKENS * GROUP], float("-inf"), tl.float32)
+    l_i = tl.zeros([TOKENS * GROUP], tl.float32)
+    acc = tl.zeros([TOKENS * GROUP, HEAD_DIM], tl.float32)
+    for t0 in range(0, end, KEYS):
+        t = t0 + tl.arange(0, KEYS)
+        t_mask = t < end
+        block = tl.load(
+            block_tables_ptr + span * stride_bts + t // BLOCK_SIZE, mask=t_mask, other=0
+        ).to(tl.int64)
+        slot = t % BLOCK_SIZE
+        k = tl.load(
+            k_cache_ptr
+            + block[:, None] * stride_kb
+            + slot[:, None] * stride_kt
+            + kv_head * stride_kh
+            + d[None, :],
+            mask=t_mask[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            v_cache_ptr
+            + block[:, None] * stride_vb
+            + slot[:, None] * stride_vt
+            + kv_head * stride_vh
+            + d[None, :],
+            mask=t_mask[:, None],
+            other=0.0,
+        )
+        if EXACT_FP32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        visible = t_mask[None, :] & (t[None, :] <= query_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if EXACT_FP32:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + (start + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None],
+    )
+
+
+def prefill_tokens_per_tile(group: int) -> int:
+    """Query tokens per program: PREFILL_ROWS rows of (token, query head of the group)."""
+    return max(1, PREFILL_ROWS // group)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    block_tables: torch.Tensor,
+    span_starts: torch.Tensor,
+    span_lens: torch.Tensor,
+    span_cached: torch.Tensor,
+    tile_spans: torch.Tensor,
+    tile_firsts: torch.Tensor,
+    scale: float,
+) -> None:
+    """Causal attention of prompt chunks over their whole paged context, written into `out`.
+
+    q, out: [N, H, D] (the flattened batch; rows of the spans only are read and written);
+    caches: [blocks, block_size, KVH, D], holding each span's own K/V already; block_tables:
+    [S, W] int32; span_starts / span_lens / span_cached: [S] int32 (first row in the batch,
+    tokens in the chunk, tokens cached before it); tile_spans / tile_firsts: [T] int32, one
+    program's span and first chunk token (see `prefill_tiles`). The group size (H / KVH) must
+    be a power of two no larger than PREFILL_ROWS.
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    _paged_prefill_kernel[(tile_spans.shape[0], num_kv_heads)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        tile_spans,
+        tile_firsts,
+        span_starts,
+        span_lens,
+        span_cached,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1],
+        TOKENS=prefill_tokens_per_tile(group),
+        KEYS=PREFILL_KEYS,
+        EXACT_FP32=q.dtype == torch.float32,
+        num_warps=PREFILL_NUM_WARPS,
+        num_stages=PREFILL_NUM_STAGES,
+    )
 
 
 @triton.jit

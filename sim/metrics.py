@@ -1,5 +1,5 @@
 """What a simulation measured: per-request latencies, SLO attainment, goodput, cost, energy and
-a power timeline.
+a power timeline; `assemble_result` collects them from a finished `Simulation`.
 
 Definitions (those of DistServe and Splitwise): TTFT is arrival to first token delivered (for
 disaggregated serving, after the KV cache reached the decode instance that streams the answer);
@@ -13,11 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 from tessera.api.model_deployment import SloSpec
+
+if TYPE_CHECKING:
+    from tessera.sim.simulation import Simulation
 
 
 class PowerTrack:
@@ -300,3 +303,76 @@ def goodput_sweep(
     points.sort(key=lambda p: p.rate_scale)
     goodput = low or 0.0
     return SweepResult(policy, points, goodput, base_rate_per_s * goodput)
+
+
+def assemble_result(simulation: Simulation, events: int, wall_s: float) -> RunResult:
+    """The RunResult of a finished simulation: per-request arrays, pool reports, the power
+    timeline, energy and cost."""
+    finished = simulation.finish_s[~np.isnan(simulation.finish_s)]
+    makespan = float(finished.max()) if len(finished) else 0.0
+    makespan = max(makespan, float(simulation.arrival_s[-1]) if len(simulation.arrival_s) else 0.0)
+    bins = max(1, math.ceil(makespan / simulation.bin_s))
+    power = np.zeros(bins)
+    pools: list[PoolReport] = []
+    iterations = 0
+    cost = 0.0
+    for deployment in simulation.deployments:
+        for pool in deployment.pools:
+            power += pool.power.power_w(bins)
+            busy = sum(pool.power.compute) + sum(pool.power.memory)
+            replicas = len(pool.instances)
+            pool_iterations = sum(i.iterations for i in pool.instances)
+            iterations += pool_iterations
+            peak = max((i.peak_used_blocks / i.total_blocks for i in pool.instances), default=0.0)
+            cost += pool.cost_per_replica_hour * replicas
+            pools.append(
+                PoolReport(
+                    deployment.name,
+                    pool.plan.name,
+                    pool.plan.role.value,
+                    pool.plan.accelerator_class,
+                    pool.plan.tensor_parallel,
+                    replicas,
+                    pool.devices_per_replica * replicas,
+                    round(pool.cost_per_replica_hour * replicas, 4),
+                    round(busy / (replicas * makespan), 4) if makespan else 0.0,
+                    pool_iterations,
+                    round(peak, 4),
+                    (
+                        f"{pool.attention.tensor_parallel} {pool.attention.accelerator_class}"
+                        if pool.attention
+                        else None
+                    ),
+                )
+            )
+    # The last bin is partial: weight it by the time it covers.
+    widths = np.full(bins, simulation.bin_s)
+    widths[-1] = makespan - simulation.bin_s * (bins - 1) if makespan > 0 else simulation.bin_s
+    energy = float((power * widths).sum())
+    return RunResult(
+        policy=simulation.policy_name,
+        deployments=[d.name for d in simulation.deployments],
+        slos=[d.setup.spec.slo for d in simulation.deployments],
+        deployment=simulation.owner,
+        arrival_s=simulation.arrival_s,
+        prompt_tokens=simulation.prompt,
+        output_tokens=simulation.output,
+        first_token_s=simulation.first_token_s,
+        finish_s=simulation.finish_s,
+        finish_count=simulation.finish_count,
+        preemptions=simulation.preempted,
+        transfer_s=simulation.transfer_s,
+        rejected=simulation.rejected,
+        pools=pools,
+        power_time_s=(np.arange(bins, dtype=np.float64) + 0.5) * simulation.bin_s,
+        power_w=power,
+        energy_j=energy,
+        cost_per_hour=cost,
+        makespan_s=makespan,
+        wall_s=wall_s,
+        events=events,
+        iterations=iterations,
+        preemption_count=simulation.preemptions,
+        transfers=simulation.links.transfers,
+        plans={d.name: d.setup.plan.to_wire() for d in simulation.deployments},
+    )

@@ -33,7 +33,7 @@ from tessera.policies.dispatch import (
 from tessera.policies.perfmodel import ReplicaPerformance
 from tessera.sim.cluster import Cluster
 from tessera.sim.instance import Instance, Request
-from tessera.sim.metrics import PoolReport, PowerTrack, RunResult
+from tessera.sim.metrics import PowerTrack, RunResult, assemble_result
 from tessera.sim.stepcost import PerformanceModel, StepCost
 from tessera.sim.transfer import KvLinks
 from tessera.sim.workload import Workload
@@ -411,76 +411,4 @@ class Simulation:
             raise SimulationStalledError(
                 f"{unfinished} requests never finished and no events remain"
             )
-        return self._result(events, time.perf_counter() - started)
-
-    def _result(self, events: int, wall_s: float) -> RunResult:
-        finished = self.finish_s[~np.isnan(self.finish_s)]
-        makespan = float(finished.max()) if len(finished) else 0.0
-        makespan = max(makespan, float(self.arrival_s[-1]) if len(self.arrival_s) else 0.0)
-        bins = max(1, math.ceil(makespan / self.bin_s))
-        power = np.zeros(bins)
-        pools: list[PoolReport] = []
-        iterations = 0
-        cost = 0.0
-        for deployment in self.deployments:
-            for pool in deployment.pools:
-                power += pool.power.power_w(bins)
-                busy = sum(pool.power.compute) + sum(pool.power.memory)
-                replicas = len(pool.instances)
-                pool_iterations = sum(i.iterations for i in pool.instances)
-                iterations += pool_iterations
-                peak = max(
-                    (i.peak_used_blocks / i.total_blocks for i in pool.instances), default=0.0
-                )
-                cost += pool.cost_per_replica_hour * replicas
-                pools.append(
-                    PoolReport(
-                        deployment.name,
-                        pool.plan.name,
-                        pool.plan.role.value,
-                        pool.plan.accelerator_class,
-                        pool.plan.tensor_parallel,
-                        replicas,
-                        pool.devices_per_replica * replicas,
-                        round(pool.cost_per_replica_hour * replicas, 4),
-                        round(busy / (replicas * makespan), 4) if makespan else 0.0,
-                        pool_iterations,
-                        round(peak, 4),
-                        (
-                            f"{pool.attention.tensor_parallel} {pool.attention.accelerator_class}"
-                            if pool.attention
-                            else None
-                        ),
-                    )
-                )
-        # The last bin is partial: weight it by the time it covers.
-        widths = np.full(bins, self.bin_s)
-        widths[-1] = makespan - self.bin_s * (bins - 1) if makespan > 0 else self.bin_s
-        energy = float((power * widths).sum())
-        return RunResult(
-            policy=self.policy_name,
-            deployments=[d.name for d in self.deployments],
-            slos=[d.setup.spec.slo for d in self.deployments],
-            deployment=self.owner,
-            arrival_s=self.arrival_s,
-            prompt_tokens=self.prompt,
-            output_tokens=self.output,
-            first_token_s=self.first_token_s,
-            finish_s=self.finish_s,
-            finish_count=self.finish_count,
-            preemptions=self.preempted,
-            transfer_s=self.transfer_s,
-            rejected=self.rejected,
-            pools=pools,
-            power_time_s=(np.arange(bins, dtype=np.float64) + 0.5) * self.bin_s,
-            power_w=power,
-            energy_j=energy,
-            cost_per_hour=cost,
-            makespan_s=makespan,
-            wall_s=wall_s,
-            events=events,
-            iterations=iterations,
-            preemption_count=self.preemptions,
-            transfers=self.links.transfers,
-            plans={d.name: d.setup.plan.to_wire() for d in self.deployments},
-        )
+        return assemble_result(self, events, time.perf_counter() - started)

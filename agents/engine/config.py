@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,10 @@ import torch
 
 class UnsupportedModelError(ValueError):
     """The checkpoint's config asks for something this engine does not compute."""
+
+
+class TensorParallelSizeError(ValueError):
+    """A tensor-parallel degree that does not split the model's heads evenly."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,39 @@ class LlamaConfig:
             self.num_hidden_layers * self.layer_parameter_count
             + self.hidden_size
             + self.vocab_size * self.hidden_size
+        )
+
+    def tensor_parallel_shard(self, tensor_parallel_size: int) -> LlamaConfig:
+        """The shape one of `tensor_parallel_size` ranks computes: a Llama with 1/TP of the
+        query heads, key/value heads and MLP width, and the same hidden size and vocabulary.
+
+        Megatron-style sharding keeps whole heads on a rank, so each rank's attention and its
+        slice of the paged KV cache are those of this smaller model; only the row-parallel
+        outputs (attention's o_proj, the MLP's down_proj) are summed across ranks. Raises
+        TensorParallelSizeError naming the field that the degree does not divide.
+        """
+        tp = tensor_parallel_size
+        if type(tp) is not int or tp < 1:
+            raise TensorParallelSizeError(
+                f"tensor_parallel_size must be an integer >= 1, got {tp!r}"
+            )
+        if tp == 1:
+            return self
+        sharded = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+        for name in sharded:
+            value = getattr(self, name)
+            if value % tp:
+                common = math.gcd(*(getattr(self, n) for n in sharded))
+                valid = [d for d in range(1, common + 1) if common % d == 0]
+                raise TensorParallelSizeError(
+                    f"tensor_parallel_size {tp} does not divide {name} ({value}); "
+                    f"valid sizes: {', '.join(map(str, valid))}"
+                )
+        return replace(
+            self,
+            num_attention_heads=self.num_attention_heads // tp,
+            num_key_value_heads=self.num_key_value_heads // tp,
+            intermediate_size=self.intermediate_size // tp,
         )
 
     @property

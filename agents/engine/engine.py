@@ -93,14 +93,17 @@ class Engine:
         weights: LlamaWeights,
         engine_config: EngineConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        model: LlamaModel | None = None,
     ) -> None:
+        """`model`: one built by the caller over these weights (a tensor-parallel rank's,
+        tp_worker.py); by default a plain LlamaModel."""
         self.config = config
         self.engine_config = ec = engine_config or EngineConfig()
         self.role = ec.role
         self.device = weights.device
         self.clock = clock
         self.max_model_len = ec.max_model_len or config.max_position_embeddings
-        self.model = LlamaModel(config, weights, max_positions=self.max_model_len)
+        self.model = model or LlamaModel(config, weights, max_positions=self.max_model_len)
         self.model_identity = model_identity(config, weights)
         """What a KV package must be made by to enter this engine (config and weights)."""
         self.kv_cache = PagedKVCache(

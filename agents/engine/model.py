@@ -3,6 +3,10 @@
 No torch.nn.Module: the weights are plain tensors and the forward is a function of (tokens,
 positions, attention metadata, cache), which is what a CUDA graph captures and what the
 scheduler's mixed batches (decode tokens and prefill chunks together) need.
+
+Under tensor parallelism the same forward runs on every rank with that rank's shard (its
+config is `LlamaConfig.tensor_parallel_shard`, see parallel.py); the model then sums the
+row-parallel outputs (o_proj, down_proj) across the group and gathers the vocab-parallel logits.
 """
 
 from __future__ import annotations
@@ -18,17 +22,27 @@ from tessera.agents.engine.attention import (
 )
 from tessera.agents.engine.config import LlamaConfig, rope_inverse_frequencies
 from tessera.agents.engine.kv_cache import PagedKVCache
+from tessera.agents.engine.parallel import TensorParallelGroup, row_parallel_linear
 from tessera.agents.engine.weights import LlamaWeights
 
 
 class LlamaModel:
-    """A Llama-architecture decoder bound to its weights and a RoPE table."""
+    """A Llama-architecture decoder bound to its weights and a RoPE table.
+
+    `config` is the shape this process computes: the whole model, or with `group` one rank's
+    shard of it (the group sums its partial outputs).
+    """
 
     def __init__(
-        self, config: LlamaConfig, weights: LlamaWeights, max_positions: int | None = None
+        self,
+        config: LlamaConfig,
+        weights: LlamaWeights,
+        max_positions: int | None = None,
+        group: TensorParallelGroup | None = None,
     ) -> None:
         self.config = config
         self.weights = weights
+        self.group = group
         self.max_positions = max_positions or config.max_position_embeddings
         inverse = rope_inverse_frequencies(config)
         positions = torch.arange(self.max_positions, dtype=torch.float32)
@@ -72,11 +86,13 @@ class LlamaModel:
             )  # fmt: skip
             q = qkv[:, :q_size].view(tokens, heads, head_dim)
             attn = self._attention(q, qkv, meta, k_cache, v_cache, q_size, kv_size)
-            hidden = F.linear(attn.reshape(tokens, q_size), layer.o)
+            hidden = row_parallel_linear(attn.reshape(tokens, q_size), layer.o, self.group)
             x, residual = ops.rms_norm(
                 hidden, layer.post_attention_norm, cfg.rms_norm_eps, residual
             )
-            hidden = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
+            hidden = row_parallel_linear(
+                ops.silu_and_mul(F.linear(x, layer.gate_up)), layer.down, self.group
+            )
         out, _ = ops.rms_norm(hidden, self.weights.final_norm, cfg.rms_norm_eps, residual)
         return out
 
@@ -105,5 +121,13 @@ class LlamaModel:
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [M, vocab] for the rows of `hidden` that need sampling."""
-        return F.linear(hidden, self.weights.lm_head).float()
+        """float32 logits [M, vocab] for the rows of `hidden` that need sampling.
+
+        Tensor-parallel: every rank calls it on the same rows; rank 0 gets the full logits,
+        the other ranks their own vocabulary slice (which only rank 0's sampling reads).
+        """
+        local = F.linear(hidden, self.weights.lm_head).float()
+        if self.group is None:
+            return local
+        gathered = self.group.gather_vocab(local, self.config.vocab_size)
+        return local if gathered is None else gathered

@@ -1,0 +1,357 @@
+"""A tensor-parallel engine as the caller sees it: `start_tensor_parallel_engine` starts one
+process per rank (tp_worker.py) and returns a `TensorParallelEngine`, which has the
+single-device `Engine`'s interface (add_request, step, abort, pop_finished, stats_snapshot,
+generate, has_unfinished, scheduler counts) and runs each call on rank 0.
+
+It is also the ranks' supervisor: a thread waits on the rank processes and, when any one
+exits unasked, ends all the others and marks the engine dead (every later call raises
+EngineDeadError; `on_death` is told once, e.g. to stop a server). The ranks in turn exit when
+the caller's process dies (each holds a lifeline pipe to it), so none is ever orphaned.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+import torch
+from tessera.agents.engine.config import LlamaConfig
+from tessera.agents.engine.engine import EngineConfig
+from tessera.agents.engine.kv_transfer import KVPackage, KVTransferError
+from tessera.agents.engine.parallel import TensorParallelShard
+from tessera.agents.engine.request import Completion, RequestOutput, SamplingParams
+from tessera.agents.engine.stats import EngineStatsSnapshot
+from tessera.agents.engine.tp_worker import (
+    EngineCounts,
+    EngineInfo,
+    RankSpec,
+    RemoteError,
+    rank_main,
+)
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 5.0
+"""How long a rank gets to exit after SIGTERM before SIGKILL."""
+
+
+class EngineDeadError(RuntimeError):
+    """A rank of the tensor-parallel engine died (or never started); the engine is gone."""
+
+
+@dataclass(frozen=True)
+class SchedulerCounts:
+    """`engine.scheduler`'s counts as of the last call (the queues live on rank 0)."""
+
+    num_waiting: int
+    num_running: int
+
+
+class TensorParallelEngine:
+    """The handle of a running tensor-parallel engine (see the module docstring)."""
+
+    def __init__(
+        self,
+        processes: list[BaseProcess],
+        commands: Connection,
+        lifelines: list[Connection],
+        info: EngineInfo,
+        rendezvous: Path,
+        on_death: Callable[[str], None] | None = None,
+    ) -> None:
+        self.processes = processes
+        self.info = info
+        self.config = info.config
+        self.device = torch.device(info.device)
+        self.max_model_len = info.max_model_len
+        self.tensor_parallel_size = len(processes)
+        self._commands = commands
+        self._lifelines = lifelines
+        self._rendezvous = rendezvous
+        self._on_death = on_death
+        self._counts = info.counts
+        self._lock = threading.Lock()
+        self._closing = False
+        self.death: str | None = None
+        """Why the engine died (which rank, how), or None while it lives."""
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="tp-supervisor", daemon=True
+        )
+        self._supervisor.start()
+
+    # ---- the Engine interface --------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        result: str = self._call("add_request", list(prompt_token_ids), params, request_id)
+        return result
+
+    def step(self) -> list[RequestOutput]:
+        result: list[RequestOutput] = self._call("step")
+        return result
+
+    def abort(self, request_id: str) -> None:
+        self._call("abort", request_id)
+
+    def pop_finished(self, request_id: str) -> Completion:
+        result: Completion = self._call("pop_finished", request_id)
+        return result
+
+    def stats_snapshot(self, drain: bool = False) -> EngineStatsSnapshot:
+        result: EngineStatsSnapshot = self._call("stats_snapshot", drain)
+        return result
+
+    def generate(
+        self, prompts: Iterable[list[int]], params: SamplingParams | None = None
+    ) -> list[Completion]:
+        result: list[Completion] = self._call("generate", [list(p) for p in prompts], params)
+        return result
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> None:
+        self._call("run_until_idle", max_steps)
+
+    def has_unfinished(self) -> bool:
+        """Whether requests wait or run (as of the last call: only calls change it)."""
+        return self.death is None and self._counts.has_unfinished
+
+    @property
+    def scheduler(self) -> SchedulerCounts:
+        return SchedulerCounts(self._counts.num_waiting, self._counts.num_running)
+
+    def export_kv(self, request_id: str) -> KVPackage:
+        raise KVTransferError(
+            f"KV export is not supported with tensor_parallel_size {self.tensor_parallel_size} "
+            "(each rank holds a slice of the heads); serve P/D and migration at TP 1"
+        )
+
+    def import_kv(self, package: KVPackage) -> str:
+        raise KVTransferError(
+            f"KV import is not supported with tensor_parallel_size {self.tensor_parallel_size} "
+            "(each rank holds a slice of the heads); serve P/D and migration at TP 1"
+        )
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes if p.pid is not None]
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the ranks (rank 0 tells the others), wait for them, kill what is left."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.death is None:
+            try:
+                with self._lock:
+                    self._commands.send(("shutdown", (), {}))
+                    if self._commands.poll(timeout_s):
+                        self._commands.recv()
+            except (OSError, EOFError):
+                pass
+        _end_processes(self.processes, deadline_s=timeout_s)
+        self._release()
+
+    def __enter__(self) -> TensorParallelEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _release(self) -> None:
+        for conn in (self._commands, *self._lifelines):
+            conn.close()
+        shutil.rmtree(self._rendezvous, ignore_errors=True)
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            if self.death is not None:
+                raise EngineDeadError(self.death)
+            try:
+                self._commands.send((method, args, kwargs))
+                status, payload, counts = self._commands.recv()
+            except (OSError, EOFError) as error:
+                self._wait_for_death()
+                raise EngineDeadError(self.death or f"rank 0 is gone ({error})") from error
+            if status == "broken":
+                self._wait_for_death()
+                raise EngineDeadError(
+                    f"tensor-parallel group failed in {method}: {payload.rebuild()}"
+                )
+            self._counts = counts
+            if status == "error":
+                raise payload.rebuild()
+            return payload
+
+    def _wait_for_death(self, timeout_s: float = STOP_GRACE_S * 3) -> None:
+        """After rank 0 stopped answering: give the supervisor the time to see why."""
+        self._supervisor.join(timeout_s)
+
+    def _supervise(self) -> None:
+        by_sentinel = {p.sentinel: p for p in self.processes}
+        ended = wait(list(by_sentinel))
+        if self._closing:
+            return
+        rank = self.processes.index(by_sentinel[ended[0]])
+        code = self.processes[rank].exitcode
+        self.death = (
+            f"tensor-parallel rank {rank} (pid {self.processes[rank].pid}) exited with "
+            f"status {code}; the other ranks were stopped"
+        )
+        log.error("%s", self.death)
+        _end_processes(self.processes, deadline_s=STOP_GRACE_S)
+        if self._on_death is not None:
+            self._on_death(self.death)
+
+
+def _end_processes(processes: list[BaseProcess], deadline_s: float) -> None:
+    """Wait up to `deadline_s` for the processes, then SIGTERM, then SIGKILL the rest."""
+    end = time.monotonic() + deadline_s
+    for process in processes:
+        process.join(max(0.0, end - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    end = time.monotonic() + STOP_GRACE_S
+    for process in processes:
+        process.join(max(0.0, end - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def rank_devices(engine_config: EngineConfig, tensor_parallel_size: int) -> list[str]:
+    """One device per rank: cuda:0..TP-1 on CUDA (the default when present), else the CPU."""
+    device = engine_config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return ["cpu"] * tensor_parallel_size
+    if device != "cuda":
+        raise ValueError(
+            f"device {device!r}: a tensor-parallel engine takes 'cuda' (ranks on cuda:0.."
+            f"{tensor_parallel_size - 1}, see CUDA_VISIBLE_DEVICES) or 'cpu'"
+        )
+    visible = torch.cuda.device_count()
+    if visible < tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size {tensor_parallel_size} needs {tensor_parallel_size} CUDA "
+            f"devices; {visible} visible"
+        )
+    return [f"cuda:{rank}" for rank in range(tensor_parallel_size)]
+
+
+def start_tensor_parallel_engine(
+    weights: str | Path,
+    engine_config: EngineConfig | None = None,
+    tensor_parallel_size: int = 2,
+    *,
+    on_death: Callable[[str], None] | None = None,
+    startup_timeout_s: float = 900.0,
+) -> TensorParallelEngine:
+    """Start `tensor_parallel_size` rank processes over a local Hugging Face folder; return
+    once every rank has loaded its shard. A degree that does not divide the model's heads is
+    refused here, before any process starts (TensorParallelSizeError names the field)."""
+    ec = engine_config or EngineConfig()
+    LlamaConfig.from_pretrained(weights).tensor_parallel_shard(tensor_parallel_size)
+    devices = rank_devices(ec, tensor_parallel_size)
+    rendezvous = Path(tempfile.mkdtemp(prefix="tessera-tp-"))
+    cpu_threads = max(1, (os.cpu_count() or 1) // tensor_parallel_size)
+    context = multiprocessing.get_context("spawn")
+    processes: list[BaseProcess] = []
+    conns: list[Connection] = []
+    lifelines: list[Connection] = []
+    try:
+        for rank, device in enumerate(devices):
+            spec = RankSpec(
+                shard=TensorParallelShard(rank, tensor_parallel_size),
+                weights=str(weights),
+                engine_config=ec,
+                init_method=f"file://{rendezvous / 'store'}",
+                device=device,
+                cpu_threads=cpu_threads if device == "cpu" else None,
+            )
+            ours, theirs = context.Pipe()
+            life_theirs, life_ours = context.Pipe(duplex=False)
+            process = context.Process(
+                target=rank_main,
+                args=(spec, theirs, life_theirs),
+                name=f"tessera-tp-rank{rank}",
+                daemon=True,
+            )
+            process.start()
+            theirs.close()
+            life_theirs.close()
+            processes.append(process)
+            conns.append(ours)
+            lifelines.append(life_ours)
+        info = _await_ready(processes, conns, startup_timeout_s)
+    except BaseException:
+        _end_processes(processes, deadline_s=0.0)
+        for conn in (*conns, *lifelines):
+            conn.close()
+        shutil.rmtree(rendezvous, ignore_errors=True)
+        raise
+    for conn in conns[1:]:
+        conn.close()
+    return TensorParallelEngine(processes, conns[0], lifelines, info, rendezvous, on_death)
+
+
+def _await_ready(
+    processes: list[BaseProcess], conns: list[Connection], timeout_s: float
+) -> EngineInfo:
+    """Rank 0's EngineInfo once every rank said ready; the first error or death raises."""
+    deadline = time.monotonic() + timeout_s
+    pending = dict(enumerate(conns))
+    info: EngineInfo | None = None
+    pids: list[int] = [0] * len(processes)
+    sentinels = {p.sentinel: rank for rank, p in enumerate(processes)}
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise EngineDeadError(f"ranks {sorted(pending)} not ready within {timeout_s:.0f} s")
+        ready = wait([*pending.values(), *sentinels], timeout=left)
+        for item in ready:
+            rank = next((r for r, c in pending.items() if c is item), None)
+            if rank is None:
+                continue
+            try:
+                status, payload, rank_info = item.recv()  # type: ignore[union-attr]
+            except EOFError:
+                continue  # it died: its sentinel says so
+            if status == "error":
+                assert isinstance(payload, RemoteError)
+                raise payload.rebuild()
+            pids[rank] = payload
+            if rank == 0:
+                info = rank_info
+            del pending[rank]
+        for item in ready:
+            rank = sentinels.get(item)  # type: ignore[call-overload]
+            if rank is not None and rank in pending:
+                code = processes[rank].exitcode
+                raise EngineDeadError(f"tensor-parallel rank {rank} exited with status {code}")
+    assert info is not None
+    return replace(info, pids=tuple(pids))
+
+
+__all__ = [
+    "EngineCounts",
+    "EngineDeadError",
+    "SchedulerCounts",
+    "TensorParallelEngine",
+    "start_tensor_parallel_engine",
+]

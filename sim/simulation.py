@@ -360,7 +360,7 @@ class Simulation:
         assert source is not None
         perf = source.cost.perf
         assert isinstance(perf, ReplicaPerformance)
-        _, end = self.links.schedule(source, target, request.kv, now, perf)
+        _, end = self.links.book(source, target, request.kv, now, perf)
         self.transfer_s[request.rid] += end - now
         self.push_event(end, _TransferDone(self, request, source, target, blocks), 0)
 

@@ -35,7 +35,7 @@ class KvLinks:
         if self.link_gbps is not None:
             _check_bandwidth("the KV link bandwidth (kvLinkGbps)", self.link_gbps)
 
-    def schedule(
+    def book(
         self, source: Instance, target: Instance, tokens: int, now: float, model: TransferModel
     ) -> tuple[float, float]:
         """(start, end) of moving `tokens` of KV from `source` to `target`, from `now`."""

@@ -111,11 +111,53 @@ def case(shape: str, prefix: int, chunk: int, bandwidth: float, flops: float) ->
     return row
 
 
+SWEEP = [
+    # rows, keys, warps, stages
+    (64, 64, 4, 2),
+    (128, 64, 4, 2),
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+    (128, 32, 4, 3),
+    (128, 128, 8, 2),
+    (256, 64, 8, 2),
+]
+
+
+def sweep(prefix: int, chunk: int) -> list[dict[str, Any]]:
+    """Layer time of the paged kernel under each launch setting (constexprs: a compile each)."""
+    from tessera.agents.engine import triton_kernels
+
+    rows = []
+    for tile_rows, keys, warps, stages in SWEEP:
+        triton_kernels.PREFILL_ROWS, triton_kernels.PREFILL_KEYS = tile_rows, keys
+        triton_kernels.PREFILL_NUM_WARPS, triton_kernels.PREFILL_NUM_STAGES = warps, stages
+        for shape in SHAPES:
+            try:
+                found = case(shape, prefix, chunk, 1.0, 1.0)
+            except Exception as error:  # e.g. out of shared memory for this setting
+                print(f"sweep {tile_rows}/{keys}/{warps}/{stages} {shape}: {error}")
+                continue
+            rows.append(
+                {
+                    "setting": [tile_rows, keys, warps, stages],
+                    "shape": shape,
+                    "layer_ms": found["paged_layer_ms"],
+                    "rel_err": found["rel_err"],
+                }
+            )
+            print(
+                f"sweep {tile_rows:>3}/{keys:>3}/{warps}/{stages} {shape:<10} "
+                f"{found['paged_layer_ms']:.3f} ms  err {found['rel_err']:.1e}"
+            )
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/prefill_attention.json"))
     parser.add_argument("--prefixes", default="512,1536,3584,7680")
     parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--sweep", action="store_true", help="time the kernel's launch settings")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -136,8 +178,10 @@ def main() -> int:
             f"{r['paged_layer_ms']:>9.3f} {r['flash_first_ms']:>9.3f} {r['roofline_ms']:>9.3f} "
             f"{r['rel_err']:>9.1e}"
         )
+    swept = sweep(3584, args.chunk) if args.sweep else []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     document = {
+        "sweep": swept,
         "device": torch.cuda.get_device_name(),
         "measured_at": datetime.datetime.now(tz=datetime.UTC).isoformat(timespec="seconds"),
         "copy_bytes_per_s": bandwidth,

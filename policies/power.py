@@ -8,9 +8,12 @@ gRPC nor a clock is seen here. The rules, as fractions of `budgetW`:
   a clock lock is not);
 - above `capAbove`: shed down to the middle of the hysteresis band, slowing devices one rung of
   their ladder at a time in `priorityOrder` (lowest tier first), decode before colocated before
-  prefill within a tier (a 200 W limit slowed decode 1.25x but prefill 3.76x on the H100), and
-  a device to its floor before the next one is touched;
-- below `uncapBelow`: lift caps in the reverse order, one rung at a time, only while the predicted
+  prefill within a tier (a 200 W limit slowed decode 1.25x but prefill 3.76x on the H100); a
+  group (one tier, one role) goes to its floor before the next is touched, and within it each
+  rung goes to the device whose next rung costs the least slowdown per watt saved, so a cut is
+  spread where spreading slows the group less;
+- below `uncapBelow`: lift caps in the reverse order, the most slowed device of a group first,
+  one rung at a time, only while the predicted
   draw stays at or below the middle of the band, so a lifted cap cannot push the group back over
   `capAbove` under the same load (no oscillation: tests/test_power_policy.py has the property);
 - in between: hold whatever is in force.
@@ -28,6 +31,7 @@ and is never released until it reports again.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -228,47 +232,25 @@ def decide(spec: PowerBudgetSpec, devices: Sequence[DeviceView]) -> PowerDecisio
     elif fraction > thresholds.cap_above:
         mode = Mode.CAPPING
         now_w = predicted()
-        slowed = 0
-        for d in trusted:
+        slowed: set[str] = set()
+        for group in _groups(trusted, spec):
             if now_w <= target_w:
                 break
-            rungs = ladder(d, spec)
-            rung = _rung(d, rungs)
-            start = rung
-            while now_w > target_w and rung + 1 < len(rungs):
-                rung += 1
-                actuation[d.uuid] = rungs[rung]
-                now_w = predicted()
-            slowed += rung > start
+            now_w = _shed(group, spec, actuation, now_w, target_w, slowed)
         reason = (
             f"draw {draw_w:.0f} W is above capAbove ({fraction:.2f} of budget): "
-            f"slowed {slowed} device(s) toward {target_w:.0f} W"
+            f"slowed {len(slowed)} device(s) toward {target_w:.0f} W"
         )
     elif fraction < thresholds.uncap_below:
         now_w = predicted()
-        lifted = 0
-        for d in reversed(trusted):
-            rungs = ladder(d, spec)
-            rung = _rung(d, rungs)
-            start = rung
-            while rung > 0:
-                trial = rungs[rung - 1]
-                before = actuation[d.uuid]
-                actuation[d.uuid] = trial
-                trial_w = predicted()
-                if trial_w > target_w:
-                    actuation[d.uuid] = before
-                    break
-                rung -= 1
-                now_w = trial_w
-            if rung == 0:
-                actuation[d.uuid] = FREE
-            lifted += rung < start
+        lifted: set[str] = set()
+        for group in reversed(_groups(trusted, spec)):
+            now_w = _lift(group, spec, actuation, now_w, target_w, lifted)
         capped = sum(1 for a in actuation.values() if not a.is_free)
         mode = Mode.RELEASING if capped else Mode.NORMAL
         reason = (
             f"draw {draw_w:.0f} W is below uncapBelow ({fraction:.2f} of budget): "
-            f"lifted {lifted} device(s); {capped} still capped"
+            f"lifted {len(lifted)} device(s); {capped} still capped"
         )
     else:
         mode = Mode.HOLDING
@@ -284,6 +266,84 @@ def decide(spec: PowerBudgetSpec, devices: Sequence[DeviceView]) -> PowerDecisio
         untrusted=untrusted,
         reason=reason,
     )
+
+
+def _groups(ordered: Sequence[DeviceView], spec: PowerBudgetSpec) -> list[list[DeviceView]]:
+    """Devices of one tier and role together, in the order they are slowed."""
+    groups: list[list[DeviceView]] = []
+    for _, members in itertools.groupby(ordered, key=lambda d: _order_key(d, spec)[:2]):
+        groups.append(list(members))
+    return groups
+
+
+def _shed(
+    group: Sequence[DeviceView],
+    spec: PowerBudgetSpec,
+    actuation: dict[str, Actuation],
+    now_w: float,
+    target_w: float,
+    slowed: set[str],
+) -> float:
+    """Step the group's devices down their ladders until the draw is at the target or every
+    one is at its floor: each step on the device whose next rung costs the least slowdown per
+    watt saved (slowdown grows faster than savings, so a cut spread over a group slows it less
+    than one device at its floor)."""
+    rungs = {d.uuid: ladder(d, spec) for d in group}
+    at = {d.uuid: _rung(d, rungs[d.uuid]) for d in group}
+    while now_w > target_w:
+        best: tuple[float, DeviceView, float] | None = None
+        for d in group:
+            here = at[d.uuid]
+            if here + 1 >= len(rungs[d.uuid]):
+                continue
+            now, then = rungs[d.uuid][here], rungs[d.uuid][here + 1]
+            saved_w = _estimate_w(d, now) - _estimate_w(d, then)
+            if saved_w <= 1e-9:
+                continue
+            model = d.power_model
+            cost = (model.slowdown(d.share, then) - model.slowdown(d.share, now)) / saved_w
+            if best is None or cost < best[0]:
+                best = (cost, d, saved_w)
+        if best is None:
+            break
+        _, d, saved_w = best
+        at[d.uuid] += 1
+        actuation[d.uuid] = rungs[d.uuid][at[d.uuid]]
+        slowed.add(d.uuid)
+        now_w -= saved_w
+    return now_w
+
+
+def _lift(
+    group: Sequence[DeviceView],
+    spec: PowerBudgetSpec,
+    actuation: dict[str, Actuation],
+    now_w: float,
+    target_w: float,
+    lifted: set[str],
+) -> float:
+    """Step the group's devices up their ladders, the most slowed first, while the predicted
+    draw stays at or below the target."""
+    rungs = {d.uuid: ladder(d, spec) for d in group}
+    at = {d.uuid: _rung(d, rungs[d.uuid]) for d in group}
+    blocked: set[str] = set()
+    while True:
+        candidates = [d for d in group if at[d.uuid] > 0 and d.uuid not in blocked]
+        if not candidates:
+            return now_w
+        d = max(
+            candidates,
+            key=lambda v: (v.power_model.slowdown(v.share, rungs[v.uuid][at[v.uuid]]), v.uuid),
+        )
+        now, then = rungs[d.uuid][at[d.uuid]], rungs[d.uuid][at[d.uuid] - 1]
+        trial_w = now_w + _estimate_w(d, then) - _estimate_w(d, now)
+        if trial_w > target_w:
+            blocked.add(d.uuid)
+            continue
+        at[d.uuid] -= 1
+        actuation[d.uuid] = then
+        lifted.add(d.uuid)
+        now_w = trial_w
 
 
 def strongest(device: DeviceView, spec: PowerBudgetSpec) -> Actuation:

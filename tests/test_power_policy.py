@@ -224,3 +224,32 @@ def test_a_constant_load_never_flips_caps_back_and_forth(
         if (view := device(u, r, p, b))
     )
     assert final.predicted_draw_w <= spec.budget_w * spec.thresholds.cap_above + 1e-6 or at_floor
+
+
+def test_a_cut_is_spread_over_a_group_where_that_slows_it_less() -> None:
+    """Two low-priority prefill devices and a breach one of them could absorb alone: both are
+    slowed part of the way (slowdown grows faster than savings), the high tier not at all."""
+    devices = [
+        device("p1", "prefill", "low"),
+        device("p2", "prefill", "low"),
+        device("d", "decode", "high"),
+    ]
+    spec = budget_for(total(devices), 1.0, thresholds=CappingThresholds(emergency_above=1.2))
+    decision = decide(spec, devices)
+    assert decision.mode is Mode.CAPPING
+    one, two = decision.actuations["p1"], decision.actuations["p2"]
+    assert FREE not in (one, two) and decision.actuations["d"] == FREE
+    floor = ladder(devices[0], spec)[-1]
+    assert floor not in (one, two)
+    slowest = max(MODEL.slowdown(1.0, one), MODEL.slowdown(1.0, two))
+    # One device alone shedding the same watts would be slowed more.
+    shed_w = total(devices) - decision.predicted_draw_w
+    alone = min(
+        (
+            a
+            for a in ladder(devices[0], spec)
+            if MODEL.busy_draw_w(1.0) - MODEL.busy_draw_w(1.0, a) >= shed_w
+        ),
+        key=lambda a: MODEL.slowdown(1.0, a),
+    )
+    assert slowest < MODEL.slowdown(1.0, alone)

@@ -17,6 +17,7 @@ import logging
 import signal
 import socket
 import threading
+import urllib.parse
 from pathlib import Path
 from types import FrameType
 
@@ -133,6 +134,16 @@ def _check_options(
             seen[port] = flag
 
 
+def _engine_url(url: str) -> str:
+    """An engine server's base URL: http(s)://host:port, nothing after it."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path not in ("", "/"):
+        raise click.BadParameter(
+            f"{url!r} is not an engine's base URL (http://HOST:PORT)", param_hint="--engine-url"
+        )
+    return url
+
+
 @click.command("agent")
 @click.option(
     "--backend",
@@ -227,6 +238,15 @@ def _check_options(
     "(only with --control).",
 )
 @click.option(
+    "--engine-url",
+    "engine_urls",
+    multiple=True,
+    callback=lambda ctx, param, urls: tuple(_engine_url(url) for url in urls),
+    envvar="TESSERA_AGENT_ENGINE_URLS",
+    help="Base URL of a `tessera serve` on this node (repeatable; the variable takes several, "
+    "space-separated); its load and latencies join the telemetry.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default="info",
@@ -246,6 +266,7 @@ def agent_command(
     interval_s: float,
     sim_devices: int,
     reset_on_start: bool,
+    engine_urls: tuple[str, ...],
     log_level: str,
 ) -> None:
     """Run the node agent: telemetry and control of this node's accelerators over gRPC."""
@@ -262,6 +283,7 @@ def agent_command(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from tessera.agents.engine_source import HttpInstanceSource
     from tessera.agents.metrics import AgentMetrics
     from tessera.agents.server import AgentServer, ServerTls
 
@@ -283,6 +305,7 @@ def agent_command(
         if control and telemetry_port is not None
         else None,
         interval_s=interval_s,
+        sources=[HttpInstanceSource(url) for url in engine_urls],
         reset_on_start=reset_on_start and control,
         on_control=metrics.count_control,
     )

@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+INSTANCE_STATS_PATH = "/tessera/v1/instance-stats"
+"""Where `tessera serve` answers with its `InstanceStats` as JSON (the agent's HTTP source)."""
+
 
 @dataclass(frozen=True)
 class InstanceStats:

@@ -2,7 +2,8 @@
 
 - `POST /v1/completions`, `POST /v1/chat/completions`: JSON, or server-sent events with
   `stream: true` (one `data:` chunk per batch of tokens, then `data: [DONE]`).
-- `GET /v1/models`: the one served model.
+- `GET /v1/models`: the one served model. `GET /tessera/v1/instance-stats`: what the node
+  agent's telemetry reads (`InstanceStats` as JSON; latency samples since its last read).
 - `GET /health`: the process is alive. `GET /ready`: weights loaded and kernels warm (503
   before). `GET /metrics`: Prometheus text.
 
@@ -14,6 +15,7 @@ the request timeout, 500 only when the engine itself failed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -28,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from tessera.agents.engine.request import SamplingParams
 from tessera.agents.engine.serving_loop import QueueFullError, ServingLoop
+from tessera.agents.instance_stats import INSTANCE_STATS_PATH
 from tessera.agents.serving.generation import (
     Delta,
     EngineFailureError,
@@ -87,6 +90,7 @@ class Served:
     model_name: str
     max_model_len: int
     metrics: ServingMetrics
+    instance_id: str = ""
     request_timeout_s: float | None = None
     loop: ServingLoop | None = None
     tokenizer: ServingTokenizer | None = None
@@ -161,6 +165,11 @@ def build_app(served: Served) -> FastAPI:
         return PlainTextResponse(
             generate_latest(served.metrics.registry), media_type=CONTENT_TYPE_LATEST
         )
+
+    @app.get(INSTANCE_STATS_PATH)
+    async def instance_stats() -> dict[str, Any]:
+        """For the node agent: this instance's load, and latency samples since its last read."""
+        return dataclasses.asdict(served.metrics.instance_stats(served.instance_id))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlparse
@@ -71,6 +72,11 @@ def check_serve_extra() -> None:
 @click.option("--served-model-name", default=None, help="Name in the API (default: --model).")
 @click.option("--role", type=click.Choice(ROLES), default="colocated", show_default=True)
 @click.option("--pool", default=lambda: os.environ.get("TESSERA_POOL", ""), help="Pool label.")
+@click.option(
+    "--instance-id",
+    default=None,
+    help="Name in the node agent's telemetry (default: $POD_NAME, else host:port).",
+)
 @click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
@@ -147,6 +153,9 @@ def build_config(flags: dict[str, Any]) -> Any:
     return ServeConfig(
         weights=folder,
         model_name=flags["served_model_name"] or flags["model"],
+        instance_id=flags["instance_id"]
+        or os.environ.get("POD_NAME")
+        or f"{socket.gethostname()}:{flags['port']}",
         host=flags["host"],
         port=flags["port"],
         max_model_len=max_model_len,

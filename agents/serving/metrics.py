@@ -12,8 +12,13 @@ end-to-end latency are written by the HTTP handlers.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from tessera.agents.engine.stats import EngineStatsSnapshot
+from tessera.agents.instance_stats import InstanceStats
 
 LATENCY_BUCKETS_S = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
@@ -24,6 +29,8 @@ TOKEN_LATENCY_BUCKETS_S = (
     0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 )  # fmt: skip
 LABELS = ("model_name", "pool", "role")
+MAX_AGENT_SAMPLES = 4096
+"""Latency samples kept for the node agent between its reads (it reads every second)."""
 
 
 class ServingMetrics:
@@ -71,6 +78,11 @@ class ServingMetrics:
             LATENCY_BUCKETS_S,
         )  # fmt: skip
         self._last: EngineStatsSnapshot | None = None
+        self._baseline: EngineStatsSnapshot | None = None
+        """The warm-up's totals, left out of the agent's counters."""
+        self._lock = threading.Lock()
+        self._ttft_s: deque[float] = deque(maxlen=MAX_AGENT_SAMPLES)
+        self._tpot_s: deque[float] = deque(maxlen=MAX_AGENT_SAMPLES)
 
     def observe_engine(self, snapshot: EngineStatsSnapshot) -> None:
         """Write one (drained) engine snapshot; counters advance by what changed since the last."""
@@ -96,11 +108,45 @@ class ServingMetrics:
             self.ttft.labels(**labels).observe(ms / 1e3)
         for ms in snapshot.tpot_ms:
             self.tpot.labels(**labels).observe(ms / 1e3)
-        self._last = snapshot
+        with self._lock:
+            self._ttft_s.extend(ms / 1e3 for ms in snapshot.ttft_ms)
+            self._tpot_s.extend(ms / 1e3 for ms in snapshot.tpot_ms)
+            self._last = snapshot
+
+    def instance_stats(self, instance_id: str) -> InstanceStats:
+        """What the node agent's source reads (`INSTANCE_STATS_PATH`): the engine now, and the
+        latency samples since the previous call (each handed out once)."""
+        with self._lock:
+            last, base = self._last, self._baseline
+            ttft, tpot = tuple(self._ttft_s), tuple(self._tpot_s)
+            self._ttft_s.clear()
+            self._tpot_s.clear()
+        stats = InstanceStats(
+            instance_id=instance_id,
+            model=self.labels["model_name"],
+            role=self.labels["role"],
+            ttft_samples_s=ttft,
+            tpot_samples_s=tpot,
+        )
+        if last is None:
+            return stats
+        return dataclasses.replace(
+            stats,
+            queue_length=last.queue_length,
+            running_batch=last.running_batch,
+            kv_blocks_used=last.kv_blocks_used,
+            kv_blocks_free=last.kv_blocks_free,
+            tokens_per_s=last.generated_tokens_per_s,
+            requests_completed_total=last.requests_finished_total
+            - (base.requests_finished_total if base else 0),
+            tokens_generated_total=last.generated_tokens_total
+            - (base.generated_tokens_total if base else 0),
+        )
 
     def start_from(self, snapshot: EngineStatsSnapshot) -> None:
         """Count from `snapshot` on (the warm-up before serving is not traffic)."""
-        self._last = snapshot
+        with self._lock:
+            self._last = self._baseline = snapshot
 
     def finished(self, reason: str, e2e_s: float) -> None:
         self.success.labels(**self.labels, finished_reason=reason).inc()

@@ -32,6 +32,7 @@ class ServeConfig:
 
     weights: Path
     model_name: str
+    instance_id: str
     host: str
     port: int
     max_model_len: int
@@ -87,6 +88,7 @@ def run(config: ServeConfig) -> int:
         model_name=config.model_name,
         max_model_len=config.max_model_len,
         metrics=metrics,
+        instance_id=config.instance_id,
         request_timeout_s=config.request_timeout_s,
     )
     app = build_app(served)

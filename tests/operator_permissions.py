@@ -8,9 +8,9 @@ Three sources, none of them a hand-kept list of permissions:
    is read from the kubernetes client itself (its `_<method>_serialize`), so verb and resource
    are the client's. CustomObjectsApi methods take group and plural from the call's arguments
    (literals or module constants).
-2. The kopf handlers the handler modules register: a watching handler needs list and watch, a
-   changing (create/update/resume) handler also patch (kopf's progress and diff-base
-   annotations).
+2. The kopf handlers the handler modules register: every one needs list and watch; a changing
+   (create/update/resume/delete) handler also patch (kopf's progress and diff-base
+   annotations, its finalizer), and so does a daemon or timer (its finalizer).
 3. kopf's own requests, from its source: kopf/_core/reactor/observation.py lists and watches
    CRDs, and namespaces when it serves some namespaces only (not cluster-wide);
    kopf/_cogs/clients/events.py posts events (`kopf.event`, and handler failures at the
@@ -232,19 +232,22 @@ def kopf_needs() -> list[Need]:
         importlib.import_module(module)
     registry = kopf.get_default_registry()
     needs = []
-    kinds = (
-        ("watching", registry._watching.get_all_handlers(), ("list", "watch")),
-        ("changing", registry._changing.get_all_handlers(), ("list", "watch", "patch")),
+    kinds: tuple[tuple[str, Any], ...] = (
+        ("watching", registry._watching.get_all_handlers()),
+        ("changing", registry._changing.get_all_handlers()),
+        ("spawning", registry._spawning.get_all_handlers()),
     )
-    for kind, handlers, verbs in kinds:
+    for kind, handlers in kinds:
         for handler in handlers:
             selector = handler.selector
             assert selector is not None and selector.any_name, handler
             group, plural = selector.group or "", selector.any_name
             where = _scope(group, plural)
-            needs += [
-                Need(where, group, plural, v, origin=f"kopf {kind} {handler.id}") for v in verbs
-            ]
+            origin = f"kopf {kind} {handler.id}"
+            verbs = ["list", "watch"]
+            if kind == "changing" or getattr(handler, "requires_finalizer", None):
+                verbs.append("patch")  # progress annotations, finalizers
+            needs += [Need(where, group, plural, verb, origin=origin) for verb in verbs]
             if where == "cluster":  # failures of its handlers are posted in kopf's namespace
                 needs.append(Need("own", "", "events", "create", origin=f"kopf posts {plural}"))
     needs += [

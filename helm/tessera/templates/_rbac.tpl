@@ -47,7 +47,15 @@ a rule nothing needs. No wildcards, no secrets, no update (server-side apply is 
 - apiGroups: ["tessera.dev"]
   resources: ["modeldeployments"]
   verbs: ["list"]
-# Node capacity per AcceleratorClass (its nodeSelector).
+# PowerBudgets: a kopf daemon per budget (its finalizer lifts the caps on deletion) reads the
+# budget each round and writes its status.
+- apiGroups: ["tessera.dev"]
+  resources: ["powerbudgets"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["tessera.dev"]
+  resources: ["powerbudgets/status"]
+  verbs: ["patch"]
+# Node capacity per AcceleratorClass (its nodeSelector), the nodes a PowerBudget covers.
 - apiGroups: [""]
   resources: ["nodes"]
   verbs: ["list"]

@@ -214,7 +214,7 @@ class TensorParallelEngine:
             f"status {code}; the other ranks were stopped"
         )
         log.error("%s", self.death)
-        _end_processes(self.processes, deadline_s=STOP_GRACE_S)
+        _end_processes(self.processes, deadline_s=0.0)  # the others could only hang now
         if self._on_death is not None:
             self._on_death(self.death)
 
@@ -233,6 +233,15 @@ def _end_processes(processes: list[BaseProcess], deadline_s: float) -> None:
         if process.is_alive():
             process.kill()
             process.join()
+
+
+def rank_context() -> multiprocessing.context.BaseContext:
+    """Ranks fork from a forkserver that has imported torch and the engine once: every rank
+    (and every later engine of this process) starts without paying the import again, and,
+    unlike a fork of the caller, without its threads or CUDA state."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "tessera.agents.engine.tp_worker"])
+    return context
 
 
 def rank_devices(engine_config: EngineConfig, tensor_parallel_size: int) -> list[str]:
@@ -270,7 +279,7 @@ def start_tensor_parallel_engine(
     devices = rank_devices(ec, tensor_parallel_size)
     rendezvous = Path(tempfile.mkdtemp(prefix="tessera-tp-"))
     cpu_threads = max(1, (os.cpu_count() or 1) // tensor_parallel_size)
-    context = multiprocessing.get_context("spawn")
+    context = rank_context()
     processes: list[BaseProcess] = []
     conns: list[Connection] = []
     lifelines: list[Connection] = []

@@ -69,7 +69,7 @@ class _Candidates:
                     nodes.append(n)
                     members.append(combo)
         width = max_group
-        self.by_node = {n: np.array(c, dtype=np.int64) for n, c in _indices_by(nodes).items()}
+        self.by_node = _indices_by(nodes)
         self.node = np.array(nodes, dtype=np.int64)
         self.members = members
         self.member = np.array([m + (_NONE,) * (width - len(m)) for m in members], dtype=np.int64)
@@ -83,16 +83,7 @@ class _Candidates:
         self.moving_signatures = np.array(sorted(set(self.group_sig)), dtype=np.int64)
         group_sig = np.array([*self.group_sig, _NONE], dtype=np.int64)
         self.sig = group_sig[self.member]  # _NONE indexes the sentinel
-        self.within_pdbs = np.array(
-            [
-                all(
-                    problem.pdb_allowed[pdb] >= n
-                    for pdb, n in Counter(d for g in m for d in self.group_pdbs[g]).items()
-                )
-                for m in members
-            ],
-            dtype=bool,
-        )
+        self.within_pdbs = self._within_pdbs(problem)
         sig_req = problem.signature_requests
         self.requests = np.zeros((len(members), sig_req.shape[1]), dtype=np.int64)
         for j in range(width):
@@ -100,10 +91,39 @@ class _Candidates:
             self.requests[present] += sig_req[self.sig[present, j]]
         # (signature, evacuation of <= 2 pods on a node admitting it): every way to prepare a
         # target for a pod of that signature (stage 2's ejection chains).
+        # Only for multi-GPU pods: a single GPU nearly always has a direct target.
         small = np.nonzero(self.size <= 2)[0]
-        hosts = [small[problem.admits[k, self.node[small]]] for k in self.moving_signatures]
-        self.host_sig = np.repeat(self.moving_signatures, [h.size for h in hosts])
+        chained = [k for k in self.moving_signatures if problem.signature_requests[k, 0] >= 2]
+        hosts = [small[problem.admits[k, self.node[small]]] for k in chained]
+        self.host_sig = np.repeat(np.array(chained, dtype=np.int64), [h.size for h in hosts])
         self.host_cand = np.concatenate(hosts) if hosts else np.zeros(0, dtype=np.int64)
+        self.host_segments = [
+            (int(k), int(a), int(b))
+            for k, a, b in zip(
+                chained,
+                np.cumsum([0] + [h.size for h in hosts])[:-1],
+                np.cumsum([h.size for h in hosts]),
+                strict=True,
+            )
+            if b > a
+        ]
+        self.hosts_by_node = _indices_by(self.node[self.host_cand])
+
+    def _within_pdbs(self, problem: RebalanceProblem) -> np.ndarray:
+        """Whether each candidate disrupts no PDB more than it allows (before any move)."""
+        width = self.member.shape[1]
+        single = np.array([len(p) <= 1 for p in self.group_pdbs] + [True])
+        pdb = np.array([p[0] if p else _NONE for p in self.group_pdbs] + [_NONE])
+        member_pdb = pdb[self.member]
+        ok = np.ones(len(self.member), dtype=bool)
+        allowed = np.append(problem.pdb_allowed, 0)
+        for j in range(width):
+            count = (member_pdb == member_pdb[:, j : j + 1]).sum(axis=1)
+            ok &= (member_pdb[:, j] < 0) | (count <= allowed[member_pdb[:, j]])
+        for c in np.nonzero(~single[self.member].all(axis=1))[0]:  # pods under several PDBs
+            need = Counter(d for g in self.members[c] for d in self.group_pdbs[g])
+            ok[c] = all(problem.pdb_allowed[d] >= n for d, n in need.items())
+        return ok
 
 
 class _State:
@@ -124,6 +144,8 @@ class _State:
         self.gain_in = self._gain_in(all_nodes)
         self.src_gain = np.zeros(len(cands.node))
         self._update_sources(np.arange(len(cands.node)))
+        self.host_gain = np.full(len(cands.host_cand), -np.inf)
+        self._update_hosts(np.arange(len(cands.host_cand)))
         self._refresh_top()
 
     def reset(self, moves: list[tuple[int, int]]) -> None:
@@ -157,6 +179,20 @@ class _State:
         after = self.free[nodes] + self.cands.requests[cand_idx]
         self.src_gain[cand_idx] = self.objective.node_scores(after, nodes) - self.scores[nodes]
 
+    def _update_hosts(self, pairs: np.ndarray) -> None:
+        """Score change of each (signature, evacuation) pair's node when the evacuation leaves
+        and one pod of the signature arrives; -inf where it would not fit, or fits already."""
+        cands = self.cands
+        c = cands.host_cand[pairs]
+        nodes = cands.node[c]
+        req = self.problem.signature_requests[cands.host_sig[pairs]]
+        room = self.free[nodes] + cands.requests[c] - req
+        hit = (room >= 0).all(axis=1) & ~(self.free[nodes] >= req).all(axis=1)
+        gain = np.full(pairs.size, -np.inf)
+        if hit.any():
+            gain[hit] = self.objective.node_scores(room[hit], nodes[hit]) - self.scores[nodes[hit]]
+        self.host_gain[pairs] = gain
+
     def _refresh_top(self) -> None:
         keep = min(self.keep, self.gain_in.shape[1])
         top = np.argpartition(-self.gain_in, keep - 1, axis=1)[:, :keep]
@@ -172,6 +208,10 @@ class _State:
         cand_idx = [by_node[n] for n in idx.tolist() if n in by_node]
         if cand_idx:
             self._update_sources(np.concatenate(cand_idx))
+        hosts = self.cands.hosts_by_node
+        pair_idx = [hosts[n] for n in idx.tolist() if n in hosts]
+        if pair_idx:
+            self._update_hosts(np.concatenate(pair_idx))
         self._refresh_top()
 
 
@@ -211,11 +251,14 @@ def solve_fast(
     return SolverResult("fast", tuple(problem.moves_from_indices(best_moves)), "heuristic")
 
 
-def _indices_by(values: list[int]) -> dict[int, list[int]]:
-    out: defaultdict[int, list[int]] = defaultdict(list)
-    for i, v in enumerate(values):
-        out[v].append(i)
-    return out
+def _indices_by(values: list[int] | np.ndarray) -> dict[int, np.ndarray]:
+    """Positions of each distinct value."""
+    values = np.asarray(values, dtype=np.int64)
+    if values.size == 0:
+        return {}
+    order = np.argsort(values, kind="stable")
+    keys, starts = np.unique(values[order], return_index=True)
+    return dict(zip(keys.tolist(), np.split(order, starts[1:]), strict=True))
 
 
 def _without_dependents(
@@ -373,28 +416,21 @@ def _chain_table(
         first = state.top[s, 0] != cands.node
         direct = np.where(first, state.top_gain[s, 0], state.top_gain[s, 1])
         moves_out += np.where(sig >= 0, direct, 0.0)
-    usable = usable & np.isfinite(moves_out)
-    pair_k, pair_c = cands.host_sig, cands.host_cand
-    keep_pair = usable[pair_c]
-    pair_k, pair_c = pair_k[keep_pair], pair_c[keep_pair]
-    nodes = cands.node[pair_c]
-    req = problem.signature_requests[pair_k]
-    room = state.free[nodes] + cands.requests[pair_c] - req
-    hit = (room >= 0).all(axis=1) & ~(state.free[nodes] >= req).all(axis=1)
-    pair_k, pair_c, nodes = pair_k[hit], pair_c[hit], nodes[hit]
-    if pair_c.size == 0:
-        return table
-    value = state.objective.node_scores(room[hit], nodes) - state.scores[nodes] + moves_out[pair_c]
-    order = np.lexsort((-value, pair_k))
-    pair_k, pair_c, nodes, value = pair_k[order], pair_c[order], nodes[order], value[order]
-    starts = np.r_[0, np.nonzero(np.diff(pair_k))[0] + 1]
-    rank = np.arange(pair_k.size) - np.repeat(starts, np.diff(np.r_[starts, pair_k.size]))
-    top = rank < keep
-    k, r = pair_k[top], rank[top]
-    table.node[k, r] = nodes[top]
-    table.cand[k, r] = pair_c[top]
-    table.size[k, r] = cands.size[pair_c[top]]
-    table.value[k, r] = value[top]
+    value = state.host_gain + moves_out[cands.host_cand]
+    value[~usable[cands.host_cand]] = -np.inf
+    for k, a, b in cands.host_segments:
+        segment = value[a:b]
+        n = min(keep, segment.size)
+        top = np.argpartition(-segment, n - 1)[:n]
+        top = top[np.argsort(-segment[top], kind="stable")]
+        top = top[np.isfinite(segment[top])]
+        if top.size == 0:
+            continue
+        c = cands.host_cand[a + top]
+        table.node[k, : top.size] = cands.node[c]
+        table.cand[k, : top.size] = c
+        table.size[k, : top.size] = cands.size[c]
+        table.value[k, : top.size] = segment[top]
     return table
 
 

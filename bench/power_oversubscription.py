@@ -41,7 +41,7 @@ from tessera.api.model_deployment import (
     PoolRole,
     ServingMode,
 )
-from tessera.api.power_budget import PowerBudgetSpec
+from tessera.api.power_budget import CappingThresholds, PowerBudgetSpec
 from tessera.sim.cluster import Cluster
 from tessera.sim.power import PowerOutcome, SimulatedPowerController
 from tessera.sim.simulation import DeploymentSetup, SimConfig, Simulation
@@ -58,7 +58,7 @@ PER_SERVER_RATE = {"chat": 4.8, "code": 2.8}
 83% at peak; at 1.25x (`--load-scale 1.25`) attainment is 0.994, the edge of 99%; at 1.5x, 0.976.
 Servers are provisioned for the peaks, as POLCA's are, so the default sits below the edge."""
 
-SPLIT = {"chat": (1, 2), "code": (2, 1)}
+SPLIT = {"chat": (1, 2), "code": (3, 1)}
 """Prefill : decode servers: chat answers are long (decode-heavy), code prompts are long and
 answers short (prefill-heavy)."""
 
@@ -152,12 +152,19 @@ def run(
 
 
 def measure(
-    m: int, servers: list[int], window_s: float, seed: int, interval_s: float, load_scale: float
+    m: int,
+    servers: list[int],
+    window_s: float,
+    seed: int,
+    interval_s: float,
+    load_scale: float,
+    thresholds: CappingThresholds,
 ) -> list[Point]:
     budget = PowerBudgetSpec(
         budget_w=700.0 * m,
         oversubscription_ratio=min(2.0, max(1.0, max(servers) / m)),
         control_interval_seconds=interval_s,
+        thresholds=thresholds,
     )
     points = []
     for n in servers:
@@ -220,6 +227,11 @@ def main() -> None:
         "--load-scale", type=float, default=1.0, help="x PER_SERVER_RATE (1.25: the 99%% edge)"
     )
     parser.add_argument("--quick", action="store_true", help="N in M, 1.5M, 2M; 2-minute windows")
+    parser.add_argument("--servers", type=int, nargs="+", help="these N only")
+    defaults = CappingThresholds()
+    parser.add_argument("--cap-above", type=float, default=defaults.cap_above)
+    parser.add_argument("--uncap-below", type=float, default=defaults.uncap_below)
+    parser.add_argument("--emergency-above", type=float, default=defaults.emergency_above)
     parser.add_argument("--out", type=Path, default=RESULTS / "power_oversubscription.json")
     args = parser.parse_args()
     m = args.m
@@ -229,12 +241,19 @@ def main() -> None:
     else:
         servers = list(range(m, round(args.max_ratio * m) + 1))
         window_s = args.window_s
+    if args.servers:
+        servers = sorted(args.servers)
     print(
         f"M={m}, N={servers}, window {window_s:.0f} s, control interval {args.interval_s} s, "
         f"load x{args.load_scale}"
     )
     started = time.perf_counter()
-    points = measure(m, servers, window_s, args.seed, args.interval_s, args.load_scale)
+    thresholds = CappingThresholds(
+        cap_above=args.cap_above,
+        uncap_below=args.uncap_below,
+        emergency_above=args.emergency_above,
+    )
+    points = measure(m, servers, window_s, args.seed, args.interval_s, args.load_scale, thresholds)
     Console(width=200).print(table(m, points))
     passing = [p for p in points if p.passes]
     best = max((p.servers for p in passing), default=None)
@@ -255,6 +274,7 @@ def main() -> None:
         "window_s": window_s,
         "control_interval_s": args.interval_s,
         "reaction_s": 2 * args.interval_s,
+        "thresholds": thresholds.to_wire(),
         "per_server_rate": PER_SERVER_RATE,
         "load_scale": args.load_scale,
         "split": SPLIT,

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import grpc
 import kopf
@@ -304,6 +304,7 @@ def conditions(
     decision: PowerDecision, actions: Sequence[Action], fresh: int, generation: int | None
 ) -> list[Condition]:
     failed = [a for a in actions if a.error is not None]
+    ready: tuple[Literal["True", "False"], str, str]
     if failed:
         ready = ("False", "ActuationFailed", summarize(failed))
     elif fresh == 0:
@@ -367,7 +368,7 @@ class BudgetController:
             return None
         selector = ",".join(f"{k}={v}" for k, v in sorted(spec.node_selector.items()))
         nodes = self.kube.core.list_node(label_selector=selector)
-        return {n.metadata.name for n in nodes.items}
+        return {str(n.metadata.name) for n in nodes.items if n.metadata is not None}
 
     def _priorities(self) -> dict[str, str]:
         listed = self.kube.custom.list_cluster_custom_object(GROUP, VERSION, MODEL_DEPLOYMENTS)

@@ -1,6 +1,7 @@
 """RebalancePolicy: periodic moves of pods (and VMs) that cut fragmentation under a move budget.
 
-Its controller comes later (VM2RL-style); the contract is fixed now.
+Reconciled by operator/rebalance_controller.py (pods, by eviction); the decision is
+policies/rebalance.py.
 """
 
 from __future__ import annotations
@@ -60,13 +61,33 @@ class RebalancePolicySpec(ApiModel):
     dry_run: bool = Field(default=False, description="Plan and report moves without making them.")
 
 
+class PlannedMove(ApiModel):
+    """One move of the last round: a pod evicted from `sourceNode` to be placed on
+    `targetNode`, and what happened (Planned in a dry run; Evicted, Blocked by a PDB, Failed)."""
+
+    pod: str
+    namespace: str
+    source_node: str
+    target_node: str
+    result: Literal["Planned", "Evicted", "Blocked", "Gone", "Failed"]
+    message: str | None = None
+
+
 class RebalancePolicyStatus(ApiModel):
     """What the rebalancer reports."""
 
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
     last_round_time: str | None = None
+    next_round_time: str | None = None
     moves_last_round: int = Field(default=0, ge=0)
+    fragmentation_before: float | None = Field(
+        default=None, description="Fragmentation of the nodes in scope before the last round."
+    )
+    fragmentation_after: float | None = Field(
+        default=None, description="Fragmentation once the last round's moves land (predicted)."
+    )
+    moves: list[PlannedMove] = Field(default_factory=list)
 
 
 class RebalancePolicy(CustomResource):

@@ -58,6 +58,11 @@ MIN_RATE_SCALE = 1e-3
 MAX_RATE_SCALE = 1e4
 """Rate scales `--rate-scale` accepts: a thousandth to ten thousand times the trace's rate
 (superposed, the request count is bounded too: MAX_SIMULATED_REQUESTS)."""
+MIN_KV_LINK_GBPS = 0.01
+MAX_KV_LINK_GBPS = 1e4
+"""KV link bandwidths `--kv-link-gbps` accepts: 80 Mbit/s to 10 TB/s (NVLink 5 is 1.8 TB/s).
+Slower links make transfers last so long that the run's time series outgrow memory (1e-6 took
+590 MB for 4 requests, 1e-300 raised MemoryError)."""
 MAX_SWEEP_STEPS = 20
 """Bisection steps of a goodput sweep: 20 narrow the edge to about a millionth."""
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -231,9 +236,9 @@ def _describe_sweep(progress: Progress, task: Any, policy: str) -> Callable[[flo
 )
 @click.option(
     "--kv-link-gbps",
-    type=FiniteFloatRange(0, min_open=True),
+    type=FiniteFloatRange(MIN_KV_LINK_GBPS, MAX_KV_LINK_GBPS),
     default=None,
-    help="Bandwidth of KV transfers, GB/s (> 0).",
+    help=f"Bandwidth of KV transfers, GB/s ({MIN_KV_LINK_GBPS:g} to {MAX_KV_LINK_GBPS:g}).",
 )
 @click.option(
     "--seed",

@@ -64,8 +64,9 @@ SIM = ("simulate", "--no-sweep", "--no-plots", "--policy", "vllm", "--window", "
 @pytest.mark.parametrize(
     ("flags", "flag", "valid"),
     [
-        (["--kv-link-gbps", "-5"], "--kv-link-gbps", "x>0"),
-        (["--kv-link-gbps", "0"], "--kv-link-gbps", "x>0"),
+        (["--kv-link-gbps", "-5"], "--kv-link-gbps", "0.01<=x<=10000"),
+        (["--kv-link-gbps", "0"], "--kv-link-gbps", "0.01<=x<=10000"),
+        (["--kv-link-gbps", "1e-300"], "--kv-link-gbps", "0.01<=x<=10000"),
         (["--kv-link-gbps", "nan"], "--kv-link-gbps", "finite"),
         (["--rate-scale", "inf"], "--rate-scale", "0.001<=x<=10000"),
         (["--rate-scale", "nan"], "--rate-scale", "finite"),

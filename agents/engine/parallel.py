@@ -151,7 +151,7 @@ def init_tensor_parallel(
         rank=shard.rank,
         world_size=shard.size,
         timeout=datetime.timedelta(seconds=timeout_s),
-        **({"device_id": device} if device.type == "cuda" else {}),
+        device_id=device if device.type == "cuda" else None,
     )
     return TensorParallelGroup(shard, device)
 

@@ -203,11 +203,11 @@ class TensorParallelEngine:
         self._supervisor.join(timeout_s)
 
     def _supervise(self) -> None:
-        by_sentinel = {p.sentinel: p for p in self.processes}
-        ended = wait(list(by_sentinel))
+        sentinels = [p.sentinel for p in self.processes]
+        ended = wait(sentinels)
         if self._closing:
             return
-        rank = self.processes.index(by_sentinel[ended[0]])
+        rank = sentinels.index(ended[0])  # type: ignore[arg-type]
         code = self.processes[rank].exitcode
         self.death = (
             f"tensor-parallel rank {rank} (pid {self.processes[rank].pid}) exited with "
@@ -235,7 +235,7 @@ def _end_processes(processes: list[BaseProcess], deadline_s: float) -> None:
             process.join()
 
 
-def rank_context() -> multiprocessing.context.BaseContext:
+def rank_context() -> multiprocessing.context.ForkServerContext:
     """Ranks fork from a forkserver that has imported torch and the engine once: every rank
     (and every later engine of this process) starts without paying the import again, and,
     unlike a fork of the caller, without its threads or CUDA state."""
@@ -327,18 +327,17 @@ def _await_ready(
     pending = dict(enumerate(conns))
     info: EngineInfo | None = None
     pids: list[int] = [0] * len(processes)
-    sentinels = {p.sentinel: rank for rank, p in enumerate(processes)}
+    sentinels = [p.sentinel for p in processes]
     while pending:
         left = deadline - time.monotonic()
         if left <= 0:
             raise EngineDeadError(f"ranks {sorted(pending)} not ready within {timeout_s:.0f} s")
         ready = wait([*pending.values(), *sentinels], timeout=left)
-        for item in ready:
-            rank = next((r for r, c in pending.items() if c is item), None)
-            if rank is None:
+        for rank, conn in list(pending.items()):
+            if conn not in ready:
                 continue
             try:
-                status, payload, rank_info = item.recv()  # type: ignore[union-attr]
+                status, payload, rank_info = conn.recv()
             except EOFError:
                 continue  # it died: its sentinel says so
             if status == "error":
@@ -348,9 +347,8 @@ def _await_ready(
             if rank == 0:
                 info = rank_info
             del pending[rank]
-        for item in ready:
-            rank = sentinels.get(item)  # type: ignore[call-overload]
-            if rank is not None and rank in pending:
+        for rank, sentinel in enumerate(sentinels):
+            if sentinel in ready and rank in pending:
                 code = processes[rank].exitcode
                 raise EngineDeadError(f"tensor-parallel rank {rank} exited with status {code}")
     assert info is not None

@@ -1,0 +1,124 @@
+"""The PowerBudget controller's translation between telemetry, policy and Control RPCs, without a
+cluster: what counts as in force, how instances find their priority, which devices a budget
+covers, and what the record keeps when an RPC fails (operator/power_controller.py)."""
+
+from __future__ import annotations
+
+from tessera.api.power_budget import DeviceCap, PowerBudgetSpec
+from tessera.operator.collector import (
+    AgentEndpoint,
+    AgentStatus,
+    AgentView,
+    DeviceTelemetry,
+    FleetSnapshot,
+    InstanceTelemetry,
+)
+from tessera.operator.power_controller import (
+    Action,
+    _steps,
+    device_views,
+    new_record,
+    observed_actuation,
+    priority_index,
+    summarize,
+)
+from tessera.policies.power_model import FREE, Actuation
+
+
+def telemetry(uuid: str, limit_w: float = 700.0, lock: int | None = None) -> DeviceTelemetry:
+    return DeviceTelemetry(
+        uuid, 0, 500.0, None, limit_w, 200.0, 700.0, 1980, None, 1.0, None, None, None, (),
+        locked_sm_clock_max_mhz=lock,
+    )  # fmt: skip
+
+
+def agent(
+    name: str, node: str, devices: list[DeviceTelemetry], status: AgentStatus = AgentStatus.FRESH
+) -> AgentView:
+    instances = tuple(
+        InstanceTelemetry(f"i-{d.uuid}", "team/chat", "decode", (d.uuid,), 0, 0, 0, 0, 0.0,
+                          (), (), 0, 0)
+        for d in devices[:1]
+    )  # fmt: skip
+    return AgentView(
+        AgentEndpoint(name, f"10.0.0.1:{len(name)}", node), status, node, "v", 1, 1, 0.1,
+        tuple(devices), instances, {}, 0, None,
+    )  # fmt: skip
+
+
+def test_a_limit_at_the_maximum_is_no_limit_and_a_reported_lock_is_in_force() -> None:
+    assert observed_actuation(telemetry("a")) == FREE
+    assert observed_actuation(telemetry("a", 699.8)) == FREE
+    assert observed_actuation(telemetry("a", 450.0)) == Actuation(450.0)
+    assert observed_actuation(telemetry("a", 700.0, 990)) == Actuation(None, 990)
+
+
+def test_instances_find_their_priority_by_namespace_and_name_or_an_unambiguous_name() -> None:
+    mds = [
+        {"metadata": {"namespace": "team", "name": "chat"},
+         "spec": {"priority": "high", "model": {"name": "llama"}}},
+        {"metadata": {"namespace": "other", "name": "chat"},
+         "spec": {"priority": "low", "model": {"name": "llama"}}},
+        {"metadata": {"namespace": "team", "name": "batch"},
+         "spec": {"priority": "low", "model": {"name": "mistral"}}},
+    ]  # fmt: skip
+    index = priority_index(mds)
+    assert index["team/chat"] == "high" and index["other/chat"] == "low"
+    assert "chat" not in index and "llama" not in index  # ambiguous: the tiers differ
+    assert index["batch"] == "low" and index["mistral"] == "low"
+
+
+def test_a_budget_covers_its_nodes_and_holds_recorded_devices_it_cannot_see() -> None:
+    snapshot = FleetSnapshot(
+        {
+            "a": agent("a", "node-a", [telemetry("A0", 450.0), telemetry("A1")]),
+            "b": agent("b", "node-b", [telemetry("B0")], AgentStatus.STALE),
+            "c": agent("c", "node-c", [telemetry("C0")]),
+        }
+    )
+    record = {
+        "B0": DeviceCap(uuid="B0", node="node-b", agent="b", power_limit_w=400.0),
+        "GONE": DeviceCap(uuid="GONE", node="node-x", agent="x", power_limit_w=380.0),
+    }
+    spec = PowerBudgetSpec(budget_w=2000)
+    placed = device_views(spec, snapshot, {"node-a", "node-b"}, {"team/chat": "high"}, record)
+    views = {p.view.uuid: p.view for p in placed}
+    assert set(views) == {"A0", "A1", "B0", "GONE"}  # node-c is not covered
+    assert views["A0"].in_force == Actuation(450.0) and views["A0"].priority == "high"
+    assert views["A0"].role == "decode"
+    assert views["A1"].role == "idle" and views["A1"].priority == "low"  # serves nothing known
+    assert not views["B0"].fresh and views["B0"].in_force == Actuation(400.0)  # the record
+    assert views["GONE"].power_w is None and views["GONE"].in_force == Actuation(380.0)
+    assert [p.agent for p in placed if p.view.uuid == "GONE"] == [None]
+
+
+def test_the_record_keeps_what_failed_or_could_not_be_reached_and_drops_what_was_lifted() -> None:
+    snapshot = FleetSnapshot({"a": agent("a", "n", [telemetry("A0", 450.0), telemetry("A1")])})
+    record = {
+        "A0": DeviceCap(uuid="A0", node="n", agent="a", power_limit_w=450.0),
+        "GONE": DeviceCap(uuid="GONE", node="x", power_limit_w=380.0),
+    }
+    placed = device_views(PowerBudgetSpec(budget_w=2000), snapshot, None, {}, record)
+    wanted = {"A0": FREE, "A1": Actuation(None, 1400), "GONE": FREE}
+    lifted_ok = [
+        Action("A0", "a", "reset-power-limit", None),
+        Action("A1", "a", "lock-clocks", 1400),
+    ]
+    kept = new_record(placed, wanted, lifted_ok, record)
+    assert [(c.uuid, c.power_limit_w, c.sm_clock_max_mhz) for c in kept] == [
+        ("A1", None, 1400),
+        ("GONE", 380.0, None),
+    ]
+    failed = [Action("A0", "a", "reset-power-limit", None, "UNAVAILABLE: gone")]
+    assert {c.uuid for c in new_record(placed, wanted, failed, record)} == {"A0", "A1", "GONE"}
+    assert "1 failed" in summarize(failed)
+
+
+def test_rpcs_are_the_difference_between_what_is_in_force_and_what_is_wanted() -> None:
+    assert _steps(FREE, FREE) == []
+    assert _steps(FREE, Actuation(400.0)) == [("set-power-limit", 400.0)]
+    assert _steps(Actuation(400.0, 990), Actuation(None, 1200)) == [
+        ("reset-power-limit", None),
+        ("lock-clocks", 1200.0),
+    ]
+    assert _steps(Actuation(None, 990), FREE) == [("reset-clocks", None)]

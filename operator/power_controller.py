@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 POWER_BUDGETS = "powerbudgets"
 MODEL_DEPLOYMENTS = "modeldeployments"
 MERGE_PATCH = "application/merge-patch+json"
+CONTROL_TIMEOUT_S = 5.0
+"""Deadline of one Control RPC."""
 LIMIT_TOLERANCE_W = 0.5
 """A reported limit within this of the device's maximum counts as no limit."""
 
@@ -200,54 +202,71 @@ def actuate(
     wanted: Mapping[str, Actuation],
     channel_factory: Callable[[str], grpc.Channel],
 ) -> list[Action]:
-    """Bring every reachable device to what is wanted; cuts first, then lifts."""
+    """Bring every reachable device to what is wanted: fresh agents first, cuts before lifts.
 
-    def lowers(p: Placed) -> bool:
+    An agent that fails with UNAVAILABLE or DEADLINE_EXCEEDED is not called again this round, so
+    one vanished node costs one timeout, not one per device.
+    """
+
+    def order(p: Placed) -> tuple[bool, bool]:
         model = p.view.power_model
         target = wanted.get(p.view.uuid, FREE)
-        return model.busy_draw_w(p.view.share, target) < model.busy_draw_w(
+        lowers = model.busy_draw_w(p.view.share, target) < model.busy_draw_w(
             p.view.share, p.view.in_force
         )
+        return (not p.view.fresh, not lowers)
 
     todo = [
         p
         for p in placed
         if p.agent is not None and wanted.get(p.view.uuid, FREE) != p.view.in_force
     ]
-    todo.sort(key=lambda p: not lowers(p))
+    todo.sort(key=order)
     actions: list[Action] = []
     clients: dict[str, AgentClient] = {}
+    unreachable: dict[str, str] = {}
     try:
         for p in todo:
             assert p.agent is not None
             endpoint = p.agent.endpoint
             agent = clients.get(endpoint.name)
             if agent is None:
-                agent = clients[endpoint.name] = AgentClient(channel_factory(endpoint.address), 5.0)
+                channel = channel_factory(endpoint.address)
+                agent = clients[endpoint.name] = AgentClient(channel, CONTROL_TIMEOUT_S)
             min_mhz = p.view.power_model.sm_clock_min_mhz
             for action, value in _steps(p.view.in_force, wanted.get(p.view.uuid, FREE)):
-                error = None
-                try:
-                    if action == "set-power-limit":
-                        agent.set_power_limit(p.view.uuid, float(value or 0))
-                    elif action == "reset-power-limit":
-                        agent.reset_power_limit(p.view.uuid)
-                    elif action == "lock-clocks":
-                        agent.lock_clocks(
-                            p.view.uuid, min(min_mhz, int(value or 0)), int(value or 0)
+                error = unreachable.get(endpoint.name)
+                if error is None:
+                    error = _call(agent, action, p.view.uuid, value, min_mhz)
+                    if error is not None:
+                        log.warning(
+                            "%s on %s via %s failed: %s", action, p.view.uuid, endpoint.name, error
                         )
-                    else:
-                        agent.reset_clocks(p.view.uuid)
-                except grpc.RpcError as failure:
-                    error = f"{failure.code().name}: {failure.details()}"
-                    log.warning(
-                        "%s on %s via %s failed: %s", action, p.view.uuid, endpoint.name, error
-                    )
+                        if error.startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED")):
+                            unreachable[endpoint.name] = error
                 actions.append(Action(p.view.uuid, endpoint.name, action, value, error))
     finally:
         for agent in clients.values():
             agent.close()
     return actions
+
+
+def _call(
+    agent: AgentClient, action: str, uuid: str, value: float | None, min_mhz: int
+) -> str | None:
+    """One Control RPC; the error as `CODE: details`, None when it succeeded."""
+    try:
+        if action == "set-power-limit":
+            agent.set_power_limit(uuid, float(value or 0))
+        elif action == "reset-power-limit":
+            agent.reset_power_limit(uuid)
+        elif action == "lock-clocks":
+            agent.lock_clocks(uuid, min(min_mhz, int(value or 0)), int(value or 0))
+        else:
+            agent.reset_clocks(uuid)
+    except grpc.RpcError as failure:
+        return f"{failure.code().name}: {failure.details()}"
+    return None
 
 
 def new_record(

@@ -4,6 +4,13 @@ covers, and what the record keeps when an RPC fails (operator/power_controller.p
 
 from __future__ import annotations
 
+import dataclasses
+import socket
+import time
+from typing import Any
+
+import grpc
+from tessera.agents.client import insecure_channel
 from tessera.api.power_budget import DeviceCap, PowerBudgetSpec
 from tessera.operator.collector import (
     AgentEndpoint,
@@ -14,8 +21,10 @@ from tessera.operator.collector import (
     InstanceTelemetry,
 )
 from tessera.operator.power_controller import (
+    CONTROL_TIMEOUT_S,
     Action,
     _steps,
+    actuate,
     device_views,
     new_record,
     observed_actuation,
@@ -122,3 +131,37 @@ def test_rpcs_are_the_difference_between_what_is_in_force_and_what_is_wanted() -
         ("lock-clocks", 1200.0),
     ]
     assert _steps(Actuation(None, 990), FREE) == [("reset-clocks", None)]
+
+
+def test_an_unreachable_agent_is_called_once_a_round_and_every_step_is_reported() -> None:
+    """Two devices to cap on an agent whose port is closed: one RPC, both steps failed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    dialled: list[str] = []
+    calls: list[str] = []
+
+    class Counting(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+        def intercept_unary_unary(self, proceed: Any, details: Any, request: Any) -> Any:
+            calls.append(details.method)
+            return proceed(details, request)
+
+    def factory(address: str) -> grpc.Channel:
+        dialled.append(address)
+        return grpc.intercept_channel(insecure_channel(address), Counting())
+
+    view = agent("a", "n", [telemetry("A0"), telemetry("A1")])
+    view = dataclasses.replace(view, endpoint=AgentEndpoint("a", dead, "n"))
+    placed = device_views(PowerBudgetSpec(budget_w=2000), FleetSnapshot({"a": view}), None, {}, {})
+    wanted = {"A0": Actuation(400.0), "A1": Actuation(400.0)}
+    started = time.monotonic()
+    actions = actuate(placed, wanted, factory)
+    assert [(a.uuid, a.action) for a in actions] == [
+        ("A0", "set-power-limit"),
+        ("A1", "set-power-limit"),
+    ]
+    assert all(a.error and a.error.startswith("UNAVAILABLE") for a in actions)
+    assert dialled == [dead]
+    assert calls == ["/tessera.agent.v1.Control/SetPowerLimit"]  # once, not once per device
+    assert time.monotonic() - started < CONTROL_TIMEOUT_S
+    assert new_record(placed, wanted, actions, {}) == []  # nothing was capped

@@ -7,7 +7,8 @@ module costs only click; the server's dependencies (the `serve` extra) load when
 
 Bad input is a one-line error naming the flag, exit status 2: a flag out of range, weights
 that are not a local folder (`s3://`, `hf://`, `gs://` cannot be fetched by the server; mount
-them), a role or tensor-parallel degree this engine does not serve yet.
+them), a role this engine does not serve yet, a tensor-parallel degree that does not divide the
+model's heads.
 """
 
 from __future__ import annotations
@@ -133,8 +134,6 @@ def build_config(flags: dict[str, Any]) -> Any:
     """Check what parsing cannot (files, roles, lengths) and build the ServeConfig."""
     if flags["role"] not in SERVED_ROLES:
         fail(f"--role {flags['role']}: not served yet; tessera serve runs the colocated role")
-    if flags["tensor_parallel_size"] != 1:
-        fail(f"--tensor-parallel-size {flags['tensor_parallel_size']}: only 1 is served yet")
     dtype = DTYPE_ALIASES.get(flags["dtype"], flags["dtype"])
     if dtype == "fp8":
         fail("--dtype fp8: not supported by the Tessera engine; bf16, fp16 or fp32")
@@ -146,6 +145,7 @@ def build_config(flags: dict[str, Any]) -> Any:
     max_model_len = flags["max_model_len"] or model_max
     if max_model_len > model_max:
         fail(f"--max-model-len {max_model_len}: above the model's {model_max} positions")
+    check_tensor_parallel(flags["tensor_parallel_size"], folder, flags["device"])
     from tessera.agents.engine import SchedulerConfig
     from tessera.agents.serving.server import ServeConfig
 
@@ -175,4 +175,19 @@ def build_config(flags: dict[str, Any]) -> Any:
         request_timeout_s=timeout or None,
         seed=flags["seed"],
         log_level=flags["log_level"],
+        tensor_parallel_size=flags["tensor_parallel_size"],
     )
+
+
+def check_tensor_parallel(size: int, folder: Path, device: str | None) -> None:
+    """A degree must split the model's heads, and its ranks take cuda:0..N-1 or the CPU."""
+    if size == 1:
+        return
+    from tessera.agents.engine.config import LlamaConfig, TensorParallelSizeError
+
+    try:
+        LlamaConfig.from_pretrained(folder).tensor_parallel_shard(size)
+    except TensorParallelSizeError as error:
+        fail(f"--tensor-parallel-size {size}: {error}")
+    if device not in (None, "cpu", "cuda"):
+        fail(f"--device {device}: with --tensor-parallel-size {size} give cuda or cpu")

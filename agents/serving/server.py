@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import uvicorn
 from tessera.agents.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig
 from tessera.agents.engine.serving_loop import ServingLoop
+from tessera.agents.engine.tp_engine import TensorParallelEngine, start_tensor_parallel_engine
 from tessera.agents.serving.app import Served, build_app
 from tessera.agents.serving.metrics import ServingMetrics
 from tessera.agents.serving.tokenizer import ServingTokenizer
@@ -48,23 +51,37 @@ class ServeConfig:
     request_timeout_s: float | None
     seed: int
     log_level: str
+    tensor_parallel_size: int = 1
 
 
-def load(config: ServeConfig, served: Served) -> None:
-    """Load, warm up, start the loop; then the routes serve."""
-    engine = Engine.from_pretrained(
-        config.weights,
-        EngineConfig(
-            device=config.device,
-            dtype=DTYPES.get(config.dtype or ""),
-            block_size=config.block_size,
-            num_kv_blocks=config.num_kv_blocks,
-            kv_cache_memory_fraction=config.kv_cache_memory_fraction,
-            max_model_len=config.max_model_len,
-            scheduler=config.scheduler,
-            seed=config.seed,
-        ),
+def load(
+    config: ServeConfig, served: Served, on_engine_death: Callable[[str], None] | None = None
+) -> None:
+    """Load, warm up, start the loop; then the routes serve. With tensor parallelism the
+    engine is one process per rank (tp_engine.py), and `on_engine_death` is told if one dies."""
+    engine_config = EngineConfig(
+        device=config.device,
+        dtype=DTYPES.get(config.dtype or ""),
+        block_size=config.block_size,
+        num_kv_blocks=config.num_kv_blocks,
+        kv_cache_memory_fraction=config.kv_cache_memory_fraction,
+        max_model_len=config.max_model_len,
+        scheduler=config.scheduler,
+        seed=config.seed,
     )
+    if config.tensor_parallel_size > 1:
+        # Engine's interface, run on rank 0 of the rank processes.
+        engine = cast(
+            Engine,
+            start_tensor_parallel_engine(
+                config.weights,
+                engine_config,
+                config.tensor_parallel_size,
+                on_death=on_engine_death,
+            ),
+        )
+    else:
+        engine = Engine.from_pretrained(config.weights, engine_config)
     tokenizer = ServingTokenizer.from_folder(config.weights)
     warm_prompt = tokenizer.encode("warm up") or [0]
     engine.generate([warm_prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))
@@ -98,9 +115,13 @@ def run(config: ServeConfig) -> int:
         )
     )
 
+    def engine_died(reason: str) -> None:  # a pod restarts a server whose ranks are gone
+        served.load_error = f"engine failed: {reason}"
+        server.should_exit = True
+
     def loader() -> None:
         try:
-            load(config, served)
+            load(config, served, engine_died)
         except Exception as error:
             log.exception("loading %s failed", config.weights)
             served.load_error = f"loading {config.weights} failed: {error}"
@@ -110,4 +131,6 @@ def run(config: ServeConfig) -> int:
     server.run()
     if served.loop is not None:
         served.loop.stop()
+        if isinstance(served.loop.engine, TensorParallelEngine):
+            served.loop.engine.close()
     return 1 if served.load_error else 0

@@ -113,7 +113,14 @@ def test_bad_local_weights_roles_and_lengths_are_named(tiny_model: Path, tmp_pat
         (["--model=m", f"--weights-uri={tmp_path}"], "no config.json"),
         (["--model=m"], "--weights-uri: not given"),
         ([f"--model={tiny_model}", "--role=decode"], "--role decode"),
-        ([f"--model={tiny_model}", "--tensor-parallel-size=2"], "--tensor-parallel-size 2"),
+        (
+            [f"--model={tiny_model}", "--tensor-parallel-size=4"],
+            "--tensor-parallel-size 4: tensor_parallel_size 4 does not divide num_key_value_heads",
+        ),
+        (
+            [f"--model={tiny_model}", "--tensor-parallel-size=2", "--device=cuda:1"],
+            "--device cuda:1",
+        ),
         ([f"--model={tiny_model}", "--dtype=fp8"], "--dtype fp8"),
         ([f"--model={tiny_model}", "--max-model-len=999999"], "--max-model-len 999999"),
     ]

@@ -1,0 +1,102 @@
+"""`tessera serve --tensor-parallel-size 2` as a real process (CPU, gloo): it serves the
+single-device engine's greedy tokens, and it supervises its rank processes (a dead rank ends
+the server with status 1; a stopped server leaves no rank behind)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx2 as httpx
+import torch
+from conftest import SERVED_NAME, ServerProcess, start_server, stop_server
+from tessera.agents.engine import Engine, EngineConfig, SamplingParams
+
+DEADLINE_S = 30.0
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def rank_pids(server: ServerProcess) -> list[int]:
+    """The rank processes: children of the server's multiprocessing forkserver."""
+    for child in children(server.process.pid):
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"forkserver" in cmdline:
+            return sorted(children(child))
+    return []
+
+
+def wait_until(condition: Callable[[], bool], deadline_s: float = DEADLINE_S) -> bool:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def greedy(server: ServerProcess, prompt: list[int], max_tokens: int) -> list[int]:
+    response = httpx.post(
+        f"{server.base_url}/v1/completions",
+        json={
+            "model": SERVED_NAME,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "return_token_ids": True,
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    token_ids: list[int] = response.json()["choices"][0]["token_ids"]
+    return token_ids
+
+
+def test_tp2_serves_the_single_device_greedy_tokens_and_leaves_no_rank(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    engine = Engine.from_pretrained(tiny_model, EngineConfig(device="cpu", dtype=torch.float32))
+    prompts = [[1, 17, 42, 99, 7, 123, 56], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    expected = [c.output_token_ids for c in engine.generate(prompts, params)]
+    server = start_server(tiny_model, tmp_path / "serve.log", "--tensor-parallel-size=2")
+    try:
+        ranks = rank_pids(server)
+        assert len(ranks) == 2 and all(running(pid) for pid in ranks)
+        assert [greedy(server, prompt, 12) for prompt in prompts] == expected
+    finally:
+        stop_server(server)
+    assert wait_until(lambda: not any(running(pid) for pid in ranks)), "ranks outlived serve"
+
+
+def test_a_dead_rank_stops_the_server(tiny_model: Path, tmp_path: Path) -> None:
+    server = start_server(tiny_model, tmp_path / "serve.log", "--tensor-parallel-size=2")
+    try:
+        ranks = rank_pids(server)
+        assert len(ranks) == 2
+        os.kill(ranks[1], signal.SIGKILL)
+        assert wait_until(lambda: server.process.poll() is not None), "serve outlived a rank"
+        assert server.process.returncode == 1
+        assert wait_until(lambda: not running(ranks[0]))
+        assert "tensor-parallel rank" in server.log.read_text()
+    finally:
+        stop_server(server)

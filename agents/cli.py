@@ -242,9 +242,8 @@ def _engine_url(url: str) -> str:
     "engine_urls",
     multiple=True,
     callback=lambda ctx, param, urls: tuple(_engine_url(url) for url in urls),
-    envvar="TESSERA_AGENT_ENGINE_URLS",
-    help="Base URL of a `tessera serve` on this node (repeatable; the variable takes several, "
-    "space-separated); its load and latencies join the telemetry.",
+    help="Base URL of a `tessera serve` on this node (repeatable); its load and latencies join "
+    "the telemetry.",
 )
 @click.option(
     "--log-level",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,22 @@ def rebuilt_package(package: Any, **changes: Any) -> Any:
         "blocks": package.blocks,
     }
     return KVPackage.build(**{**fields, **changes})
+
+
+def process_running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan may wait for a slow reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until(condition: Callable[[], bool], deadline_s: float = 30.0) -> bool:
+    """Poll `condition` until it holds or the deadline passes; its last value."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()

@@ -13,13 +13,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from engine_helpers import random_prompts, write_checkpoint
+from engine_helpers import process_running, random_prompts, wait_until, write_checkpoint
 from tessera.agents.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig
 from tessera.agents.engine.config import LlamaConfig, TensorParallelSizeError
 from tessera.agents.engine.parallel import TensorParallelShard
@@ -58,24 +58,6 @@ def tp2(folder: Path) -> Iterator[TensorParallelEngine]:
         yield engine
     finally:
         engine.close()
-
-
-def running(pid: int) -> bool:
-    """The process exists and is not a zombie (an orphan may wait for a reaper that is slow)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
-def wait_until(condition: Callable[[], bool], deadline_s: float = DEADLINE_S) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def run_to_end(engine: Any, prompts: list[list[int]], params: SamplingParams) -> tuple[Any, int]:
@@ -185,7 +167,7 @@ def test_killing_one_rank_ends_the_others(folder: Path, victim: int) -> None:
         pids = engine.info.pids
         os.kill(pids[victim], signal.SIGKILL)
         other = pids[1 - victim]
-        assert wait_until(lambda: not running(other)), f"a rank outlived rank {victim}"
+        assert wait_until(lambda: not process_running(other)), f"a rank outlived rank {victim}"
         assert wait_until(lambda: bool(deaths))
         assert deaths == [engine.death]
         assert f"rank {victim}" in deaths[0] and "status -9" in deaths[0]
@@ -224,10 +206,10 @@ def test_ranks_end_when_their_supervisor_is_killed(folder: Path, tmp_path: Path)
     try:
         assert supervisor.stdout is not None
         pids = [int(pid) for pid in supervisor.stdout.readline().split()]
-        assert len(pids) == 2 and all(running(pid) for pid in pids)
+        assert len(pids) == 2 and all(process_running(pid) for pid in pids)
         supervisor.kill()
         supervisor.wait(DEADLINE_S)
-        assert wait_until(lambda: not any(running(pid) for pid in pids)), "orphaned ranks"
+        assert wait_until(lambda: not any(process_running(pid) for pid in pids)), "orphaned ranks"
     finally:
         supervisor.kill()
         supervisor.wait(DEADLINE_S)

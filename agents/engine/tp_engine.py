@@ -156,14 +156,16 @@ class TensorParallelEngine:
         if self._closing:
             return
         self._closing = True
-        if self.death is None:
+        # A call stuck in a step (a hung collective) holds the lock: then no goodbye, only kills.
+        if self.death is None and self._lock.acquire(timeout=timeout_s):
             try:
-                with self._lock:
-                    self._commands.send(("shutdown", (), {}))
-                    if self._commands.poll(timeout_s):
-                        self._commands.recv()
+                self._commands.send(("shutdown", (), {}))
+                if self._commands.poll(timeout_s):
+                    self._commands.recv()
             except (OSError, EOFError):
                 pass
+            finally:
+                self._lock.release()
         _end_processes(self.processes, deadline_s=timeout_s)
         self._release()
 

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx2 as httpx
 import torch
 from conftest import SERVED_NAME, ServerProcess, start_server, stop_server
+from engine_helpers import process_running, wait_until
 from tessera.agents.engine import Engine, EngineConfig, SamplingParams
-
-DEADLINE_S = 30.0
 
 
 def children(pid: int) -> list[int]:
@@ -28,14 +25,6 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
 def rank_pids(server: ServerProcess) -> list[int]:
     """The rank processes: children of the server's multiprocessing forkserver."""
     for child in children(server.process.pid):
@@ -43,15 +32,6 @@ def rank_pids(server: ServerProcess) -> list[int]:
         if b"forkserver" in cmdline:
             return sorted(children(child))
     return []
-
-
-def wait_until(condition: Callable[[], bool], deadline_s: float = DEADLINE_S) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def greedy(server: ServerProcess, prompt: list[int], max_tokens: int) -> list[int]:
@@ -81,11 +61,13 @@ def test_tp2_serves_the_single_device_greedy_tokens_and_leaves_no_rank(
     server = start_server(tiny_model, tmp_path / "serve.log", "--tensor-parallel-size=2")
     try:
         ranks = rank_pids(server)
-        assert len(ranks) == 2 and all(running(pid) for pid in ranks)
+        assert len(ranks) == 2 and all(process_running(pid) for pid in ranks)
         assert [greedy(server, prompt, 12) for prompt in prompts] == expected
     finally:
         stop_server(server)
-    assert wait_until(lambda: not any(running(pid) for pid in ranks)), "ranks outlived serve"
+    assert wait_until(lambda: not any(process_running(pid) for pid in ranks)), (
+        "ranks outlived serve"
+    )
 
 
 def test_a_dead_rank_stops_the_server(tiny_model: Path, tmp_path: Path) -> None:
@@ -96,7 +78,7 @@ def test_a_dead_rank_stops_the_server(tiny_model: Path, tmp_path: Path) -> None:
         os.kill(ranks[1], signal.SIGKILL)
         assert wait_until(lambda: server.process.poll() is not None), "serve outlived a rank"
         assert server.process.returncode == 1
-        assert wait_until(lambda: not running(ranks[0]))
+        assert wait_until(lambda: not process_running(ranks[0]))
         assert "tensor-parallel rank" in server.log.read_text()
     finally:
         stop_server(server)

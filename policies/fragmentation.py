@@ -38,7 +38,7 @@ class ReplicaShape:
 
 
 def shapes_from_pods(problem: RebalanceProblem, max_shapes: int = 8) -> list[ReplicaShape]:
-    """The replica shapes the cluster's own pods ask for.
+    """The replica shapes the cluster's own pods ask for, running or pending.
 
     GPU pods are grouped by (GPU count, node requirement), with the median CPU and memory of the
     group and its share of GPU pods as weight; CPU-only pods give one shape (their median
@@ -46,7 +46,7 @@ def shapes_from_pods(problem: RebalanceProblem, max_shapes: int = 8) -> list[Rep
     """
     groups: defaultdict[tuple[int, NodeRequirement], list[Resources]] = defaultdict(list)
     cpu_only: list[Resources] = []
-    for pod in problem.snapshot.pods:
+    for pod in (*problem.snapshot.pods, *problem.snapshot.pending):
         if pod.requests.gpu > 0:
             groups[(pod.requests.gpu, pod.requirement)].append(pod.requests)
         elif pod.requests.cpu_m > 0 or pod.requests.memory_mib > 0:

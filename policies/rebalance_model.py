@@ -141,11 +141,13 @@ class Pod:
 
 @dataclass(frozen=True)
 class ClusterSnapshot:
-    """Nodes in scope, every pod bound to them, and each PDB's disruptionsAllowed."""
+    """Nodes in scope, every pod bound to them, each PDB's disruptionsAllowed, and the pods
+    waiting for room (`pending`: their node is ignored; they only say what shapes are wanted)."""
 
     nodes: tuple[Node, ...]
     pods: tuple[Pod, ...]
     disruptions_allowed: Mapping[str, int] = field(default_factory=dict)
+    pending: tuple[Pod, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@
   (Hand edits of a child's spec are undone at the owner's next reconcile, not on the edit.)
 - PowerBudget -> a control loop per budget in `power_controller` (imported at the end of this
   module, so that importing the handlers registers it).
+- RebalancePolicy -> a round loop per policy in `rebalance_controller` (registered the same way).
 
 Status is written through the API under a per-deployment lock shared by the reconcile and the
 readiness handler, so the last writer has always read the newest children.
@@ -327,4 +328,5 @@ def on_child_event(
             _write_status(kube, namespace, name, patch)
 
 
-from tessera.operator import power_controller  # noqa: E402,F401  (registers its handlers)
+# Importing them registers their handlers.
+from tessera.operator import power_controller, rebalance_controller  # noqa: E402,F401

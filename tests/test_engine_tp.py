@@ -89,6 +89,8 @@ def test_tp2_matches_tp1_tokens_and_logits(folder: Path, tp2: TensorParallelEngi
         scale = ref_logits.abs().max().item()
         assert scale > 1.0, "logits too flat to tell the shards apart"
         assert (got_logits - ref_logits).abs().max().item() < 1e-4 * scale
+    # Each rank holds half the KV heads (2 -> 1) of the cache's 96 blocks.
+    assert tp2.info.kv_cache_shape == (2, 2, 96, 4, 1, 16)
     assert not tp2.has_unfinished() and tp2.scheduler.num_waiting == 0
     assert tp2.stats_snapshot().kv_blocks_used == 0
 

@@ -86,6 +86,8 @@ class EngineInfo:
     max_model_len: int
     num_kv_blocks: int
     block_size: int
+    kv_cache_shape: tuple[int, ...]
+    """Rank 0's cache: [layers, 2, blocks, block_size, its KV heads, head_dim]."""
     counts: EngineCounts
     pids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -332,6 +334,7 @@ def _run_rank(spec: RankSpec, conn: Connection, device: torch.device) -> int:
         max_model_len=engine.max_model_len,
         num_kv_blocks=blocks,
         block_size=ec.block_size,
+        kv_cache_shape=tuple(engine.kv_cache.data.shape),
         counts=counts_of(engine),
     )
     conn.send(("ready", os.getpid(), info))

@@ -9,8 +9,10 @@ Prints a table and writes bench/results/rebalance/rebalance_bench.json.
 Score = 1 - fragmentation (higher is better). `vs MIP` is the fast score's shortfall against the
 MIP's best plan in percent (negative: the fast plan is better); `vs bound` against the MIP's
 proven upper bound, which holds even when the time limit stops the MIP; `gain %` the share of
-the MIP's improvement the fast plan reaches. Fast times are CPU seconds of this process (the
-bench runs on shared cores; wall time beside it).
+the MIP's improvement the fast plan reaches ("-" where the MIP found no improving plan in its
+time). Fast times are CPU seconds of this process (the bench runs on shared cores; wall time
+beside it); the MIP's limit is wall time, so on a loaded machine it gets less CPU than it
+seems: the JSON records the load average.
 Target (issue 17): at 1,000 nodes the fast policy within 2% of the MIP in under 1 s.
 """
 
@@ -74,7 +76,7 @@ def run_instance(
             "fast_vs_mip_pct": 100 * (mip_score - fast_score) / mip_score,
             "fast_vs_bound_pct": 100 * (bound - fast_score) / bound,
             "gain_captured_pct": (
-                100 * (fast_score - base) / (mip_score - base) if mip_score > base else 100.0
+                100 * (fast_score - base) / (mip_score - base) if mip_score > base else None
             ),
         }
     return row
@@ -90,7 +92,7 @@ def _table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(name, justify="right")
 
     def fmt(row: dict[str, Any], key: str, spec: str) -> str:
-        return format(row[key], spec) if key in row else "-"
+        return format(row[key], spec) if row.get(key) is not None else "-"
 
     for r in rows:
         table.add_row(
@@ -111,10 +113,11 @@ def main() -> None:
     parser.add_argument("--large-nodes", type=int, nargs="*", default=[10000])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--budget", type=int, default=16)
-    parser.add_argument("--mip-time-limit", type=float, default=60.0)
+    parser.add_argument("--mip-time-limit", type=float, default=90.0)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     options = FastOptions()
+    load_at_start = os.getloadavg()
     rows = [
         run_instance(n, seed, args.budget, args.mip_time_limit, options)
         for n in args.exact_nodes
@@ -130,6 +133,7 @@ def main() -> None:
     result = {
         "config": vars(args) | {"out": str(args.out), "fast_options": options.__dict__},
         "cpu_count": os.cpu_count(),
+        "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
         "rows": rows,
     }

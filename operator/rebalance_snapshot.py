@@ -197,10 +197,10 @@ def snapshot_from(
         phase = (obj.get("status") or {}).get("phase")
         if not node and phase == "Pending" and not meta.get("deletionTimestamp"):
             requirement, _ = requirement_from(spec)
+            name = f"{meta.get('namespace')}/{meta['name']}"
             pending.append(
-                Pod(f"{meta.get('namespace')}/{meta['name']}", "", pod_requests(spec),
-                    requirement=requirement, movable=False)
-            )  # fmt: skip
+                Pod(name, "", pod_requests(spec), requirement=requirement, movable=False)
+            )
             continue
         if node not in in_scope or phase in ("Succeeded", "Failed"):
             continue

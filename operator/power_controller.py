@@ -161,13 +161,37 @@ def device_views(
                 power_limit_min_w=device.power_limit_min_w,
             )
             placed.append(Placed(view, agent, device))
+    anywhere = {d.uuid for a in snapshot.agents.values() for d in a.devices}
     for uuid, cap in record.items():
-        if uuid not in seen:
+        if uuid not in seen and uuid not in anywhere:  # on no agent: held, not forgotten
             in_force = Actuation(cap.power_limit_w, cap.sm_clock_max_mhz)
             placed.append(
                 Placed(DeviceView(uuid, cap.node, None, False, in_force=in_force), None, None)
             )
     return placed
+
+
+def uncovered(
+    snapshot: FleetSnapshot, placed: Sequence[Placed], record: Mapping[str, DeviceCap]
+) -> list[Placed]:
+    """Devices this budget capped that it no longer covers (its nodeSelector or the node's
+    labels changed): to be lifted, and kept in the record until a lift succeeds."""
+    covered = {p.view.uuid for p in placed}
+    found = []
+    for agent in snapshot.agents.values():
+        for device in agent.devices:
+            if device.uuid in record and device.uuid not in covered:
+                view = DeviceView(
+                    device.uuid,
+                    agent.node_name,
+                    device.power_w,
+                    agent.status == AgentStatus.FRESH,
+                    in_force=observed_actuation(device),
+                    tdp_w=device.power_limit_max_w,
+                    power_limit_min_w=device.power_limit_min_w,
+                )
+                found.append(Placed(view, agent, device))
+    return found
 
 
 # ---- acting -------------------------------------------------------------------------------
@@ -430,8 +454,9 @@ class BudgetController:
         placed = device_views(spec, snapshot, self._covered_nodes(spec), self._priorities(), record)
         views = [p.view for p in placed]
         decision = decide(spec, views)
-        actions = actuate(placed, decision.actuations, self.agents.channel_factory)
-        capped = new_record(placed, decision.actuations, actions, record)
+        orphans = uncovered(snapshot, placed, record)
+        actions = actuate([*placed, *orphans], decision.actuations, self.agents.channel_factory)
+        capped = new_record([*placed, *orphans], decision.actuations, actions, record)
         self._report(body, spec, decision, actions, capped, sum(1 for v in views if v.trusted))
         return spec.control_interval_seconds
 

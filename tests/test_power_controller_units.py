@@ -30,6 +30,7 @@ from tessera.operator.power_controller import (
     observed_actuation,
     priority_index,
     summarize,
+    uncovered,
 )
 from tessera.policies.power_model import FREE, Actuation
 
@@ -165,3 +166,21 @@ def test_an_unreachable_agent_is_called_once_a_round_and_every_step_is_reported(
     assert calls == ["/tessera.agent.v1.Control/SetPowerLimit"]  # once, not once per device
     assert time.monotonic() - started < CONTROL_TIMEOUT_S
     assert new_record(placed, wanted, actions, {}) == []  # nothing was capped
+
+
+def test_caps_on_devices_the_budget_no_longer_covers_are_lifted_and_kept_until_they_are() -> None:
+    snapshot = FleetSnapshot(
+        {
+            "a": agent("a", "node-a", [telemetry("A0")]),
+            "b": agent("b", "node-b", [telemetry("B0", 400.0), telemetry("B1")]),
+        }
+    )
+    record = {"B0": DeviceCap(uuid="B0", node="node-b", agent="b", power_limit_w=400.0)}
+    spec = PowerBudgetSpec(budget_w=2000)
+    placed = device_views(spec, snapshot, {"node-a"}, {}, record)  # node-b left the selector
+    orphans = uncovered(snapshot, placed, record)
+    assert [(p.view.uuid, p.view.in_force) for p in orphans] == [("B0", Actuation(400.0))]
+    failed = [Action("B0", "b", "reset-power-limit", None, "UNAVAILABLE: down")]
+    assert [c.uuid for c in new_record([*placed, *orphans], {}, failed, record)] == ["B0"]
+    lifted = [Action("B0", "b", "reset-power-limit", None)]
+    assert new_record([*placed, *orphans], {}, lifted, record) == []

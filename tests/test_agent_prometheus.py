@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -13,8 +11,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from agent_support import free_port, make_certs, start_sim_agent, wait_for
+from agent_support import make_certs, start_sim_agent, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_support import PROMETHEUS, running_prometheus
 from tessera.agents.client import AgentClient
 from tessera.agents.instance_stats import InstanceStats
 from tessera.agents.metrics import AgentMetrics
@@ -170,49 +169,19 @@ def test_healthz_follows_the_agent(exported: list) -> None:
     assert status == 503 and "stopping" in body
 
 
-PROMETHEUS = shutil.which("prometheus")
-
-
 @pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
 def test_real_prometheus_scrapes_two_agents_and_answers_each_devices_power(
     exported: list, tmp_path: Path
 ) -> None:
-    assert PROMETHEUS is not None
     targets = [f"127.0.0.1:{port}" for _, _, port in exported]
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        json.dumps(  # JSON is YAML
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "scrape_configs": [
-                    {"job_name": "tessera-agent", "static_configs": [{"targets": targets}]}
-                ],
-            }
-        )
-    )
-    web_port = free_port()
-    log = (tmp_path / "prometheus.log").open("w")
-    process = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{web_port}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    scrape = [{"job_name": "tessera-agent", "static_configs": [{"targets": targets}]}]
+    with running_prometheus(scrape, tmp_path) as prometheus:
         query = urllib.parse.urlencode({"query": "tessera_device_power_watts"})
 
         def all_devices() -> list | None:
-            if process.poll() is not None:
-                raise AssertionError(
-                    f"prometheus exited: {(tmp_path / 'prometheus.log').read_text()}"
-                )
+            prometheus.check_alive()
             try:
-                status, body = get(f"http://127.0.0.1:{web_port}/api/v1/query?{query}")
+                status, body = get(f"http://127.0.0.1:{prometheus.port}/api/v1/query?{query}")
             except (urllib.error.URLError, ConnectionError):
                 return None  # not listening yet
             result = json.loads(body)["data"]["result"] if status == 200 else []
@@ -229,7 +198,3 @@ def test_real_prometheus_scrapes_two_agents_and_answers_each_devices_power(
         }
         assert got == pytest.approx(expected)
         assert {r["metric"]["instance"] for r in result} == set(targets)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()

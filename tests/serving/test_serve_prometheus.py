@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
-import subprocess
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -20,12 +18,12 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-from agent_support import free_port, start_sim_agent, wait_for
+from agent_support import start_sim_agent, wait_for
 from conftest import SERVED_NAME, ServerProcess
+from prometheus_support import PROMETHEUS, running_prometheus
 from tessera.agents.metrics import AgentMetrics
 from tessera.agents.sim_backend import SimBackend
 
-PROMETHEUS = shutil.which("prometheus")
 DASHBOARDS = Path(__file__).resolve().parents[2] / "helm" / "tessera" / "dashboards"
 NAMESPACE = "serving"
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus (apt install prometheus)")
@@ -94,65 +92,43 @@ def query(port: int, expr: str) -> list[dict[str, Any]]:
 def test_every_dashboard_query_returns_a_series_from_a_real_prometheus(
     server: ServerProcess, agent_metrics_port: int, load: None, tmp_path: Path
 ) -> None:
-    assert PROMETHEUS is not None
     serve_target = server.base_url.removeprefix("http://")
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "tessera-serve",
-                "static_configs": [{"targets": [serve_target], "labels": {"namespace": NAMESPACE}}],
-            },
-            {
-                "job_name": "tessera-agent",
-                "static_configs": [{"targets": [f"127.0.0.1:{agent_metrics_port}"]}],
-            },
-        ],
-    }
-    (tmp_path / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
-    web_port = free_port()
-    log_path = tmp_path / "prometheus.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{web_port}",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            queries = dashboard_queries()
-            assert len(queries) >= 15
-            pending = dict(queries)
+    scrape = [
+        {
+            "job_name": "tessera-serve",
+            "static_configs": [{"targets": [serve_target], "labels": {"namespace": NAMESPACE}}],
+        },
+        {
+            "job_name": "tessera-agent",
+            "static_configs": [{"targets": [f"127.0.0.1:{agent_metrics_port}"]}],
+        },
+    ]
+    with running_prometheus(scrape, tmp_path) as prometheus:
+        web_port = prometheus.port
+        queries = dashboard_queries()
+        assert len(queries) >= 15
+        pending = dict(queries)
 
-            def all_answered() -> bool:
-                if process.poll() is not None:
-                    raise AssertionError(f"prometheus exited: {log_path.read_text()}")
-                try:
-                    for title, expr in list(pending.items()):
-                        values = [float(r["value"][1]) for r in query(web_port, expr)]
-                        if any(math.isfinite(v) for v in values):
-                            del pending[title]
-                except (httpx.TransportError, NotReadyError):
-                    return False  # not listening or not ready yet
-                return not pending
-
+        def all_answered() -> bool:
+            prometheus.check_alive()
             try:
-                wait_for(all_answered, "every dashboard query", timeout_s=60, every_s=0.5)
-            except AssertionError as error:
-                raise AssertionError(f"queries without a series: {pending}") from error
-            namespaces = httpx.get(
-                f"http://127.0.0.1:{web_port}/api/v1/label/namespace/values",
-                params={"match[]": "vllm:num_requests_running"},
-            ).json()["data"]
-            assert namespaces == [NAMESPACE]
-            running = query(web_port, "vllm:num_requests_running")
-            assert {r["metric"]["model_name"] for r in running} == {SERVED_NAME}
-            assert {r["metric"]["pool"] for r in running} == {"colocated-cpu"}
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+                for title, expr in list(pending.items()):
+                    values = [float(r["value"][1]) for r in query(web_port, expr)]
+                    if any(math.isfinite(v) for v in values):
+                        del pending[title]
+            except (httpx.TransportError, NotReadyError):
+                return False  # not listening or not ready yet
+            return not pending
+
+        try:
+            wait_for(all_answered, "every dashboard query", timeout_s=60, every_s=0.5)
+        except AssertionError as error:
+            raise AssertionError(f"queries without a series: {pending}") from error
+        namespaces = httpx.get(
+            f"http://127.0.0.1:{web_port}/api/v1/label/namespace/values",
+            params={"match[]": "vllm:num_requests_running"},
+        ).json()["data"]
+        assert namespaces == [NAMESPACE]
+        running = query(web_port, "vllm:num_requests_running")
+        assert {r["metric"]["model_name"] for r in running} == {SERVED_NAME}
+        assert {r["metric"]["pool"] for r in running} == {"colocated-cpu"}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal, cast
 
 import kopf
 from kubernetes import client
@@ -64,7 +64,7 @@ def evict(core: client.CoreV1Api, ref: PodRef) -> tuple[str, str | None]:
             "metadata": {"name": ref.name, "namespace": ref.namespace},
         }
         try:
-            core.create_namespaced_pod_eviction(ref.name, ref.namespace, body)
+            core.create_namespaced_pod_eviction(ref.name, ref.namespace, cast(Any, body))
         except ApiException as error:
             if error.status == 429:
                 return "Blocked", "a PodDisruptionBudget allows no disruption now"
@@ -94,6 +94,7 @@ def ready_condition(
     plan: RebalancePlan, moves: Sequence[PlannedMove], dry_run: bool, generation: int | None
 ) -> Condition:
     failed = [m for m in moves if m.result in ("Failed", "Blocked")]
+    status: Literal["True", "False"]
     if failed:
         status, reason = "False", "EvictionFailed"
         message = "; ".join(f"{m.namespace}/{m.pod}: {m.message}" for m in failed[:5])
@@ -238,25 +239,23 @@ class RebalanceController:
         """Post a core/v1 Event on the policy through the API (kopf's posting needs its own
         context, which a round run outside the daemon does not have)."""
         meta = body.get("metadata") or {}
-        self.kube.core.create_namespaced_event(
-            self.events_namespace,
-            {
-                "metadata": {"generateName": f"{self.name}.", "namespace": self.events_namespace},
-                "involvedObject": {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": "RebalancePolicy",
-                    "name": self.name,
-                    "uid": meta.get("uid"),
-                },
-                "type": type_,
-                "reason": reason,
-                "message": message,
-                "firstTimestamp": _timestamp(now),
-                "lastTimestamp": _timestamp(now),
-                "count": 1,
-                "source": {"component": "tessera-rebalancer"},
+        event: dict[str, Any] = {
+            "metadata": {"generateName": f"{self.name}.", "namespace": self.events_namespace},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "RebalancePolicy",
+                "name": self.name,
+                "uid": meta.get("uid"),
             },
-        )
+            "type": type_,
+            "reason": reason,
+            "message": message,
+            "firstTimestamp": _timestamp(now),
+            "lastTimestamp": _timestamp(now),
+            "count": 1,
+            "source": {"component": "tessera-rebalancer"},
+        }
+        self.kube.core.create_namespaced_event(self.events_namespace, cast(Any, event))
 
     def _write(self, patch: Mapping[str, Any]) -> None:
         # A list in a merge patch replaces the old one: `moves` is the last round's only.

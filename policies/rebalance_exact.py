@@ -99,8 +99,8 @@ def solve_exact(
     moving_signatures = sorted({key[1] for key in groups})
     in_col: dict[tuple[int, int], int] = {}
     for k in moving_signatures:
-        for n in np.nonzero(problem.admits[k])[0]:
-            in_col[(int(n), k)] = cols.add(0, budget, 0.0, True)
+        for n in np.nonzero(problem.admits[k])[0].tolist():
+            in_col[(n, k)] = cols.add(0, budget, 0.0, True)
 
     n_nodes, n_res = problem.free.shape
     out_by_node: defaultdict[int, list[tuple[int, int]]] = defaultdict(list)
@@ -124,11 +124,11 @@ def solve_exact(
     for s in range(len(objective.shapes)):
         if objective.coef[s] <= 0:
             continue
-        for n in np.nonzero(objective.mask[s])[0]:
+        for n in np.nonzero(objective.mask[s])[0].tolist():
             if empty_fits[s, n] == 0:
                 continue
             y = cols.add(0, float(empty_fits[s, n]), float(objective.coef[s]), True)
-            for r in np.nonzero(objective.demand[s])[0]:
+            for r in np.nonzero(objective.demand[s])[0].tolist():
                 rows.add(
                     [(y, float(objective.demand[s, r])), (int(free_col[n, r]), -1.0)], -_INF, 0
                 )

@@ -235,7 +235,7 @@ def solve_fast(
     rng = np.random.default_rng(options.seed)
     for _ in range(options.local_search_rounds if len(applied) else 0):
         drop = set(
-            rng.choice(len(applied), size=min(len(applied), rng.integers(1, 3)), replace=False)
+            rng.choice(len(applied), size=min(len(applied), int(rng.integers(1, 3))), replace=False)
         )
         kept = _without_dependents(problem, [e for i, e in enumerate(applied) if i not in drop])
         state.reset([m for evac in kept for m in evac])

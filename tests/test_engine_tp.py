@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,6 +177,30 @@ def test_killing_one_rank_ends_the_others(folder: Path, victim: int) -> None:
         assert not engine.has_unfinished()
         with pytest.raises(EngineDeadError, match=f"rank {victim}"):
             engine.step()
+    finally:
+        engine.close()
+
+
+def test_a_rank_killed_mid_generation_fails_the_call_naming_it(folder: Path) -> None:
+    engine = start_tensor_parallel_engine(folder, engine_config(), 2)
+    try:
+        outcome: list[BaseException | None] = []
+        params = SamplingParams(max_new_tokens=240, ignore_eos=True)
+
+        def generate() -> None:
+            try:
+                engine.generate(random_prompts([5, 7, 9], VOCAB), params)
+                outcome.append(None)
+            except BaseException as error:
+                outcome.append(error)
+
+        caller = threading.Thread(target=generate)
+        caller.start()
+        os.kill(engine.info.pids[1], signal.SIGKILL)
+        caller.join(DEADLINE_S)
+        assert outcome and isinstance(outcome[0], EngineDeadError), outcome
+        assert "rank 1" in str(outcome[0])
+        assert wait_until(lambda: not process_running(engine.info.pids[0]))
     finally:
         engine.close()
 

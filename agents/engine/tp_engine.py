@@ -33,6 +33,7 @@ from tessera.agents.engine.parallel import TensorParallelShard
 from tessera.agents.engine.request import Completion, RequestOutput, SamplingParams
 from tessera.agents.engine.stats import EngineStatsSnapshot
 from tessera.agents.engine.tp_worker import (
+    EXIT_GROUP_BROKEN,
     EngineCounts,
     EngineInfo,
     RankSpec,
@@ -192,9 +193,8 @@ class TensorParallelEngine:
                 raise EngineDeadError(self.death or f"rank 0 is gone ({error})") from error
             if status == "broken":
                 self._wait_for_death()
-                raise EngineDeadError(
-                    f"tensor-parallel group failed in {method}: {payload.rebuild()}"
-                )
+                cause = payload.rebuild()
+                raise EngineDeadError(self.death or f"{method} failed: {cause}") from cause
             self._counts = counts
             if status == "error":
                 raise payload.rebuild()
@@ -206,11 +206,13 @@ class TensorParallelEngine:
 
     def _supervise(self) -> None:
         sentinels = [p.sentinel for p in self.processes]
-        ended = wait(sentinels)
+        ended = [sentinels.index(s) for s in wait(sentinels)]  # type: ignore[arg-type]
         if self._closing:
             return
-        rank = sentinels.index(ended[0])  # type: ignore[arg-type]
-        code = self.processes[rank].exitcode
+        # Name the rank that died first: rank 0 leaves with EXIT_GROUP_BROKEN because of it.
+        codes = {rank: self.processes[rank].exitcode for rank in ended}
+        rank = next((r for r, c in codes.items() if c != EXIT_GROUP_BROKEN), ended[0])
+        code = codes[rank]
         self.death = (
             f"tensor-parallel rank {rank} (pid {self.processes[rank].pid}) exited with "
             f"status {code}; the other ranks were stopped"
@@ -218,7 +220,10 @@ class TensorParallelEngine:
         log.error("%s", self.death)
         _end_processes(self.processes, deadline_s=0.0)  # the others could only hang now
         if self._on_death is not None:
-            self._on_death(self.death)
+            try:
+                self._on_death(self.death)
+            except Exception:
+                log.exception("on_death callback failed")
 
 
 def _end_processes(processes: list[BaseProcess], deadline_s: float) -> None:

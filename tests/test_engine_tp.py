@@ -7,6 +7,7 @@ budget) so that steps mix decode tokens with prefill chunks that attend to cache
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -240,3 +241,33 @@ def test_ranks_end_when_their_supervisor_is_killed(folder: Path, tmp_path: Path)
     finally:
         supervisor.kill()
         supervisor.wait(DEADLINE_S)
+
+
+@pytest.mark.slow
+def test_tp_bench_runs_its_smoke_mode_and_writes_every_section(tmp_path: Path) -> None:
+    """bench/tp_bench.py on the CPU (gloo, tiny shape): the script the multi-GPU run will use
+    runs end to end, and each decode row carries the roofline and the model's prediction."""
+    out = tmp_path / "tp_bench.json"
+    bench = Path(__file__).resolve().parent.parent / "bench" / "tp_bench.py"
+    args = ["--smoke", "--tp", "1,2", "--batches", "2", "--contexts", "20"]
+    result = subprocess.run(
+        [sys.executable, str(bench), *args, "--prefill-tokens", "24", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["tp"] for r in report["results"]] == [1, 2]
+    for degree in report["results"]:
+        assert degree["errors"] == {}
+        (row,) = degree["decode"]
+        assert row["fits"] and row["step_ms"] > 0
+        assert row["model_ms"] > 0 and row["roofline_ms"] > 0
+        assert degree["prefill"]["model_ms"] > 0
+    tp2 = report["results"][1]
+    assert tp2["shard"]["lm_head_rows"] == 500 and tp2["step_message_ms"] > 0
+    assert set(tp2["allreduce_ms"]) == {"2", "24"}
+    assert [(r["tp"], r["batch"]) for r in report["scaling"]] == [(2, 2)]
+    assert "model" in result.stdout and "speedup" in result.stdout

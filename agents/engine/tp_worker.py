@@ -290,7 +290,7 @@ def _die_with(lifeline: Connection) -> None:
 
 
 def rank_main(spec: RankSpec, conn: Connection, lifeline: Connection) -> None:
-    """A rank process's entry point (multiprocessing, spawn)."""
+    """A rank process's entry point (started by tp_engine.py from its forkserver)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when ranks end
     threading.Thread(target=_die_with, args=(lifeline,), name="lifeline", daemon=True).start()
     logging.basicConfig(level=logging.INFO, format=f"rank {spec.shard.rank} %(name)s %(message)s")

@@ -242,10 +242,13 @@ def test_a_breach_caps_low_priority_decode_first_and_caps_lift_below_the_thresho
             REGISTRY.get_sample_value("tessera_power_budget_capped_devices", {"budget": name})
             == 1.0
         )
-        events = cluster.core.list_event_for_all_namespaces(
-            field_selector=f"involvedObject.name={name}"
-        ).items
-        assert any(e.reason == "PowerCapped" for e in events), [e.reason for e in events]
+
+        def reasons() -> list[str]:
+            selector = f"involvedObject.name={name}"
+            events = cluster.core.list_event_for_all_namespaces(field_selector=selector).items
+            return [e.reason for e in events]
+
+        wait_for(lambda: "PowerCapped" in reasons(), "a PowerCapped event (kopf posts them later)")
 
         a.load(LIGHT)
         b.load(LIGHT)
@@ -313,9 +316,12 @@ def test_stale_telemetry_holds_caps_and_a_returning_agent_is_brought_back_to_the
             "the controller to settle on fresh readings",
         )
         assert settled["drawW"] <= budget_w * 0.95
-        recorded = {c["uuid"] for c in settled["capped"]}
-        actual = {f"SIM-{n.name}-{i}" for n in (a, b) for i in (0, 1) if n.capped(i)}
-        assert recorded == actual
+
+        def consistent() -> bool:
+            recorded = {c["uuid"] for c in status(cluster, name)["capped"]}
+            return recorded == {f"SIM-{n.name}-{i}" for n in (a, b) for i in (0, 1) if n.capped(i)}
+
+        wait_for(consistent, "the recorded caps to be exactly the caps in force")
     finally:
         delete_budget(cluster, name, finalize=True)
         operator.stop()

@@ -43,7 +43,7 @@ from tessera.operator.collector import (
     DeviceTelemetry,
     FleetSnapshot,
 )
-from tessera.operator.reconcile import Kube, as_object, items_of
+from tessera.operator.reconcile import Kube, as_object, describe_spec_error, items_of
 from tessera.operator.status import merge_conditions
 from tessera.policies.power import DeviceView, Mode, PowerDecision, decide
 from tessera.policies.power_model import FREE, Actuation
@@ -437,7 +437,7 @@ class BudgetController:
                                 type=READY,
                                 status="False",
                                 reason="InvalidSpec",
-                                message=str(error).splitlines()[0],
+                                message=describe_spec_error(error),
                                 observed_generation=generation,
                             )
                         ],

@@ -11,6 +11,7 @@ tests what each side feeds it and how each applies its decisions.
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ ARRIVALS: dict[int, list[tuple[int, int]]] = {
     6: [(70, 8), (33, 33), (45, 20)],
     12: [(29, 16)],
     20: [(55, 30), (18, 5)],
-    400: [(40, 10)],  # after everything drained: it finds the replica idle
+    400: [(40, 10), (12, 3)],  # after everything drained: they find the replica idle
 }
 """Before which step (counting steps that ran something) each (prompt, output) arrives."""
 
@@ -64,23 +65,30 @@ class Step:
     used_blocks: int
 
 
-def _requests() -> Iterator[tuple[int, str, int, int]]:
+Arrivals = dict[int, list[tuple[int, int]]]
+
+
+def _requests(arrivals: Arrivals) -> Iterator[tuple[int, str, int, int]]:
     """(arrival step, id, prompt, output) in arrival order."""
     rid = 0
-    for step in sorted(ARRIVALS):
-        for prompt, output in ARRIVALS[step]:
+    for step in sorted(arrivals):
+        for prompt, output in arrivals[step]:
             yield step, f"r{rid}", prompt, output
             rid += 1
 
 
-def _groups() -> list[tuple[int, list[tuple[str, int, int]]]]:
+Group = tuple[int, list[tuple[str, int, int]]]
+"""Requests (id, prompt, output) arriving before the step of that index."""
+
+
+def _groups(arrivals: Arrivals) -> list[Group]:
     groups: dict[int, list[tuple[str, int, int]]] = {}
-    for step, rid, prompt, output in _requests():
+    for step, rid, prompt, output in _requests(arrivals):
         groups.setdefault(step, []).append((rid, prompt, output))
     return sorted(groups.items())
 
 
-def engine_steps(scheduler: SchedulerConfig) -> list[Step]:
+def engine_steps(scheduler: SchedulerConfig, arrivals: Arrivals) -> list[Step]:
     config = LlamaConfig.from_dict(dict(TINY, max_position_embeddings=512))
     weights = random_llama_weights(config, "cpu", torch.float32, seed=0)
     engine = Engine(
@@ -113,18 +121,29 @@ def engine_steps(scheduler: SchedulerConfig) -> list[Step]:
         return out
 
     engine.scheduler.schedule = recorded  # type: ignore[method-assign]
-    groups = _groups()
+    groups = _groups(arrivals)
     while groups or engine.has_unfinished():
         if groups and (groups[0][0] <= len(steps) or not engine.has_unfinished()):
-            for rid, prompt, output in groups.pop(0)[1]:
+            group = _arriving(groups, len(steps), idle=not engine.has_unfinished())
+            for rid, prompt, output in group:
                 params = SamplingParams(max_new_tokens=output, ignore_eos=True)
                 engine.add_request([5] * prompt, params, request_id=rid)
         engine.step()
     return steps
 
 
-def sim_steps(scheduler: SchedulerConfig) -> list[Step]:
-    requests = list(_requests())
+def _arriving(groups: list[Group], step: int, idle: bool) -> list[tuple[str, int, int]]:
+    """The group arriving now. At an idle replica the first request starts a step at once,
+    as it would in real time, and the rest of its group arrive during that step."""
+    _, group = groups.pop(0)
+    if idle and len(group) > 1:
+        groups.insert(0, (step + 1, group[1:]))
+        return group[:1]
+    return group
+
+
+def sim_steps(scheduler: SchedulerConfig, arrivals: Arrivals) -> list[Step]:
+    requests = list(_requests(arrivals))
     load = workload(
         [float(i) for i in range(len(requests))],
         [prompt for _, _, prompt, _ in requests],
@@ -162,18 +181,16 @@ def sim_steps(scheduler: SchedulerConfig) -> list[Step]:
             index = int(rid[1:])
             instance.enqueue(Request(index, 0, now, prompt, output), now)
 
-    groups = _groups()
+    groups = _groups(arrivals)
     now = 0.0
     while groups or simulation.heap:
         if not simulation.heap:  # idle: the next arrival starts a step at once
-            _, group = groups.pop(0)
-            assert len(group) == 1, "arrivals at an idle replica start a step one by one"
-            arrive(instance, group, now)
+            arrive(instance, _arriving(groups, len(steps), idle=True), now)
             record()
             continue
         at_s, _, target, version = heapq.heappop(simulation.heap)
-        if groups and groups[0][0] <= len(steps):
-            arrive(instance, groups.pop(0)[1], (now + at_s) / 2)  # during the step
+        if groups and groups[0][0] <= len(steps):  # they arrive during the step
+            arrive(instance, _arriving(groups, len(steps), idle=False), (now + at_s) / 2)
         now = at_s
         target.step_end(at_s, version)
         record()
@@ -181,17 +198,41 @@ def sim_steps(scheduler: SchedulerConfig) -> list[Step]:
     return steps
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_simulator_and_engine_form_the_same_batches(mode: str) -> None:
-    scheduler = MODES[mode]
-    engine, simulated = engine_steps(scheduler), sim_steps(scheduler)
+def _assert_same_steps(scheduler: SchedulerConfig, arrivals: Arrivals) -> list[Step]:
+    engine, simulated = engine_steps(scheduler, arrivals), sim_steps(scheduler, arrivals)
     for index, (ours, theirs) in enumerate(zip(engine, simulated, strict=False)):
         assert ours == theirs, f"step {index} differs"
     assert len(engine) == len(simulated)
+    return engine
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_simulator_and_engine_form_the_same_batches(mode: str) -> None:
+    scheduler = MODES[mode]
+    engine = _assert_same_steps(scheduler, ARRIVALS)
     # The sequence exercises every rule: preemption, the batch cap, chunks or whole prompts.
     assert any(step.preempted for step in engine)
     assert max(len(step.running) for step in engine) == scheduler.max_num_seqs
     assert max(sum(step.tokens.values()) for step in engine) <= scheduler.max_num_batched_tokens
-    prompts = {rid: prompt for _, rid, prompt, _ in _requests()}
+    prompts = {rid: prompt for _, rid, prompt, _ in _requests(ARRIVALS)}
     partial = any(1 < count < prompts[rid] for step in engine for rid, count in step.tokens.items())
     assert partial is scheduler.enable_chunked_prefill
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_sequences_give_the_same_batches(seed: int) -> None:
+    """Lengths from one token up, batch caps from one, budgets from a few tokens."""
+    rng = random.Random(seed)
+    chunked = seed % 2 == 0
+    scheduler = SchedulerConfig(
+        max_num_seqs=rng.randint(1, 6),
+        max_num_batched_tokens=rng.randint(8, 64) if chunked else rng.randint(80, 200),
+        enable_chunked_prefill=chunked,
+    )
+    arrivals: Arrivals = {}
+    step = 0
+    for _ in range(5):
+        group = rng.randint(1, 3)
+        arrivals[step] = [(rng.randint(1, 80), rng.randint(1, 30)) for _ in range(group)]
+        step += rng.randint(1, 30)
+    _assert_same_steps(scheduler, arrivals)

@@ -33,6 +33,8 @@ class FastOptions:
 
     max_group: int = 3
     """Most pods one evacuation moves off a node (stage 1's reach)."""
+    max_prepare: int = 3
+    """Most pods moved off a node to prepare it as a target (stage 2's ejection chains)."""
     shortlist: int = 24
     """Candidates re-evaluated exactly per step, out of those the vector estimate ranks first."""
     targets_kept: int = 8
@@ -44,7 +46,7 @@ class FastOptions:
 class _Candidates:
     """Every evacuation: a node and a multiset of its movable pod groups (<= max_group pods)."""
 
-    def __init__(self, problem: RebalanceProblem, max_group: int) -> None:
+    def __init__(self, problem: RebalanceProblem, max_group: int, max_prepare: int) -> None:
         self.group_pods: list[list[int]] = []
         self.group_sig: list[int] = []
         self.group_pdbs: list[tuple[int, ...]] = []
@@ -89,10 +91,10 @@ class _Candidates:
         for j in range(width):
             present = self.sig[:, j] >= 0
             self.requests[present] += sig_req[self.sig[present, j]]
-        # (signature, evacuation of <= 2 pods on a node admitting it): every way to prepare a
-        # target for a pod of that signature (stage 2's ejection chains).
+        # (signature, evacuation of <= max_prepare pods on a node admitting it): every way to
+        # prepare a target for a pod of that signature (stage 2's ejection chains).
         # Only for multi-GPU pods: a single GPU nearly always has a direct target.
-        small = np.nonzero(self.size <= 2)[0]
+        small = np.nonzero(self.size <= max_prepare)[0]
         chained = [k for k in self.moving_signatures if problem.signature_requests[k, 0] >= 2]
         hosts = [small[problem.admits[k, self.node[small]]] for k in chained]
         self.host_sig = np.repeat(np.array(chained, dtype=np.int64), [h.size for h in hosts])
@@ -227,7 +229,7 @@ def solve_fast(
     budget = problem.rules.move_budget
     if budget == 0 or not problem.movable.any():
         return SolverResult("fast", (), "nothing-to-move")
-    cands = _Candidates(problem, min(options.max_group, budget))
+    cands = _Candidates(problem, min(options.max_group, budget), options.max_prepare)
     state = _State(problem, objective, cands, options.targets_kept)
     applied = _greedy(problem, objective, cands, state, [], shortlist=options.shortlist)
     best_moves = [m for evac in applied for m in evac]
@@ -338,7 +340,7 @@ def _best_evacuation(
 ) -> list[tuple[int, int]] | None:
     """Stage 1 by vector estimate, then stages 1 and 2 exactly on a shortlist.
 
-    Stage 2 may also *prepare* a target: move one or two pods off a node so the evacuated pod
+    Stage 2 may also *prepare* a target: move up to `max_prepare` pods off a node so the pod
     fits there (an ejection chain, e.g. two 2-GPU pods off an A100 node so an 8-GPU pod can
     leave an H100 node whole); without it greedy stalls where every single move loses.
     """
@@ -348,7 +350,7 @@ def _best_evacuation(
     valid = available & (cands.size <= left) & (state.src_gain > _EPS)
     if not valid.any():
         return None
-    chains = _chain_table(problem, cands, state, available & (cands.size <= min(2, left - 1)))
+    chains = _chain_table(problem, cands, state, available & (cands.size <= left - 1))
     idx = np.nonzero(valid)[0]
     est = state.src_gain[idx].copy()
     size = cands.size[idx].astype(float)

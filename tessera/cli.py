@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("tessera.sim.cli", "simulate_command"),
     "agent": ("tessera.agents.cli", "agent_command"),
     "serve": ("tessera.agents.serving.cli", "serve_command"),
+    "router": ("tessera.agents.router.cli", "router_command"),
 }
 
 SUBCOMMAND_HELP: dict[str, str] = {
@@ -29,6 +30,7 @@ SUBCOMMAND_HELP: dict[str, str] = {
     "simulate": "Simulate a heterogeneous cluster serving a trace under Tessera's policies.",
     "agent": "Run the node agent (gRPC telemetry and control).",
     "serve": "Serve a model over an OpenAI-compatible HTTP API (the engine's pods run this).",
+    "router": "Route a disaggregated ModelDeployment's requests: prefill, then decode.",
 }
 
 

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from tessera.agents.engine.kv_transfer import KVPackage
 from tessera.agents.engine.request import SamplingParams
 from tessera.agents.engine.serving_loop import QueueFullError, ServingLoop
 from tessera.agents.instance_stats import INSTANCE_STATS_PATH
@@ -58,6 +59,9 @@ from tessera.agents.serving.tokenizer import ServingTokenizer, TemplateError
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+PrefillHook = Callable[[list[int], SamplingParams, Mapping[str, str]], Awaitable[KVPackage | None]]
+"""Decode role (disaggregated.py): a request's KV from a prefill instance, or None to compute
+the prompt here; raises ApiError when no prefill instance can serve it."""
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 429, 500, 503, 504)
 }
@@ -96,6 +100,7 @@ class Served:
     tokenizer: ServingTokenizer | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     load_error: str | None = None
+    prefill: PrefillHook | None = None
 
     @property
     def ready(self) -> bool:
@@ -222,8 +227,10 @@ async def _start(
     body: SamplingFields,
     prompt: list[int],
     max_tokens: int | None,
+    headers: Mapping[str, str] | None = None,
 ) -> Generation:
-    """Check the lengths, submit, and wait for the engine to accept the request."""
+    """Check the lengths, (decode role) fetch the prompt's KV, submit, and wait for the engine
+    to accept the request."""
     limit = served.max_model_len
     room = limit - len(prompt)
     if room < 1:
@@ -249,6 +256,9 @@ async def _start(
         seed=body.seed,
         ignore_eos=body.ignore_eos,
     )
+    package = None
+    if served.prefill is not None:
+        package = await served.prefill(prompt, params, headers or {})
     try:
         generation = Generation(
             loop,
@@ -258,6 +268,7 @@ async def _start(
             params,
             body.stop_strings,
             served.request_timeout_s,
+            package,
         )
     except QueueFullError as error:
         served.metrics.reject("queue_full")
@@ -287,7 +298,7 @@ async def _generate(
 ) -> Response:
     """Run one request; a stream of events, or the whole answer as one body."""
     chat = isinstance(body, ChatCompletionRequest)
-    generation = await _start(served, loop, tokenizer, body, prompt, max_tokens)
+    generation = await _start(served, loop, tokenizer, body, prompt, max_tokens, request.headers)
     now = int(time.time())
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{generation.request_id}"
     if body.stream:

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import click
 
 ROLES = ("colocated", "prefill", "decode", "attention")
-SERVED_ROLES = ("colocated",)
+SERVED_ROLES = ("colocated", "prefill", "decode")
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "fp8", "bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 LOCAL_SCHEMES = ("", "file")
@@ -90,6 +90,19 @@ def check_serve_extra() -> None:
 )
 @click.option("--enable-chunked-prefill/--no-enable-chunked-prefill", default=True)
 @click.option("--prefill-service", default=None, help="host:port of the prefill pool (decode).")
+@click.option(
+    "--kv-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Prefill role: TCP port of the KV channels (default: --port + 1).",
+)
+@click.option(
+    "--fault-corrupt-kv-every",
+    type=click.IntRange(min=0),
+    default=0,
+    hidden=True,
+    help="TEST HOOK (prefill role): flip one bit in every Nth KV package sent; 0: never.",
+)
 @click.option("--block-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--num-kv-blocks", type=click.IntRange(min=1), default=None)
 @click.option(
@@ -120,7 +133,7 @@ def check_serve_extra() -> None:
     show_default=True,
 )
 def serve_command(**flags: Any) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (colocated role)."""
+    """Serve a model over an OpenAI-compatible HTTP API (colocated, prefill or decode role)."""
     config = build_config(flags)
     import logging
 
@@ -133,7 +146,12 @@ def serve_command(**flags: Any) -> None:
 def build_config(flags: dict[str, Any]) -> Any:
     """Check what parsing cannot (files, roles, lengths) and build the ServeConfig."""
     if flags["role"] not in SERVED_ROLES:
-        fail(f"--role {flags['role']}: not served yet; tessera serve runs the colocated role")
+        fail(f"--role {flags['role']}: not served yet; one of {', '.join(SERVED_ROLES)}")
+    if flags["fault_corrupt_kv_every"] and flags["role"] != "prefill":
+        fail("--fault-corrupt-kv-every: a test hook of the prefill role only")
+    kv_port = flags["kv_port"] or flags["port"] + 1
+    if kv_port > 65535 or kv_port == flags["port"]:
+        fail(f"--kv-port {kv_port}: must be in 1..65535 and differ from --port")
     dtype = DTYPE_ALIASES.get(flags["dtype"], flags["dtype"])
     if dtype == "fp8":
         fail("--dtype fp8: not supported by the Tessera engine; bf16, fp16 or fp32")
@@ -176,6 +194,9 @@ def build_config(flags: dict[str, Any]) -> Any:
         seed=flags["seed"],
         log_level=flags["log_level"],
         tensor_parallel_size=flags["tensor_parallel_size"],
+        kv_port=kv_port,
+        prefill_service=flags["prefill_service"],
+        fault_corrupt_kv_every=flags["fault_corrupt_kv_every"],
     )
 
 

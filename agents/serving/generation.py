@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from starlette.requests import Request
+from tessera.agents.engine.kv_transfer import KVPackage
 from tessera.agents.engine.request import FinishReason, SamplingParams
 from tessera.agents.engine.serving_loop import ServingLoop, TokenEvent
 from tessera.agents.serving.metrics import ServingMetrics
@@ -98,10 +99,13 @@ class Generation:
         params: SamplingParams,
         stop: list[str],
         timeout_s: float | None,
+        package: KVPackage | None = None,
     ) -> None:
+        """With a `package` (decode role) the request continues from KV computed elsewhere:
+        its tokens so far are the first delta, and it enters the engine as an import."""
         self.loop = loop
         self.metrics = metrics
-        self.request_id = f"req-{next(_ids)}"
+        self.request_id = package.request_id if package else f"req-{next(_ids)}"
         self.prompt_token_ids = prompt_token_ids
         self.output = OutputText(tokenizer, stop)
         self.completion_tokens = 0
@@ -114,6 +118,11 @@ class Generation:
         def sink(event: TokenEvent) -> None:
             handoff.put(queue, event)
 
+        if package is not None:
+            self.admitted = loop.submit_import(package, sink, timeout_s=timeout_s)
+            first = TokenEvent(self.request_id, list(package.output_token_ids), False)
+            self._queue.put_nowait(first)
+            return
         self.admitted = loop.submit(
             prompt_token_ids, params, sink, request_id=self.request_id, timeout_s=timeout_s
         )

@@ -52,6 +52,12 @@ class ServeConfig:
     seed: int
     log_level: str
     tensor_parallel_size: int = 1
+    kv_port: int = 0
+    """Prefill role: where decode instances open KV channels."""
+    prefill_service: str | None = None
+    """Decode role: the prefill instance (host:port of its HTTP) when a request names none."""
+    fault_corrupt_kv_every: int = 0
+    """Prefill role, test hook only: corrupt every Nth KV package sent (0: never)."""
 
 
 def load(
@@ -59,7 +65,10 @@ def load(
 ) -> None:
     """Load, warm up, start the loop; then the routes serve. With tensor parallelism the
     engine is one process per rank (tp_engine.py), and `on_engine_death` is told if one dies."""
+    from tessera.agents.serving.disaggregated import PrefillLoop, engine_role
+
     engine_config = EngineConfig(
+        role=engine_role(config.role),
         device=config.device,
         dtype=DTYPES.get(config.dtype or ""),
         block_size=config.block_size,
@@ -84,9 +93,10 @@ def load(
         engine = Engine.from_pretrained(config.weights, engine_config)
     tokenizer = ServingTokenizer.from_folder(config.weights)
     warm_prompt = tokenizer.encode("warm up") or [0]
-    engine.generate([warm_prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    warm_tokens = 1 if config.role == "prefill" else 2  # a prefill engine parks at its 2nd
+    engine.generate([warm_prompt], SamplingParams(max_new_tokens=warm_tokens, ignore_eos=True))
     served.metrics.start_from(engine.stats_snapshot(drain=True))
-    loop = ServingLoop(
+    loop = (PrefillLoop if config.role == "prefill" else ServingLoop)(
         engine,
         max_waiting=config.max_waiting_requests,
         on_iteration=served.metrics.observe_engine,
@@ -109,6 +119,20 @@ def run(config: ServeConfig) -> int:
         request_timeout_s=config.request_timeout_s,
     )
     app = build_app(served)
+    if config.role in ("prefill", "decode"):
+        from tessera.agents.serving.disaggregated import attach
+
+        timeout = config.request_timeout_s or 600.0
+        attach(
+            app,
+            served,
+            config.role,
+            config.host,
+            config.kv_port,
+            config.prefill_service,
+            config.fault_corrupt_kv_every,
+            timeout,
+        )
     server = uvicorn.Server(
         uvicorn.Config(
             app, host=config.host, port=config.port, log_level=config.log_level, access_log=False

@@ -1,0 +1,260 @@
+"""Moving KV packages between engine processes: a transport interface and its TCP implementation.
+
+A transport opens *channels* (one per transfer) between a decode instance, which connects, and a
+prefill instance, which listens. On a channel both sides exchange small JSON messages (the
+prefill request, an answer without KV, an error) and KV packages. A package travels block by
+block: one frame with the package's checksummed header (`KVPackage.to_bytes`'s prefix), one
+frame per block in order, then an end frame; the receiver rebuilds the wire bytes and parses
+them with `KVPackage.from_bytes`, which verifies the header's and every block's checksum. So a
+package corrupted anywhere between the sender's export and the receiver's import is refused
+with a KVChecksumError, never imported.
+
+Frame: kind (u8), index (u32), payload length (u64), CRC-32 of the payload (u32), payload, all
+little-endian. The CRC catches damage to the framing itself at once (a flipped length would
+otherwise read garbage for the rest of the stream); the package's own checksums are the
+end-to-end check. Lengths are bounded, so a corrupted length cannot allocate without limit.
+
+The interface is what another transport implements: same-host CUDA IPC would send memory
+handles in place of the block frames, NIXL/UCX a remote-memory descriptor; `KVChannel` and
+`KVTransport` are the seams, and the JSON messages stay on the TCP control stream.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import enum
+import json
+import struct
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tessera.agents.engine.kv_transfer import (
+    _LENGTH,
+    MAGIC,
+    KVChecksumError,
+    KVPackage,
+    KVTransferError,
+)
+
+FRAME = struct.Struct("<BIQI")
+MAX_MESSAGE_BYTES = 16 << 20
+MAX_BLOCK_BYTES = 1 << 30
+
+
+class FrameKind(enum.IntEnum):
+    MESSAGE = 1
+    PACKAGE_HEADER = 2
+    BLOCK = 3
+    PACKAGE_END = 4
+
+
+class KVTransportError(ConnectionError):
+    """The peer went away, did not answer in time, or spoke out of protocol."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`host:port` -> (host, port); ValueError naming what is wrong."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"KV address {address!r}: expected host:port with a port in 1..65535")
+    return host.strip("[]"), int(port)
+
+
+def flip_one_bit(data: bytes) -> bytes:
+    """`data` with its middle byte's lowest bit flipped: the fault-injection hook's damage."""
+    if not data:
+        return data
+    damaged = bytearray(data)
+    damaged[len(damaged) // 2] ^= 0x01
+    return bytes(damaged)
+
+
+class KVChannel(abc.ABC):
+    """One transfer's connection: JSON messages and KV packages, both ways."""
+
+    @abc.abstractmethod
+    async def send_message(self, message: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def receive_message(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def send_package(self, package: KVPackage, corrupt: bool = False) -> int:
+        """Send a package; returns the bytes sent. `corrupt` is a test hook: one bit of the
+        first block is flipped after its checksum was taken (damage no link-level check sees),
+        so that tests can prove the receiver refuses it."""
+
+    @abc.abstractmethod
+    async def receive_package(self, first: tuple[FrameKind, bytes] | None = None) -> KVPackage:
+        """Receive and verify a package (KVChecksumError / KVTransferError if it is bad)."""
+
+    @abc.abstractmethod
+    async def receive(self) -> tuple[FrameKind, bytes]:
+        """The next frame, for a receiver that accepts either a message or a package."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class KVListener(abc.ABC):
+    """A listening endpoint; `address` is what peers connect to."""
+
+    address: str
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+ChannelHandler = Callable[[KVChannel], Awaitable[None]]
+
+
+class KVTransport(abc.ABC):
+    """Opens channels to peers and accepts theirs."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def connect(self, address: str, timeout_s: float) -> KVChannel: ...
+
+    @abc.abstractmethod
+    async def listen(self, host: str, port: int, handler: ChannelHandler) -> KVListener: ...
+
+
+def decode_message(payload: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(payload)
+    except ValueError as error:
+        raise KVTransportError(f"KV channel message is not JSON: {error}") from error
+    if not isinstance(message, dict):
+        raise KVTransportError("KV channel message is not a JSON object")
+    return message
+
+
+class TcpChannel(KVChannel):
+    """A channel over one asyncio TCP stream."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout_s: float
+    ) -> None:
+        self.reader, self.writer, self.timeout_s = reader, writer, timeout_s
+
+    async def _write(self, kind: FrameKind, payload: bytes, index: int = 0) -> None:
+        self.writer.write(FRAME.pack(kind, index, len(payload), zlib.crc32(payload)))
+        self.writer.write(payload)
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.timeout_s)
+        except (OSError, TimeoutError) as error:
+            raise KVTransportError(f"sending to the KV peer failed: {error!r}") from error
+
+    async def _read_frame(self) -> tuple[FrameKind, int, bytes]:
+        try:
+            head = await asyncio.wait_for(self.reader.readexactly(FRAME.size), self.timeout_s)
+            kind, index, length, crc = FRAME.unpack(head)
+            if kind not in FrameKind.__members__.values():
+                raise KVChecksumError(f"KV frame of unknown kind {kind}: the stream is corrupted")
+            limit = MAX_BLOCK_BYTES if kind == FrameKind.BLOCK else MAX_MESSAGE_BYTES
+            if length > limit:
+                raise KVChecksumError(f"KV frame of {length} bytes (limit {limit}): corrupted")
+            payload = await asyncio.wait_for(self.reader.readexactly(length), self.timeout_s)
+        except asyncio.IncompleteReadError as error:
+            raise KVTransportError("the KV peer closed the connection mid-transfer") from error
+        except (OSError, TimeoutError) as error:
+            raise KVTransportError(f"receiving from the KV peer failed: {error!r}") from error
+        if zlib.crc32(payload) != crc:
+            raise KVChecksumError(f"KV frame {FrameKind(kind).name} {index} fails its CRC-32")
+        return FrameKind(kind), index, payload
+
+    async def receive(self) -> tuple[FrameKind, bytes]:
+        kind, _, payload = await self._read_frame()
+        return kind, payload
+
+    async def send_message(self, message: dict[str, Any]) -> None:
+        await self._write(FrameKind.MESSAGE, json.dumps(message).encode())
+
+    async def receive_message(self) -> dict[str, Any]:
+        kind, payload = await self.receive()
+        if kind != FrameKind.MESSAGE:
+            raise KVTransportError(f"expected a message on the KV channel, got {kind.name}")
+        return decode_message(payload)
+
+    async def send_package(self, package: KVPackage, corrupt: bool = False) -> int:
+        wire = package.to_bytes()
+        (length,) = _LENGTH.unpack_from(wire, len(MAGIC))
+        start = len(MAGIC) + _LENGTH.size + length
+        await self._write(FrameKind.PACKAGE_HEADER, wire[:start])
+        size = package.geometry.block_nbytes
+        for index in range(package.num_blocks):
+            block = wire[start + index * size : start + (index + 1) * size]
+            if corrupt and index == 0:
+                block = flip_one_bit(block)
+            await self._write(FrameKind.BLOCK, block, index)
+        await self._write(FrameKind.PACKAGE_END, b"", package.num_blocks)
+        return len(wire)
+
+    async def receive_package(self, first: tuple[FrameKind, bytes] | None = None) -> KVPackage:
+        kind, header = first if first is not None else await self.receive()
+        if kind != FrameKind.PACKAGE_HEADER:
+            raise KVTransportError(f"expected a KV package header, got {kind.name}")
+        parts = [header]
+        while True:
+            kind, index, payload = await self._read_frame()
+            if kind == FrameKind.PACKAGE_END:
+                break
+            if kind != FrameKind.BLOCK or index != len(parts) - 1:
+                raise KVTransferError(
+                    f"KV package out of order: {kind.name} {index} after {len(parts) - 1} blocks"
+                )
+            parts.append(payload)
+        if index != len(parts) - 1:
+            raise KVChecksumError(f"KV package ends after {len(parts) - 1} of {index} blocks")
+        return KVPackage.from_bytes(b"".join(parts))
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+
+
+@dataclass
+class TcpListener(KVListener):
+    server: asyncio.Server
+    address: str
+
+    async def close(self) -> None:
+        self.server.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.server.wait_closed(), 2.0)
+
+
+class TcpTransport(KVTransport):
+    """KV over TCP: works between any two hosts; the default."""
+
+    name = "tcp"
+
+    def __init__(self, timeout_s: float = 30.0) -> None:
+        self.timeout_s = timeout_s
+        """Longest wait for any one frame (or a drain) once a channel is open."""
+
+    async def connect(self, address: str, timeout_s: float) -> KVChannel:
+        host, port = parse_address(address)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        except (OSError, TimeoutError) as error:
+            raise KVTransportError(f"cannot reach the KV peer {address}: {error!r}") from error
+        return TcpChannel(reader, writer, self.timeout_s)
+
+    async def listen(self, host: str, port: int, handler: ChannelHandler) -> KVListener:
+        async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            channel = TcpChannel(reader, writer, self.timeout_s)
+            try:
+                await handler(channel)
+            finally:
+                await channel.close()
+
+        server = await asyncio.start_server(accepted, host, port)
+        bound = server.sockets[0].getsockname()
+        return TcpListener(server, f"{host}:{bound[1]}")

@@ -112,7 +112,12 @@ def test_bad_local_weights_roles_and_lengths_are_named(tiny_model: Path, tmp_pat
     cases = [
         (["--model=m", f"--weights-uri={tmp_path}"], "no config.json"),
         (["--model=m"], "--weights-uri: not given"),
-        ([f"--model={tiny_model}", "--role=decode"], "--role decode"),
+        ([f"--model={tiny_model}", "--role=attention"], "--role attention"),
+        (
+            [f"--model={tiny_model}", "--role=decode", "--fault-corrupt-kv-every=2"],
+            "--fault-corrupt-kv-every: a test hook of the prefill role only",
+        ),
+        ([f"--model={tiny_model}", "--port=8000", "--kv-port=8000"], "--kv-port 8000"),
         (
             [f"--model={tiny_model}", "--tensor-parallel-size=4"],
             "--tensor-parallel-size 4: tensor_parallel_size 4 does not divide num_key_value_heads",

@@ -9,7 +9,7 @@ touches; or, where no direct target is good enough, to a node it *prepares* by m
 same way). Each step applies the evacuation with the largest gain per move that fits the
 remaining budget and PDBs; ruin-and-recreate rounds (undo one or two evacuations, refill
 greedily) then repair greedy's myopic choices. A step is vectorised over all candidates:
-bench/rebalance_bench.py measures about 0.3 s of CPU at 1,000 nodes and 3 s at 10,000.
+bench/rebalance_bench.py measures about 0.3 s of CPU at 1,000 nodes and 4 s at 10,000.
 
 Only strictly improving evacuations are applied, so the plan never makes the objective worse.
 Rounds of local search use a seeded generator: the same snapshot gives the same plan.

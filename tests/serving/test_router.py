@@ -1,0 +1,248 @@
+"""`tessera router`'s decisions against scripted instances on loopback (aiohttp servers in this
+process that answer /ready, /metrics and the OpenAI routes as the test says): the router is the
+real one. Load-aware dispatch, prefill retry elsewhere, an instance marked out when it stops
+answering, and a stream whose decode instance dies or stalls ending with an error event within
+a deadline. The real engine processes are in test_disaggregated.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from tessera.agents.router import PREFILL_HEADER
+from tessera.agents.router.proxy import Router, RouterConfig
+
+
+@dataclass
+class Scripted:
+    """One fake engine instance: its load, and how it answers a generation."""
+
+    kv_usage: float = 0.0
+    waiting: int = 0
+    seen: list[dict[str, str]] = field(default_factory=list)
+    answer: Callable[[web.Request], Any] | None = None
+    server: TestServer | None = None
+    url: str = ""
+
+    def app(self) -> web.Application:
+        async def ready(request: web.Request) -> web.Response:
+            return web.json_response({"status": "ready"})
+
+        async def metrics(request: web.Request) -> web.Response:
+            text = (
+                f"vllm:num_requests_waiting {self.waiting}\nvllm:num_requests_running 0\n"
+                f"vllm:kv_cache_usage_perc {self.kv_usage}\ntessera:kv_cache_blocks 100\n"
+            )
+            return web.Response(text=text)
+
+        async def generate(request: web.Request) -> Any:
+            self.seen.append(dict(request.headers))
+            if self.answer is not None:
+                return await self.answer(request)
+            return web.json_response({"choices": [{"text": "ok", "finish_reason": "stop"}]})
+
+        app = web.Application()
+        app.router.add_get("/ready", ready)
+        app.router.add_get("/metrics", metrics)
+        app.router.add_post("/v1/completions", generate)
+        return app
+
+
+async def start(*instances: Scripted) -> None:
+    for instance in instances:
+        instance.server = TestServer(instance.app(), host="127.0.0.1")
+        await instance.server.start_server()
+        instance.url = str(instance.server.make_url("")).rstrip("/")
+
+
+async def router_for(prefill: list[Scripted], decode: list[Scripted], **options: Any) -> TestServer:
+    config = RouterConfig(
+        prefill_urls=[i.url for i in prefill],
+        decode_urls=[i.url for i in decode],
+        policy=options.pop("policy", "least-tokens"),
+        host="127.0.0.1",
+        port=0,
+        probe_interval_s=0.2,
+        probe_timeout_s=0.3,
+        **options,
+    )
+    server = TestServer(Router(config).app(), host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+async def post(server: TestServer, body: dict[str, Any]) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.make_url("/v1/completions"), json=body) as answer,
+    ):
+        return answer.status, await answer.read()
+
+
+async def instances(server: TestServer) -> list[dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.make_url("/tessera/v1/instances")) as answer,
+    ):
+        return list((await answer.json())["instances"])
+
+
+@pytest.mark.asyncio
+async def test_requests_go_where_the_dispatch_policy_sees_the_least_load() -> None:
+    busy, idle, prefill = Scripted(kv_usage=0.9), Scripted(kv_usage=0.05), Scripted()
+    await start(busy, idle, prefill)
+    router = await router_for([prefill], [busy, idle])
+    for _ in range(6):
+        status, _ = await post(router, {"prompt": "hello", "max_tokens": 2})
+        assert status == 200
+    assert (len(busy.seen), len(idle.seen)) == (0, 6)
+    assert all(h.get(PREFILL_HEADER) == prefill.url for h in idle.seen)
+    busy.kv_usage, idle.kv_usage = 0.05, 0.9  # the next probe sees the loads swap
+    deadline = time.monotonic() + 5
+    while not busy.seen and time.monotonic() < deadline:
+        await post(router, {"prompt": "hello"})
+    assert busy.seen, "the router never followed the live load"
+    await router.close()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_prefill_is_retried_on_another_prefill_instance() -> None:
+    bad, good, decode = Scripted(kv_usage=0.0), Scripted(kv_usage=0.5), Scripted()
+
+    async def pull(request: web.Request) -> web.Response:
+        if request.headers[PREFILL_HEADER] == bad.url:
+            error = {"message": "prefill instance down", "type": "prefill_unavailable"}
+            return web.json_response({"error": error}, status=502)
+        return web.json_response({"choices": [{"text": "ok", "finish_reason": "stop"}]})
+
+    decode.answer = pull
+    await start(bad, good, decode)
+    router = await router_for([bad, good], [decode])
+    status, body = await post(router, {"prompt": "hello"})
+    assert status == 200, body
+    assert [h[PREFILL_HEADER] for h in decode.seen] == [bad.url, good.url]
+    state = {i["url"]: i for i in await instances(router)}
+    assert state[bad.url]["healthy"] is False and state[good.url]["healthy"] is True
+    await router.close()
+
+
+@pytest.mark.asyncio
+async def test_an_instance_that_stops_answering_is_out_within_seconds() -> None:
+    first, second = Scripted(), Scripted()
+    await start(first, second)
+    router = await router_for([], [first, second])
+    assert all(i["healthy"] for i in await instances(router))
+    assert first.server is not None
+    await first.server.close()
+    stopped = time.monotonic()
+    while time.monotonic() - stopped < 3:
+        state = {i["url"]: i["healthy"] for i in await instances(router)}
+        if not state[first.url]:
+            break
+        await asyncio.sleep(0.05)  # polling the router's view, with the deadline above
+    assert state == {first.url: False, second.url: True}
+    out_after = time.monotonic() - stopped
+    second.seen.clear()
+    for _ in range(4):
+        assert (await post(router, {"prompt": "x"}))[0] == 200
+    assert len(second.seen) == 4
+    print(f"marked out after {out_after:.2f} s")
+    await router.close()
+
+
+async def stream_events(server: TestServer, deadline_s: float) -> list[str]:
+    started = time.monotonic()
+    events: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        body = {"prompt": "hello", "stream": True}
+        async with session.post(server.make_url("/v1/completions"), json=body) as answer:
+            assert answer.status == 200
+            async for line in answer.content:
+                if line.startswith(b"data: "):
+                    events.append(line[6:].decode().strip())
+    assert time.monotonic() - started < deadline_s
+    return events
+
+
+def chunk(text: str) -> bytes:
+    return f"data: {json.dumps({'choices': [{'text': text}]})}\n\n".encode()
+
+
+@pytest.mark.asyncio
+async def test_a_decode_instance_dying_mid_stream_ends_the_stream_with_an_error() -> None:
+    decode, spare = Scripted(), Scripted(kv_usage=0.9)
+
+    async def die(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk("one"))
+        assert request.transport is not None
+        request.transport.abort()  # the process is gone: connection reset, no [DONE]
+        return response
+
+    decode.answer = die
+    await start(decode, spare)
+    router = await router_for([], [decode, spare])
+    events = await stream_events(router, deadline_s=5)
+    assert json.loads(events[0])["choices"][0]["text"] == "one"
+    assert "failed mid-stream" in json.loads(events[1])["error"]["message"]
+    assert events[-1] == "[DONE]"
+    state = {i["url"]: i["healthy"] for i in await instances(router)}
+    assert state[decode.url] is False
+    await router.close()
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_stream_ends_with_an_error_at_the_stream_timeout() -> None:
+    decode = Scripted()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk("one"))
+        await asyncio.sleep(30)  # hung, not dead: only a deadline ends this
+        return response
+
+    decode.answer = stall
+    await start(decode)
+    router = await router_for([], [decode], stream_timeout_s=1.0)
+    events = await stream_events(router, deadline_s=4)
+    assert "error" in json.loads(events[1]) and events[-1] == "[DONE]"
+    await router.close()
+
+
+@pytest.mark.asyncio
+async def test_no_healthy_instance_is_a_503_with_retry_after() -> None:
+    decode = Scripted()
+    await start(decode)
+    router = await router_for([], [decode])
+    assert decode.server is not None
+    await decode.server.close()
+    deadline = time.monotonic() + 3
+    status = 200
+    while status != 503 and time.monotonic() < deadline:
+        status, body = await post(router, {"prompt": "x"})
+    assert status == 503 and b"no healthy decode instance" in body
+    await router.close()
+
+
+@pytest.mark.asyncio
+async def test_a_body_that_is_not_json_is_a_400_naming_it() -> None:
+    decode = Scripted()
+    await start(decode)
+    router = await router_for([], [decode])
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(router.make_url("/v1/completions"), data=b"{nope") as answer,
+    ):
+        assert answer.status == 400
+        assert (await answer.json())["error"]["param"] == "body"
+    await router.close()

@@ -163,7 +163,7 @@ def build_config(flags: dict[str, Any]) -> Any:
     max_model_len = flags["max_model_len"] or model_max
     if max_model_len > model_max:
         fail(f"--max-model-len {max_model_len}: above the model's {model_max} positions")
-    check_tensor_parallel(flags["tensor_parallel_size"], folder, flags["device"])
+    check_tensor_parallel(flags["tensor_parallel_size"], folder, flags["device"], flags["role"])
     from tessera.agents.engine import SchedulerConfig
     from tessera.agents.serving.server import ServeConfig
 
@@ -200,10 +200,13 @@ def build_config(flags: dict[str, Any]) -> Any:
     )
 
 
-def check_tensor_parallel(size: int, folder: Path, device: str | None) -> None:
-    """A degree must split the model's heads, and its ranks take cuda:0..N-1 or the CPU."""
+def check_tensor_parallel(size: int, folder: Path, device: str | None, role: str) -> None:
+    """A degree must split the model's heads, and its ranks take cuda:0..N-1 or the CPU; KV
+    export/import (prefill and decode roles) is not tensor-parallel yet."""
     if size == 1:
         return
+    if role != "colocated":
+        fail(f"--tensor-parallel-size {size}: --role {role} moves KV, which runs at 1 only")
     from tessera.agents.engine.config import LlamaConfig, TensorParallelSizeError
 
     try:

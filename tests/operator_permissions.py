@@ -47,6 +47,10 @@ NOT_RUN_BY_THE_OPERATOR = {
     "discovers agents through their headless Service's DNS name (collector_from_environment)",
 }
 """Functions whose requests `tessera operator` never makes, and why."""
+CLUSTER_WIDE_FUNCTIONS = {
+    ("rebalance_controller", "evict"): "the rebalancer evicts pods in every namespace",
+}
+"""Functions whose namespaced requests go to any namespace, not only the served ones."""
 LEASE_NAME = "<the leader-election Lease>"
 APPLY_PATCH = "application/apply-patch+yaml"
 
@@ -85,6 +89,7 @@ def _verb(http: str, path: str) -> str:
         ("GET", True): "get",
         ("GET", False): "list",
         ("POST", False): "create",
+        ("POST", True): "create",  # a subresource of a named object: pods/{name}/eviction
         ("PATCH", True): "patch",
         ("PUT", True): "update",
         ("DELETE", True): "delete",
@@ -205,6 +210,8 @@ def client_needs() -> list[Need]:
             assert "{" not in group + resource, f"{module}.{function}: {method} {arguments}"
             own = OWN_NAMESPACE_MODULES.get(module)
             where = ("own" if own else "served") if namespaced else "cluster"
+            if (module, function) in CLUSTER_WIDE_FUNCTIONS:
+                where = "cluster"
             verb = _verb(http, template)
             name = LEASE_NAME if own and "{name}" in template else None
             origin = f"{module}.{function}: {method}"

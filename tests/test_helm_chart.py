@@ -530,7 +530,12 @@ def test_the_operators_requests_are_read_from_its_code() -> None:
     assert (
         "_write_status" in found["served", "tessera.dev", "modeldeployments/status", "patch"].origin
     )
-    assert not [n for n in operator_needs() if n.resource == "pods"], "nothing the operator runs"
+    # Pods are listed by the rebalancer only (agent discovery by pods is not run), and evicted
+    # in any namespace.
+    pod_lists = [n for n in operator_needs() if n.resource == "pods"]
+    assert [(n.where, n.verb) for n in pod_lists] == [("cluster", "list")]
+    assert "rebalance_controller" in pod_lists[0].origin
+    assert "evict" in found["cluster", "", "pods/eviction", "create"].origin
 
 
 @pytest.mark.parametrize("case", RBAC_CASES)

@@ -39,7 +39,7 @@ CHART = Path(__file__).resolve().parent.parent / "helm" / "tessera"
 HELM_TIMEOUT_S = 120
 NOT_REQUESTED = [
     ("*", "apps", "statefulsets", "create"),
-    ("*", "", "pods", "list"),
+    ("*", "", "pods", "delete"),  # the rebalancer lists pods and evicts, never deletes
     ("*", "", "secrets", "get"),
     ("*", "apps", "deployments", "update"),
     ("*", "", "configmaps", "get"),

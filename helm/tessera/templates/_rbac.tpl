@@ -55,7 +55,26 @@ a rule nothing needs. No wildcards, no secrets, no update (server-side apply is 
 - apiGroups: ["tessera.dev"]
   resources: ["powerbudgets/status"]
   verbs: ["patch"]
-# Node capacity per AcceleratorClass (its nodeSelector), the nodes a PowerBudget covers.
+# RebalancePolicies: a kopf daemon per policy reads it each round and writes its status.
+- apiGroups: ["tessera.dev"]
+  resources: ["rebalancepolicies"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["tessera.dev"]
+  resources: ["rebalancepolicies/status"]
+  verbs: ["patch"]
+# The rebalancer's snapshot (pods on the nodes in scope, in every namespace, and the PDBs that
+# cover them) and its moves: evictions, which the API server checks against the PDBs.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+- apiGroups: [""]
+  resources: ["pods/eviction"]
+  verbs: ["create"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["list"]
+# Node capacity per AcceleratorClass (its nodeSelector), the nodes a PowerBudget or a
+# RebalancePolicy covers.
 - apiGroups: [""]
   resources: ["nodes"]
   verbs: ["list"]

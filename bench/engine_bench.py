@@ -31,23 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import checkout_layout  # noqa: F401  (links the package layout where it is not installed)
 import torch
-
-try:
-    import tessera.agents.engine  # noqa: F401
-except ImportError:  # run from a checkout that is not installed: link the package layout
-    _root = Path(__file__).resolve().parent.parent
-    _tree = Path("/tmp/tessera-bench-tree")
-    (_tree / "tessera").mkdir(parents=True, exist_ok=True)
-    for _name, _target in {
-        "__init__.py": _root / "tessera" / "__init__.py",
-        "agents": _root / "agents",
-    }.items():
-        _link = _tree / "tessera" / _name
-        if not _link.exists():
-            _link.symlink_to(_target)
-    sys.path.insert(0, str(_tree))
-
 from tessera.agents.engine import ops
 from tessera.agents.engine.attention import (
     AttentionMetadata,

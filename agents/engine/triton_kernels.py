@@ -35,6 +35,20 @@ DECODE_NUM_STAGES = 2
 
 
 @triton.jit
+def _paged_tile(cache_ptr, block, slot, kv_head, d, t_mask, stride_b, stride_t, stride_h):
+    """Rows `block`/`slot` of one KV head of a paged cache ([TILE, HEAD_DIM]; dead rows 0)."""
+    return tl.load(
+        cache_ptr
+        + block[:, None] * stride_b
+        + slot[:, None] * stride_t
+        + kv_head * stride_h
+        + d[None, :],
+        mask=t_mask[:, None],
+        other=0.0,
+    )
+
+
+@triton.jit
 def _paged_decode_partition_kernel(
     q_ptr,
     k_cache_ptr,
@@ -97,23 +111,11 @@ def _paged_decode_partition_kernel(
                 block_tables_ptr + seq * stride_btb + t // BLOCK_SIZE, mask=t_mask, other=0
             ).to(tl.int64)
             slot = t % BLOCK_SIZE
-            k = tl.load(
-                k_cache_ptr
-                + block[:, None] * stride_kb
-                + slot[:, None] * stride_kt
-                + kv_head * stride_kh
-                + d[None, :],
-                mask=t_mask[:, None],
-                other=0.0,
+            k = _paged_tile(
+                k_cache_ptr, block, slot, kv_head, d, t_mask, stride_kb, stride_kt, stride_kh
             )
-            v = tl.load(
-                v_cache_ptr
-                + block[:, None] * stride_vb
-                + slot[:, None] * stride_vt
-                + kv_head * stride_vh
-                + d[None, :],
-                mask=t_mask[:, None],
-                other=0.0,
+            v = _paged_tile(
+                v_cache_ptr, block, slot, kv_head, d, t_mask, stride_vb, stride_vt, stride_vh
             )
             if EXACT_FP32:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
@@ -373,23 +375,11 @@ def _paged_prefill_kernel(
             block_tables_ptr + span * stride_bts + t // BLOCK_SIZE, mask=t_mask, other=0
         ).to(tl.int64)
         slot = t % BLOCK_SIZE
-        k = tl.load(
-            k_cache_ptr
-            + block[:, None] * stride_kb
-            + slot[:, None] * stride_kt
-            + kv_head * stride_kh
-            + d[None, :],
-            mask=t_mask[:, None],
-            other=0.0,
+        k = _paged_tile(
+            k_cache_ptr, block, slot, kv_head, d, t_mask, stride_kb, stride_kt, stride_kh
         )
-        v = tl.load(
-            v_cache_ptr
-            + block[:, None] * stride_vb
-            + slot[:, None] * stride_vt
-            + kv_head * stride_vh
-            + d[None, :],
-            mask=t_mask[:, None],
-            other=0.0,
+        v = _paged_tile(
+            v_cache_ptr, block, slot, kv_head, d, t_mask, stride_vb, stride_vt, stride_vh
         )
         if EXACT_FP32:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale

@@ -35,17 +35,64 @@ DECODE_NUM_STAGES = 2
 
 
 @triton.jit
-def _paged_tile(cache_ptr, block, slot, kv_head, d, t_mask, stride_b, stride_t, stride_h):
-    """Rows `block`/`slot` of one KV head of a paged cache ([TILE, HEAD_DIM]; dead rows 0)."""
-    return tl.load(
-        cache_ptr
-        + block[:, None] * stride_b
-        + slot[:, None] * stride_t
-        + kv_head * stride_h
+def _paged_kv(
+    k_cache_ptr,
+    v_cache_ptr,
+    table_ptr,
+    t,
+    t_mask,
+    kv_head,
+    d,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """K and V of tokens `t` of one KV head, read from the blocks of one block table
+    ([TILE, HEAD_DIM] each; rows outside `t_mask` are 0)."""
+    block = tl.load(table_ptr + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+    slot = t % BLOCK_SIZE
+    k = tl.load(
+        k_cache_ptr
+        + block[:, None] * stride_kb
+        + slot[:, None] * stride_kt
+        + kv_head * stride_kh
         + d[None, :],
         mask=t_mask[:, None],
         other=0.0,
     )
+    v = tl.load(
+        v_cache_ptr
+        + block[:, None] * stride_vb
+        + slot[:, None] * stride_vt
+        + kv_head * stride_vh
+        + d[None, :],
+        mask=t_mask[:, None],
+        other=0.0,
+    )
+    return k, v
+
+
+@triton.jit
+def _softmax_step(q, k, v, visible, m_i, l_i, acc, scale, EXACT_FP32: tl.constexpr):
+    """One key tile of flash attention: the running max, sum and output after `k`, `v`."""
+    if EXACT_FP32:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if EXACT_FP32:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -107,31 +154,14 @@ def _paged_decode_partition_kernel(
         for t0 in range(start, end, TILE):
             t = t0 + tl.arange(0, TILE)
             t_mask = t < end
-            block = tl.load(
-                block_tables_ptr + seq * stride_btb + t // BLOCK_SIZE, mask=t_mask, other=0
-            ).to(tl.int64)
-            slot = t % BLOCK_SIZE
-            k = _paged_tile(
-                k_cache_ptr, block, slot, kv_head, d, t_mask, stride_kb, stride_kt, stride_kh
+            k, v = _paged_kv(
+                k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_btb,
+                t, t_mask, kv_head, d,
+                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE,
+            )  # fmt: skip
+            m_i, l_i, acc = _softmax_step(
+                q, k, v, t_mask[None, :], m_i, l_i, acc, scale, EXACT_FP32
             )
-            v = _paged_tile(
-                v_cache_ptr, block, slot, kv_head, d, t_mask, stride_vb, stride_vt, stride_vh
-            )
-            if EXACT_FP32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(t_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if EXACT_FP32:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
         if DIRECT:
             out = acc / l_i[:, None]
             tl.store(
@@ -371,32 +401,13 @@ def _paged_prefill_kernel(
     for t0 in range(0, end, KEYS):
         t = t0 + tl.arange(0, KEYS)
         t_mask = t < end
-        block = tl.load(
-            block_tables_ptr + span * stride_bts + t // BLOCK_SIZE, mask=t_mask, other=0
-        ).to(tl.int64)
-        slot = t % BLOCK_SIZE
-        k = _paged_tile(
-            k_cache_ptr, block, slot, kv_head, d, t_mask, stride_kb, stride_kt, stride_kh
-        )
-        v = _paged_tile(
-            v_cache_ptr, block, slot, kv_head, d, t_mask, stride_vb, stride_vt, stride_vh
-        )
-        if EXACT_FP32:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
+        k, v = _paged_kv(
+            k_cache_ptr, v_cache_ptr, block_tables_ptr + span * stride_bts,
+            t, t_mask, kv_head, d,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE,
+        )  # fmt: skip
         visible = t_mask[None, :] & (t[None, :] <= query_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if EXACT_FP32:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, scale, EXACT_FP32)
     out = acc / l_i[:, None]
     tl.store(
         out_ptr + (start + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],

@@ -44,6 +44,7 @@ from tessera.operator.collector import (
     FleetSnapshot,
 )
 from tessera.operator.reconcile import Kube, as_object, describe_spec_error, items_of
+from tessera.operator.rounds import run_rounds
 from tessera.operator.status import merge_conditions
 from tessera.policies.power import DeviceView, Mode, PowerDecision, decide
 from tessera.policies.power_model import FREE, Actuation
@@ -583,15 +584,7 @@ def control_power_budget(
             name,
         )
         return
-    while not stopped:
-        interval: float | None = 5.0
-        try:
-            interval = controller.round()
-        except Exception:  # the next round starts from the status again
-            logger.exception("PowerBudget %s: control round failed", name)
-        if interval is None:
-            return
-        stopped.wait(interval)
+    run_rounds(controller.round, stopped, logger, f"PowerBudget {name}", retry_s=5.0)
 
 
 @kopf.on.delete(GROUP, VERSION, POWER_BUDGETS)

@@ -35,6 +35,7 @@ from tessera.api.rebalance_policy import PlannedMove, RebalancePolicySpec
 from tessera.operator.power_controller import priority_index
 from tessera.operator.rebalance_snapshot import PodRef, snapshot_from
 from tessera.operator.reconcile import Kube, as_object, items_of
+from tessera.operator.rounds import run_rounds
 from tessera.operator.status import merge_conditions
 from tessera.policies.rebalance import RebalancePlan, decide
 
@@ -275,12 +276,4 @@ def run_rebalance_policy(
 ) -> None:
     """Rounds until the policy is deleted or the operator stops."""
     controller = RebalanceController(name, memo.kube)
-    while not stopped:
-        interval: float | None = 10.0
-        try:
-            interval = controller.round()
-        except Exception:  # the next round starts from a fresh snapshot
-            logger.exception("RebalancePolicy %s: round failed", name)
-        if interval is None:
-            return
-        stopped.wait(interval)
+    run_rounds(controller.round, stopped, logger, f"RebalancePolicy {name}", retry_s=10.0)

@@ -246,3 +246,20 @@ async def test_a_body_that_is_not_json_is_a_400_naming_it() -> None:
         assert answer.status == 400
         assert (await answer.json())["error"]["param"] == "body"
     await router.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "--decode: give at least one"),
+        (["--decode=localhost:8000"], "--decode localhost:8000: expected an http(s)://host:port"),
+        (["--decode=http://a:1", "--prefill=ftp://b"], "--prefill ftp://b"),
+    ],
+)
+def test_bad_router_flags_are_one_line_errors(args: list[str], message: str) -> None:
+    from click.testing import CliRunner
+    from tessera.agents.router.cli import router_command
+
+    result = CliRunner().invoke(router_command, args)
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and message in result.output

@@ -20,11 +20,11 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     except ControlPlaneUnavailable as error:
         pytest.fail(f"the local control plane did not start: {error}")
     if os.environ.get("TESSERA_TEST_REPORT_CONTROL_PLANE"):
-        print(f"\\ncontrol plane started in {plane.started_in_s:.1f} s")
+        print(f"\ncontrol plane started in {plane.started_in_s:.1f} s")
     try:
         yield plane
     finally:
         if os.environ.get("TESSERA_TEST_REPORT_CONTROL_PLANE"):
             sizes = ", ".join(f"{k} {v:.0f} MiB" for k, v in plane.memory_mib().items())
-            print(f"\\ncontrol plane memory at the end: {sizes}")
+            print(f"\ncontrol plane memory at the end: {sizes}")
         plane.stop()

@@ -368,11 +368,17 @@ class OperatorThread:
     """The real operator (kopf) in a thread, serving one namespace; stoppable and restartable."""
 
     def __init__(
-        self, cluster: Cluster, namespace: str, plan_scorer: PlanScorer | None = None
+        self,
+        cluster: Cluster,
+        namespace: str,
+        plan_scorer: PlanScorer | None = None,
+        **options: Any,
     ) -> None:
+        """`options` go to `run_operator` as they are (e.g. `agents`, `metrics_registry`)."""
         self.cluster = cluster
         self.namespace = namespace
         self.plan_scorer = plan_scorer
+        self.options = options
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -387,6 +393,7 @@ class OperatorThread:
                     stop_flag=self._stop,
                     ready_flag=ready,
                     plan_scorer=self.plan_scorer,
+                    **self.options,
                 )
             )
         except BaseException as error:

@@ -9,7 +9,6 @@ exactly one address, the agent's.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     DEADLINE_S,
     Cluster,
     Namespace,
+    OperatorThread,
     cluster_fixture,
     namespace_fixture,
     wait_for,
@@ -33,7 +33,6 @@ from tessera.operator.collector import (
     Collector,
     collector_from_environment,
 )
-from tessera.operator.main import run_operator
 
 NODE = "node-x"
 AGENT = {"agent": "127.0.0.1", "node": NODE}  # labels of the agent's collector metrics
@@ -62,49 +61,15 @@ def collector_threads() -> set[threading.Thread]:
     }
 
 
-class OperatorInThread:
-    """`run_operator` with a collector and a private registry, in a thread, until stopped."""
-
-    def __init__(self, cluster: Cluster, namespace: str, **options: Any) -> None:
-        self.stop_flag = threading.Event()
-        self.error: BaseException | None = None
-        ready = threading.Event()
-
-        def run() -> None:
-            try:
-                asyncio.run(
-                    run_operator(
-                        cluster.configuration,
-                        namespaces=[namespace],
-                        standalone=True,
-                        stop_flag=self.stop_flag,
-                        ready_flag=ready,
-                        **options,
-                    )
-                )
-            except BaseException as error:
-                self.error = error
-                ready.set()
-
-        self.thread = threading.Thread(target=run, name="operator")
-        self.thread.start()
-        if not ready.wait(DEADLINE_S) or self.error is not None:
-            raise RuntimeError(f"the operator did not start: {self.error!r}")
-
-    def stop(self) -> None:
-        self.stop_flag.set()
-        self.thread.join(DEADLINE_S)
-        assert not self.thread.is_alive(), "the operator did not stop within the deadline"
-        assert self.error is None, repr(self.error)
-
-
 def test_the_operator_runs_the_collector_and_exports_it_while_it_runs(
     cluster: Cluster, namespace: Namespace, agent: AgentServer
 ) -> None:
     before = collector_threads()
     collector = collector_from_environment(agents_environment(agent))
     registry = CollectorRegistry()
-    running = OperatorInThread(cluster, namespace.name, agents=collector, metrics_registry=registry)
+    running = OperatorThread(
+        cluster, namespace.name, agents=collector, metrics_registry=registry
+    ).start()
     try:
         wait_for(
             lambda: registry.get_sample_value("tessera_collector_agent_up", AGENT) == 1.0,

@@ -11,10 +11,8 @@ the kill test, as a `tessera operator` process configured through the chart's en
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     DEADLINE_S,
     Cluster,
     Namespace,
+    OperatorThread,
     cluster_fixture,
     namespace_fixture,
     wait_for,
@@ -38,7 +37,6 @@ from tessera.agents.server import AgentServer
 from tessera.agents.sim_backend import SimBackend
 from tessera.api.common import GROUP, VERSION
 from tessera.operator.collector import AgentEndpoint, Collector, static_discovery
-from tessera.operator.main import run_operator
 
 FULL_LOAD_W = 2 * (536.3 + 695.1)  # two nodes, a decode and a prefill device each, busy
 LIGHT = 0.3
@@ -92,52 +90,28 @@ def start_node(
     return node
 
 
-class OperatorInThread:
-    """`run_operator` with a collector following `nodes` over mTLS, until stopped."""
+def mtls_collector(certs: Certs, nodes: Sequence[Node]) -> Collector:
+    """A collector following `nodes`' agents over mTLS, quick to mark a silent one stale."""
+    return Collector(
+        static_discovery(
+            [AgentEndpoint(f"agent-{n.name}", f"127.0.0.1:{n.agent.port}", n.name) for n in nodes]
+        ),
+        channel_factory=certs.client_tls().channel,
+        stale_after_s=1.0,
+        backoff_max_s=0.5,
+    )
 
-    def __init__(self, cluster: Cluster, namespace: str, certs: Certs, nodes: Sequence[Node]):
-        self.collector = Collector(
-            static_discovery(
-                [
-                    AgentEndpoint(f"agent-{n.name}", f"127.0.0.1:{n.agent.port}", n.name)
-                    for n in nodes
-                ]
-            ),
-            channel_factory=certs.client_tls().channel,
-            stale_after_s=1.0,
-            backoff_max_s=0.5,
-        )
-        self.stop_flag = threading.Event()
-        self.error: BaseException | None = None
-        ready = threading.Event()
 
-        def run() -> None:
-            try:
-                asyncio.run(
-                    run_operator(
-                        cluster.configuration,
-                        namespaces=[namespace],
-                        standalone=True,
-                        stop_flag=self.stop_flag,
-                        ready_flag=ready,
-                        agents=self.collector,
-                        metrics_registry=CollectorRegistry(),
-                    )
-                )
-            except BaseException as error:
-                self.error = error
-                ready.set()
-
-        self.thread = threading.Thread(target=run, name="operator")
-        self.thread.start()
-        if not ready.wait(DEADLINE_S) or self.error is not None:
-            raise RuntimeError(f"the operator did not start: {self.error!r}")
-
-    def stop(self) -> None:
-        self.stop_flag.set()
-        self.thread.join(DEADLINE_S)
-        assert not self.thread.is_alive(), "the operator did not stop within the deadline"
-        assert self.error is None, repr(self.error)
+def operator_following(
+    cluster: Cluster, namespace: str, certs: Certs, nodes: Sequence[Node]
+) -> OperatorThread:
+    """The operator in a thread with a private registry, following `nodes`."""
+    return OperatorThread(
+        cluster,
+        namespace,
+        agents=mtls_collector(certs, nodes),
+        metrics_registry=CollectorRegistry(),
+    ).start()
 
 
 def budget_document(name: str, budget_w: float, interval_s: float = 0.2) -> dict[str, Any]:
@@ -207,7 +181,7 @@ def test_a_breach_caps_low_priority_decode_first_and_caps_lift_below_the_thresho
     a, b = two_nodes
     name = f"pb-{namespace.name}"
     budget_w = FULL_LOAD_W / 0.97  # full load is 0.97 of it: just over capAbove (0.95)
-    operator = OperatorInThread(cluster, namespace.name, certs, [a, b])
+    operator = operator_following(cluster, namespace.name, certs, [a, b])
     cluster.custom.create_cluster_custom_object(
         GROUP, VERSION, "powerbudgets", budget_document(name, budget_w)
     )
@@ -271,7 +245,7 @@ def test_stale_telemetry_holds_caps_and_a_returning_agent_is_brought_back_to_the
     a, b = two_nodes
     name = f"pb-{namespace.name}"
     budget_w = FULL_LOAD_W / 0.97
-    operator = OperatorInThread(cluster, namespace.name, certs, [a, b])
+    operator = operator_following(cluster, namespace.name, certs, [a, b])
     cluster.custom.create_cluster_custom_object(
         GROUP, VERSION, "powerbudgets", budget_document(name, budget_w)
     )

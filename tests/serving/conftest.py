@@ -132,21 +132,33 @@ def start_server(model: Path, log: Path, *extra: str, deadline_s: float = 90.0) 
         *extra,
     ]
     env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
-    handle = log.open("w")
-    process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    return wait_ready(process, port, log, "tessera serve", deadline_s, every_s=0.2)
+
+
+def wait_ready(
+    process: subprocess.Popen[bytes],
+    port: int,
+    log: Path,
+    what: str,
+    deadline_s: float,
+    every_s: float,
+) -> ServerProcess:
+    """Poll `process`'s /ready on `port` until it answers 200; fail (and kill it) when it exits
+    or the deadline passes, with its log."""
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"tessera serve exited {process.returncode}: {log.read_text()}")
+            raise AssertionError(f"{what} exited {process.returncode}: {log.read_text()}")
         try:
             if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
                 return ServerProcess(process, base_url, log)
         except httpx.TransportError:
             pass
-        time.sleep(0.2)  # polling /ready, with the deadline above
+        time.sleep(every_s)  # polling /ready, with the deadline above
     process.kill()
-    raise AssertionError(f"tessera serve not ready in {deadline_s} s: {log.read_text()}")
+    raise AssertionError(f"{what} not ready in {deadline_s} s: {log.read_text()}")
 
 
 def stop_server(server: ServerProcess) -> None:

@@ -31,6 +31,7 @@ from conftest import (
     start_server,
     stop_server,
     tessera_command,
+    wait_ready,
 )
 
 CORRUPT_EVERY = 4
@@ -51,19 +52,7 @@ def start_router(log: Path, prefill: list[str], decode: list[str]) -> ServerProc
     args += ["--probe-interval-s=0.25", "--probe-timeout-s=1", "--stream-timeout-s=10"]
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"tessera router exited {process.returncode}: {log.read_text()}")
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                return ServerProcess(process, base_url, log)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)  # polling /ready, with the deadline above
-    process.kill()
-    raise AssertionError(f"tessera router not ready: {log.read_text()}")
+    return wait_ready(process, port, log, "tessera router", deadline_s=30, every_s=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from ports import free_port  # noqa: F401  (tests import it from here too)
 from tessera.agents.client import ClientTls
 from tessera.agents.instance_stats import InstanceStatsSource
 from tessera.agents.server import MAX_WATCH_STREAMS_PER_CLIENT, AgentServer, ServerTls
@@ -39,13 +39,6 @@ def wait_for(
             return last
         time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 now (for programs that cannot report the port they bound)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

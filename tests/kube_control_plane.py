@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import yaml
 from kubernetes import client
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO / "tools" / "install-kube.sh"
@@ -62,13 +62,6 @@ def find_binaries() -> Path:
             "run tools/install-dev.sh as root"
         )
     return folder
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 now (for programs that cannot report the port they bound)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _openssl(*args: str, cwd: Path) -> None:

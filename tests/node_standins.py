@@ -12,7 +12,6 @@ import contextlib
 import datetime
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -25,9 +24,7 @@ class GpuNodes:
     core: client.CoreV1Api
     names: list[str] = field(default_factory=list)
 
-    def create(
-        self, name: str, labels: dict[str, str], allocatable: dict[str, str]
-    ) -> dict[str, Any]:
+    def create(self, name: str, labels: dict[str, str], allocatable: dict[str, str]) -> None:
         """A Ready, schedulable Node with `allocatable` (plus room for pods, CPU and memory)."""
         self.core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=labels)))
         self.names.append(name)
@@ -54,10 +51,6 @@ class GpuNodes:
         # lifecycle controller (not run here: it would evict from Nodes that send no heartbeats)
         # lifts the taint once the Node reports Ready.
         self.core.patch_node(name, {"spec": {"taints": None}})
-        node: dict[str, Any] = client.ApiClient().sanitize_for_serialization(
-            self.core.read_node(name)
-        )
-        return node
 
     def delete(self) -> None:
         for name in self.names:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 from engine_helpers import write_checkpoint
+from ports import free_port
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -76,12 +76,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     vocab = train_tokenizer(folder)
     write_checkpoint(folder, vocab_size=vocab, max_position_embeddings=MAX_MODEL_LEN)
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def tessera_command() -> list[str]:

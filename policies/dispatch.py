@@ -15,6 +15,7 @@ from enum import StrEnum
 
 import numpy as np
 from numpy.typing import NDArray
+from tessera.policies.migration import load_fraction
 
 
 class DispatchPolicy(StrEnum):
@@ -30,6 +31,9 @@ class DispatchPolicy(StrEnum):
     """Instances in turn, by the request's sequence number; ignores load."""
     POWER_OF_TWO = "power-of-two"
     """Two instances drawn at random (seeded), the one with fewer tokens wins."""
+    LEAST_VIRTUAL_USAGE = "least-virtual-usage"
+    """Lowest Llumnix load: (KV tokens held + prompt tokens queued) over KV capacity, the
+    virtual usage of `policies.migration` as a router sees it; ties by fewest tokens."""
 
 
 class NoEligibleInstanceError(ValueError):
@@ -52,6 +56,8 @@ class InstanceLoads:
     kv_capacity_tokens: NDArray[np.float64]
     speed: NDArray[np.float64]
     """Relative service rate (e.g. tokens/s from the performance model); weights the load."""
+    draining: NDArray[np.bool_] | None = None
+    """Instances being drained (scale-down) or not yet started: never chosen, by any policy."""
 
     @classmethod
     def empty(
@@ -68,6 +74,7 @@ class InstanceLoads:
             kv_used_tokens=np.zeros(count, dtype=np.float64),
             kv_capacity_tokens=np.asarray(kv_capacity_tokens, dtype=np.float64),
             speed=np.asarray(speed, dtype=np.float64),
+            draining=np.zeros(count, dtype=bool),
         )
 
     def __len__(self) -> int:
@@ -98,6 +105,10 @@ def choose_instance(
     if len(loads) == 0:
         raise NoEligibleInstanceError("the pool has no instances")
     eligible = loads.kv_capacity_tokens >= request.prompt_tokens
+    if loads.draining is not None:
+        eligible &= ~loads.draining
+        if not eligible.any() and loads.draining.all():
+            raise NoEligibleInstanceError("every instance of the pool is draining")
     if not eligible.any():
         raise NoEligibleInstanceError(
             f"a {request.prompt_tokens}-token prompt exceeds the KV cache of every instance "
@@ -123,6 +134,10 @@ def choose_instance(
         fraction = np.where(eligible, loads.kv_used_tokens / loads.kv_capacity_tokens, np.inf)
         # np.lexsort sorts by its last key first: occupancy, then tokens, then index.
         return int(np.lexsort((tokens, fraction))[0])
+    elif policy is DispatchPolicy.LEAST_VIRTUAL_USAGE:
+        virtual = loads.kv_used_tokens + loads.pending_prefill_tokens
+        usage = np.where(eligible, load_fraction(virtual, loads.kv_capacity_tokens, False), np.inf)
+        return int(np.lexsort((tokens, usage))[0])
     else:  # pragma: no cover - exhaustive over the enum
         raise ValueError(f"unknown dispatch policy {policy!r}")
     return int(np.argmin(np.where(eligible, score, np.inf)))

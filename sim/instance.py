@@ -22,6 +22,7 @@ run at the end of the iteration in progress, as a real scheduler would admit it 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tessera.api.model_deployment import PoolRole
@@ -144,6 +145,9 @@ class Instance:
         self.run_cut = False
         self.busy_compute_s = 0.0
         self.iterations = 0
+        self.boundary_hooks: list[Callable[[float], None]] = []
+        """Called once, at the end of the iteration in progress (live migration detaches a
+        request there: sim/migration.py)."""
 
     # ---- requests in ------------------------------------------------------------------
     @property
@@ -184,6 +188,51 @@ class Instance:
         self._set_blocks(request, 0)
         self._publish()
         self._kick(now)
+
+    # ---- live migration (sim/migration.py) ---------------------------------------------
+    def at_next_boundary(self, hook: Callable[[float], None], now: float) -> None:
+        """Call `hook(t)` at the end of the iteration in progress (now if idle); a run of decode
+        iterations is cut there, as a real engine checks for migrations between steps."""
+        if self.state == _IDLE:
+            hook(now)
+            return
+        self.boundary_hooks.append(hook)
+        if self.state == _RUN and not self.run_cut:
+            self._cut_run(now)
+
+    def reserve_blocks(self, blocks: int) -> bool:
+        """Hold `blocks` free blocks for a request migrating in; False if they are not free."""
+        if blocks > self.free_blocks:
+            return False
+        self.used_blocks += blocks
+        self._check_blocks()
+        self._publish()
+        return True
+
+    def unreserve_blocks(self, blocks: int, now: float) -> None:
+        """Give back blocks held for a migration that was aborted."""
+        self.used_blocks -= blocks
+        self._publish()
+        self._kick(now)
+
+    def detach(self, request: Request) -> None:
+        """A running request leaves at an iteration boundary (its KV now lives elsewhere); the
+        iteration that follows, which step_end starts, is formed without it."""
+        self.running.remove(request)
+        self._set_blocks(request, 0)
+        self._publish()
+
+    def take_unstarted(self) -> list[Request]:
+        """Remove and return the requests that have not started here (nothing prefilled, or
+        KV not yet transferred in): a draining instance hands them to others (sim/autoscale.py).
+        """
+        unstarted = [r for r in self.waiting if r.prefilled == 0]
+        self.waiting = deque(r for r in self.waiting if r.prefilled > 0)
+        self.pending_prefill_tokens -= sum(r.target for r in unstarted)
+        unstarted.extend(self.incoming)
+        self.incoming.clear()
+        self._publish()
+        return unstarted
 
     # ---- scheduling -------------------------------------------------------------------
     def _kick(self, now: float) -> None:
@@ -399,6 +448,10 @@ class Instance:
         self.state = _IDLE
         self.batch_chunks = []
         self.batch_decoding = []
+        if self.boundary_hooks:
+            hooks, self.boundary_hooks = self.boundary_hooks, []
+            for hook in hooks:
+                hook(now)
         self._start(now)
 
     def _publish(self) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from tessera.api.model_deployment import PoolRole
 from tessera.api.scheduler import SchedulerConfig
-from tessera.policies.batching import RequestView, blocks_for_tokens, form_batch
+from tessera.policies.batching import blocks_for_tokens, form_batch
 from tessera.policies.dispatch import InstanceLoads
 from tessera.policies.perfmodel import PrefillChunk
 from tessera.sim.stepcost import DecodeCurve, StepCost
@@ -283,38 +283,48 @@ class Instance:
             self.pending_prefill_tokens += victim.target
 
     def _start(self, now: float) -> None:
-        """Form the next iteration's batch with the engine's policy and start it."""
+        """Form the next iteration's batch with the engine's policy and start it.
+
+        This runs once per event for every running request, so it is written for speed: the
+        views are plain tuples (`policies.batching.ViewTuple`), the waiting queue is read
+        lazily (only as far as admission gets), and the decision is applied in one pass."""
         running, waiting = self.running, self.waiting
         decision = form_batch(
             self.scheduler,
             self.block_size,
             [
-                RequestView(r.prefilled, r.target, r.blocks)
+                (r.prefilled, r.target, r.blocks)
                 if r.prefilled < r.target
-                else RequestView(r.kv, r.kv + 1, r.blocks)
+                else (r.kv, r.kv + 1, r.blocks)
                 for r in running
             ],
-            [RequestView(0, r.target, 0) for r in waiting],
+            ((0, r.target, 0) for r in waiting),
             self.free_blocks,
         )
         victims = [running[i] for i in decision.preempted]
-        work = list(zip(running, decision.num_tokens, decision.new_blocks, strict=False))
-        for count, blocks in zip(decision.admitted_tokens, decision.admitted_blocks, strict=True):
-            request = waiting.popleft()
-            running.append(request)
-            work.append((request, count, blocks))
-        for victim in victims:
-            self._preempt(victim, now)
         chunks: list[tuple[Request, int]] = []
         decoding: list[Request] = []
-        for request, count, blocks in work:
+        used = self.used_blocks
+        # The scheduled running requests are a prefix of `running` (zip stops at its end).
+        for request, count, blocks in zip(
+            running, decision.num_tokens, decision.new_blocks, strict=False
+        ):
             if blocks:
                 request.blocks += blocks
-                self.used_blocks += blocks
+                used += blocks
             if request.prefilled < request.target:
                 chunks.append((request, count))
             else:
                 decoding.append(request)
+        for count, blocks in zip(decision.admitted_tokens, decision.admitted_blocks, strict=True):
+            request = waiting.popleft()
+            running.append(request)
+            request.blocks += blocks
+            used += blocks
+            chunks.append((request, count))
+        self.used_blocks = used
+        for victim in victims:  # a step that preempts admits nothing (form_batch)
+            self._preempt(victim, now)
         self._check_blocks()
         self.batch_preempted = victims
         if self.incoming:
@@ -344,24 +354,30 @@ class Instance:
     def _start_run(self, now: float, decoding: list[Request], single: bool = False) -> None:
         """Decode iterations of one batch until a request finishes or the blocks run out
         (one iteration each unless fast-forwarding); the first iteration's blocks are held."""
-        steps = min(r.output - r.generated for r in decoding)
-        free = self.free_blocks
-        if single or not self.fast_forward:
-            steps = 1
-        elif steps > 1 and self._new_blocks(decoding, steps) > free:
-            low, high = 1, steps  # largest step count whose block growth fits
-            while low < high:
-                middle = (low + high + 1) // 2
-                if self._new_blocks(decoding, middle) <= free:
-                    low = middle
-                else:
-                    high = middle - 1
-            steps = low
+        steps = 1
+        growth: int | None = None
+        if self.fast_forward and not single:
+            steps = min(r.output - r.generated for r in decoding)
+            if steps > 1:
+                free = self.free_blocks
+                growth = self._new_blocks(decoding, steps)
+                if growth > free:
+                    low, high = 1, steps  # largest step count whose block growth fits
+                    while low < high:
+                        middle = (low + high + 1) // 2
+                        if self._new_blocks(decoding, middle) <= free:
+                            low = middle
+                        else:
+                            high = middle - 1
+                    steps = low
+                    growth = None
+        if growth is None:
+            growth = self._new_blocks(decoding, steps)
         self.state = _RUN
         self.started_s = now
         self.batch_decoding = decoding
         self.run_steps = steps
-        self.growth_blocks = self._new_blocks(decoding, steps)
+        self.growth_blocks = growth
         self.run_cut = steps == 1
         self.version += 1
         if self.fast_forward:
@@ -381,7 +397,10 @@ class Instance:
     def _new_blocks(self, decoding: list[Request], steps: int) -> int:
         """Blocks `steps` decode iterations add beyond those the requests hold."""
         size = self.block_size
-        return sum(blocks_for_tokens(r.kv + steps, size) - r.blocks for r in decoding)
+        blocks = 0
+        for r in decoding:  # blocks_for_tokens, inline: this runs for every run of decodes
+            blocks += -(-(r.kv + steps) // size) - r.blocks
+        return blocks
 
     def _cut_run(self, now: float) -> None:
         """End the run after the iteration in progress, so that new work joins the next one."""
@@ -409,13 +428,23 @@ class Instance:
         self.power.add_busy(self.started_s, now, self.busy_compute_s)
         steps = self.run_steps if self.state == _RUN else 1
         self.iterations += steps
-        for r in self.batch_decoding:
-            r.kv += steps
-            r.generated += steps
-            if steps > 1:  # the first iteration's blocks were allocated when it started
-                self._set_blocks(r, blocks_for_tokens(r.kv, size))
-            if r.generated >= r.output:
-                finished = True
+        if steps > 1:  # the first iteration's blocks were allocated when it started
+            used = self.used_blocks
+            for r in self.batch_decoding:
+                r.kv += steps
+                r.generated += steps
+                blocks = -(-r.kv // size)  # blocks_for_tokens, inline
+                used += blocks - r.blocks
+                r.blocks = blocks
+                if r.generated >= r.output:
+                    finished = True
+            self.used_blocks = used
+        else:
+            for r in self.batch_decoding:
+                r.kv += 1
+                r.generated += 1
+                if r.generated >= r.output:
+                    finished = True
         handoff: list[Request] = []
         for r, n in self.batch_chunks:
             r.prefilled += n

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from tessera.agents.sim_backend import OperatingPoint, SimCalibration, WorkloadCurve
+from tessera.api.accelerator_class import AcceleratorClassSpec
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -191,3 +192,10 @@ def model_for_device(
     if tdp_w is None or (tdp_w == base.tdp_w and same_limits):
         return base
     return base.scaled(name, tdp_w, power_limit_min_w=power_limit_min_w)
+
+
+def class_power_model(name: str, spec: AcceleratorClassSpec) -> ClassPowerModel:
+    """The measured H100 model carried to an AcceleratorClass (its TDP, idle and lowest cap):
+    what the simulator slows capped iterations by, for `--power-cap` and the PowerBudget
+    controller alike."""
+    return h100_model().scaled(name, spec.tdp_w, spec.idle_power_w, spec.min_power_cap_w)

@@ -7,7 +7,7 @@ workload is done. Each replica's busy time is metered on its own (`InstanceMeter
 feeds the pool's own track unchanged), and its draw is the class power model
 (`policies/power_model.py`) under the actuation in force: idle + compute-bound busy share x
 (prefill-curve draw - idle) + memory-bound share x (decode-curve draw - idle). A decision
-changes the replica's iteration costs (`CappedStepCost`: the phase slowdowns of the model) from
+changes the replica's iteration costs (`StepCost.under`: the phase slowdowns of the model) from
 its next iteration or run of decode iterations on, as a real engine's next kernel runs at the new
 clock; dispatch keeps weighing replicas by their uncapped speed, as the router would.
 
@@ -27,7 +27,7 @@ from tessera.api.accelerator_class import AcceleratorClassSpec
 from tessera.api.model_deployment import PoolRole
 from tessera.api.power_budget import PowerBudgetSpec
 from tessera.policies.power import DeviceView, Mode, decide
-from tessera.policies.power_model import FREE, Actuation, ClassPowerModel, h100_model
+from tessera.policies.power_model import FREE, Actuation, ClassPowerModel, class_power_model
 from tessera.sim.instance import Instance
 from tessera.sim.metrics import PowerTrack
 from tessera.sim.simulation import Simulation
@@ -39,21 +39,6 @@ IDLE_STATE = 0
 METER_BINS_PER_INTERVAL = 4
 """Power timeline bins per control interval: breaches are measured finer than the controller
 sees them."""
-
-
-def class_power_model(name: str, spec: AcceleratorClassSpec) -> ClassPowerModel:
-    """The measured H100 model carried to an AcceleratorClass (its TDP, idle and lowest cap)."""
-    return h100_model().scaled(name, spec.tdp_w, spec.idle_power_w, spec.min_power_cap_w)
-
-
-class CappedStepCost(StepCost):
-    """A replica's iteration costs under an actuation: the base costs times the model's
-    slowdown of compute-bound and of memory-bound iterations."""
-
-    def __init__(self, base: StepCost, slowdown_compute: float, slowdown_memory: float) -> None:
-        super().__init__(base.perf, base.max_context_tokens)
-        self.slowdown_compute = slowdown_compute
-        self.slowdown_memory = slowdown_memory
 
 
 class InstanceMeter(PowerTrack):
@@ -248,11 +233,7 @@ class SimulatedPowerController:
         key = (id(replica.base_cost), actuation)
         cost = self._costs.get(key)
         if cost is None:
-            cost = CappedStepCost(
-                replica.base_cost,
-                replica.model.phase_slowdown(True, actuation),
-                replica.model.phase_slowdown(False, actuation),
-            )
+            cost = StepCost.under(replica.base_cost, replica.model, actuation)
             self._costs[key] = cost
         return cost
 

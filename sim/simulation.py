@@ -31,6 +31,7 @@ from tessera.policies.dispatch import (
     choose_instance,
 )
 from tessera.policies.perfmodel import ReplicaPerformance
+from tessera.policies.power_model import class_power_model
 from tessera.sim.cluster import Cluster
 from tessera.sim.instance import Instance, Request
 from tessera.sim.metrics import PowerTrack, RunResult, assemble_result
@@ -246,7 +247,10 @@ class Simulation:
             spec = self._class(pool)
             cap_w = self.cluster.power_cap_w.get(pool.accelerator_class)
             cost = StepCost(
-                perf, arch.max_context_tokens, cap_w / spec.tdp_w if cap_w is not None else None
+                perf,
+                arch.max_context_tokens,
+                cap_w / spec.tdp_w if cap_w is not None else None,
+                class_power_model(pool.accelerator_class, spec) if cap_w is not None else None,
             )
             devices = pool.tensor_parallel + (attention.tensor_parallel if attention else 0)
             hourly = spec.cost_per_hour * pool.tensor_parallel

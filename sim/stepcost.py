@@ -1,5 +1,7 @@
-"""Iteration costs for the simulator: the performance model in `policies/`, the measured
-slowdown under a power cap, and closed-form sums over runs of decode-only iterations.
+"""Iteration costs for the simulator: the performance model in `policies/`, the slowdown under
+a power limit or clock lock from the class power model (`policies/power_model.py`, the one the
+PowerBudget policy and `sim/power.py` use), and closed-form sums over runs of decode-only
+iterations.
 
 Simulating every decode iteration as an event would cost one Python call per generated token
 of every batch; an hour of a production trace on a large cluster is billions of those. Between
@@ -15,15 +17,12 @@ run of iterations, or finds the iteration in progress at a given time, in closed
 from __future__ import annotations
 
 import bisect
-import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Protocol
 
 from tessera.policies.perfmodel import IterationCost, PrefillChunk
+from tessera.policies.power_model import Actuation, ClassPowerModel, h100_model
 
 LINEARITY_TOLERANCE = 1e-12
 """Relative deviation from the chord below which a piece of a curve counts as linear."""
@@ -46,46 +45,6 @@ class PerformanceModel(Protocol):
 
 class DecodeCostShapeError(ValueError):
     """A performance model's decode cost depends on more than batch size and total context."""
-
-
-@dataclass(frozen=True)
-class PowerCapCurves:
-    """Slowdown of compute- and memory-bound work by power cap (fraction of TDP), measured."""
-
-    compute_fraction: tuple[float, ...]
-    compute_slowdown: tuple[float, ...]
-    memory_fraction: tuple[float, ...]
-    memory_slowdown: tuple[float, ...]
-    source: str
-
-    def slowdown(self, cap_fraction: float, compute_bound: bool) -> float:
-        """Iteration time multiplier at a cap; speed is interpolated linearly between points."""
-        fractions = self.compute_fraction if compute_bound else self.memory_fraction
-        slowdowns = self.compute_slowdown if compute_bound else self.memory_slowdown
-        if cap_fraction >= fractions[-1]:
-            return slowdowns[-1]
-        if cap_fraction <= fractions[0]:
-            return slowdowns[0]
-        i = bisect.bisect_right(fractions, cap_fraction) - 1
-        x0, x1 = fractions[i], fractions[i + 1]
-        speed0, speed1 = 1.0 / slowdowns[i], 1.0 / slowdowns[i + 1]
-        speed = speed0 + (speed1 - speed0) * (cap_fraction - x0) / (x1 - x0)
-        return 1.0 / speed
-
-
-@cache
-def power_cap_curves() -> PowerCapCurves:
-    """The curves shipped in sim/data/power_curves.json (from the H100 probe)."""
-    text = resources.files("tessera.sim").joinpath("data", "power_curves.json").read_text()
-    data = json.loads(text)
-    curves = data["curves"]
-    return PowerCapCurves(
-        tuple(curves["compute_bound"]["cap_fraction"]),
-        tuple(curves["compute_bound"]["slowdown"]),
-        tuple(curves["memory_bound"]["cap_fraction"]),
-        tuple(curves["memory_bound"]["slowdown"]),
-        data["source"],
-    )
 
 
 def _contexts(batch: int, total: int) -> list[int]:
@@ -238,25 +197,41 @@ class DecodeCurve:
 
 
 class StepCost:
-    """Iteration costs of one kind of replica, under an optional power cap."""
+    """Iteration costs of one kind of replica, under an optional power cap.
+
+    A cap (`cap_fraction` of the class's TDP, `tessera simulate --power-cap`) slows compute- and
+    memory-bound iterations by the class power model's phase slowdowns under that power limit;
+    `model` is the class's (`policies.power_model.class_power_model`), the measured H100 by
+    default.
+    """
 
     def __init__(
         self,
         perf: PerformanceModel,
         max_context_tokens: int,
         cap_fraction: float | None = None,
-        curves: PowerCapCurves | None = None,
+        model: ClassPowerModel | None = None,
     ) -> None:
         self.perf = perf
         self.max_context_tokens = max_context_tokens
         self.cap_fraction = cap_fraction
-        if cap_fraction is None or cap_fraction >= 1.0:
-            self.slowdown_compute = self.slowdown_memory = 1.0
-        else:
-            curves = curves or power_cap_curves()
-            self.slowdown_compute = curves.slowdown(cap_fraction, compute_bound=True)
-            self.slowdown_memory = curves.slowdown(cap_fraction, compute_bound=False)
+        self.slowdown_compute = self.slowdown_memory = 1.0
+        if cap_fraction is not None and cap_fraction < 1.0:
+            model = model or h100_model()
+            limit = Actuation(power_limit_w=cap_fraction * model.tdp_w)
+            self.slowdown_compute = model.phase_slowdown(True, limit)
+            self.slowdown_memory = model.phase_slowdown(False, limit)
         self._curves: dict[int, DecodeCurve] = {}
+
+    @classmethod
+    def under(cls, base: StepCost, model: ClassPowerModel, actuation: Actuation) -> StepCost:
+        """`base`'s costs with `actuation` (a power limit and/or clock lock) in force: the
+        model's slowdown of compute-bound and of memory-bound iterations (the PowerBudget
+        controller's caps in `sim/power.py`)."""
+        cost = cls(base.perf, base.max_context_tokens)
+        cost.slowdown_compute = model.phase_slowdown(True, actuation)
+        cost.slowdown_memory = model.phase_slowdown(False, actuation)
+        return cost
 
     def iteration(
         self, prefill: Sequence[PrefillChunk], decode_context_tokens: Sequence[int]

@@ -8,15 +8,11 @@ from sim_samples import cluster, deployment, plan, pool, random_workload, schedu
 from tessera.api.model_deployment import PoolRole
 from tessera.api.power_budget import PowerBudgetSpec
 from tessera.policies.perfmodel import PrefillChunk
-from tessera.policies.power_model import Actuation
+from tessera.policies.power_model import Actuation, class_power_model
 from tessera.sim.metrics import RunResult
-from tessera.sim.power import (
-    CappedStepCost,
-    PowerOutcome,
-    SimulatedPowerController,
-    class_power_model,
-)
+from tessera.sim.power import PowerOutcome, SimulatedPowerController
 from tessera.sim.simulation import DeploymentSetup, SimConfig, Simulation
+from tessera.sim.stepcost import StepCost
 
 PRIORITIES = {"chat": "high", "batch": "low"}
 INTERVAL_S = 1.0
@@ -96,9 +92,7 @@ def test_capped_iterations_take_the_models_phase_slowdowns() -> None:
     base = simulation.deployments[0].pools[0].instances[0].cost
     model = class_power_model("h100", cluster().classes["h100"])
     limit = Actuation(power_limit_w=300.0)
-    capped = CappedStepCost(
-        base, model.phase_slowdown(True, limit), model.phase_slowdown(False, limit)
-    )
+    capped = StepCost.under(base, model, limit)
     prefill = [PrefillChunk(4096)]
     base_s, bound = base.iteration(prefill, [])
     capped_s, _ = capped.iteration(prefill, [])

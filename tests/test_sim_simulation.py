@@ -215,13 +215,14 @@ def test_idle_cluster_draws_idle_power_for_the_whole_run() -> None:
     assert result.energy_j <= idle_w * result.makespan_s + busy_s * 2 * CLASSES["h100"].tdp_w
 
 
-def test_power_cap_stretches_iterations_by_the_measured_curve() -> None:
-    from tessera.sim.stepcost import power_cap_curves
+def test_power_cap_stretches_iterations_by_the_class_power_model() -> None:
+    from tessera.policies.power_model import Actuation, class_power_model
 
     one = workload([0.0], [4000], [2])
     _, free = simulate(plan(pool(C, "h100", 1)), one)
     _, capped = simulate(plan(pool(C, "h100", 1)), one, cluster(power_cap_w={"h100": 200.0}))
-    slowdown = power_cap_curves().slowdown(200.0 / CLASSES["h100"].tdp_w, compute_bound=True)
+    model = class_power_model("h100", CLASSES["h100"])
+    slowdown = model.phase_slowdown(True, Actuation(power_limit_w=200.0))
     assert slowdown > 3
     assert capped.ttft_s[0] == pytest.approx(free.ttft_s[0] * slowdown, rel=1e-9)
     assert capped.power_w.max() <= 200.0 + 1e-9

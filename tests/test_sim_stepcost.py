@@ -1,5 +1,6 @@
 """Closed-form runs of decode iterations agree with the performance model iteration by
-iteration; the power-cap curves follow the measurement they were copied from."""
+iteration; a power cap slows iterations by the class power model, which follows the
+measurements it was fitted to."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 from sim_samples import CLASSES, deployment
 from tessera.policies.attention_offload import OffloadedDecodePerformance
 from tessera.policies.perfmodel import IterationCost, PrefillChunk, ReplicaPerformance
-from tessera.sim.stepcost import DecodeCostShapeError, DecodeCurve, StepCost, power_cap_curves
+from tessera.policies.power_model import Actuation, class_power_model, h100_model
+from tessera.sim.stepcost import DecodeCostShapeError, DecodeCurve, StepCost
 
 ARCH = deployment().spec.model.architecture
 MODELS = {
@@ -100,28 +102,51 @@ def test_a_model_the_closed_form_cannot_sum_is_refused_with_the_fix() -> None:
 
 
 SHARED_PROBE = Path(__file__).resolve().parents[2] / "shared/data/h100_power_probe.json"
+PROBE_AGREEMENT = 0.11
+"""The calibration's own statement of how far the short-loop probe's slowdowns are from the
+bench's (agents/calibration/h100_power.json, `sources.probe`)."""
 
 
-def test_power_cap_curve_reproduces_the_probe_and_interpolates_monotonically() -> None:
-    data = resources.files("tessera.sim").joinpath("data", "power_curves.json").read_text()
-    measured = json.loads(data)["measured"]
-    if SHARED_PROBE.is_file():  # the copy agrees with the measurement it came from
-        probe = json.loads(SHARED_PROBE.read_text())["at_200W_cap"]
-        assert measured["prefill_gemm_slowdown_at_200W"] == probe["prefill_gemm"]["slowdown"]
-        assert measured["decode_gemv_slowdown_at_200W"] == probe["decode_gemv"]["slowdown"]
-    curves = power_cap_curves()
+def test_power_cap_slowdowns_come_from_the_class_power_model_and_follow_the_measurements() -> None:
+    calibration = json.loads(
+        resources.files("tessera.agents").joinpath("calibration", "h100_power.json").read_text()
+    )["workloads"]
+    measured = {
+        bound: next(
+            p for p in calibration[phase]["power_limit_points"] if p["power_limit_w"] == 200
+        )
+        for bound, phase in ((True, "prefill"), (False, "decode"))
+    }
     tdp = CLASSES["h100"].tdp_w
-    assert curves.slowdown(200 / tdp, compute_bound=True) == pytest.approx(
-        measured["prefill_gemm_slowdown_at_200W"], rel=1e-3
-    )
-    assert curves.slowdown(200 / tdp, compute_bound=False) == pytest.approx(
-        measured["decode_gemv_slowdown_at_200W"], rel=1e-3
-    )
-    assert curves.slowdown(1.0, True) == curves.slowdown(1.0, False) == 1.0
+    model = class_power_model("h100", CLASSES["h100"])
+    at_200 = StepCost(MODELS["h100"], ARCH.max_context_tokens, 200 / tdp, model)
+    assert at_200.slowdown_compute == pytest.approx(measured[True]["slowdown"], rel=1e-3)
+    assert at_200.slowdown_memory == pytest.approx(measured[False]["slowdown"], rel=1e-3)
+    limit = Actuation(power_limit_w=200.0)
+    assert at_200.slowdown_compute == model.phase_slowdown(True, limit)
+    assert at_200.slowdown_memory == model.phase_slowdown(False, limit)
+    if SHARED_PROBE.is_file():  # the independent probe agrees with the fitted model
+        probe = json.loads(SHARED_PROBE.read_text())["at_200W_cap"]
+        for slowdown, kernel in ((at_200.slowdown_compute, "prefill_gemm"),
+                                 (at_200.slowdown_memory, "decode_gemv")):  # fmt: skip
+            assert slowdown == pytest.approx(probe[kernel]["slowdown"], rel=PROBE_AGREEMENT)
+    # Without a class model: the measured H100 at the same fraction of TDP.
+    default = StepCost(MODELS["h100"], ARCH.max_context_tokens, 0.5)
+    half = Actuation(power_limit_w=0.5 * h100_model().tdp_w)
+    assert default.slowdown_compute == h100_model().phase_slowdown(True, half)
+    free = StepCost(MODELS["h100"], ARCH.max_context_tokens, 1.0, model)
+    assert free.slowdown_compute == free.slowdown_memory == 1.0
     caps = [0.3 + 0.05 * i for i in range(15)]
     for bound in (True, False):
-        slowdowns = [curves.slowdown(c, bound) for c in caps]
+        slowdowns = [
+            getattr(
+                StepCost(MODELS["h100"], ARCH.max_context_tokens, c, model),
+                "slowdown_compute" if bound else "slowdown_memory",
+            )
+            for c in caps
+        ]
         assert all(a >= b for a, b in itertools.pairwise(slowdowns))
+        assert slowdowns[0] > 1.0
 
 
 def test_step_cost_applies_the_cap_to_the_binding_roof() -> None:

@@ -8,10 +8,13 @@ of operating points (SM clock -> slowdown, power drawn), from agents/calibration
 the uncapped point, the point under the minimum power limit and the point with the SM clock
 locked low. A power limit picks the highest clock at which the curve's power fits under it (the
 curve's lowest point is a floor: a memory-bound kernel at the minimum limit still draws more than
-the limit, as the real GPU did); a clock lock caps that clock; slowdown and power are then
-interpolated linearly between the measured points (a lock's lower bound is not modelled: the
-power limit wins on real GPUs too). A device busy a fraction `b` of the time
-draws idle + b * (busy power - idle). Energy is the integral of that power over the clock.
+the limit, as the real GPU did); a clock lock caps that clock; power is then interpolated
+linearly between the measured points and speed (1 / slowdown) linearly in the clock, because
+compute-bound time goes as 1 / clock: the H100's prefill GEMM ran 1.36x slower at 990 MHz and
+3.76x at 352 MHz, and 1337 MHz (its clock uncapped) / 990 = 1.35, / 352 = 3.80 (interpolating
+the slowdown itself overstated it by up to 25% in between: 2.09x against 1.69x at 797 MHz). A
+lock's lower bound is not modelled: the power limit wins on real GPUs too. A device busy a
+fraction `b` of the time draws idle + b * (busy power - idle). Energy is the integral of that power over the clock.
 Fields the calibration does not cover (temperature, memory utilisation) are not reported.
 """
 
@@ -88,9 +91,10 @@ class WorkloadCurve:
         for high, low in zip(self.points, self.points[1:], strict=False):
             if low.sm_clock_mhz <= sm_clock_mhz <= high.sm_clock_mhz:
                 share = (sm_clock_mhz - low.sm_clock_mhz) / (high.sm_clock_mhz - low.sm_clock_mhz)
+                speed = 1.0 / low.slowdown + share * (1.0 / high.slowdown - 1.0 / low.slowdown)
                 return OperatingPoint(
                     sm_clock_mhz=sm_clock_mhz,
-                    slowdown=low.slowdown + share * (high.slowdown - low.slowdown),
+                    slowdown=1.0 / speed,
                     power_w=low.power_w + share * (high.power_w - low.power_w),
                 )
         return self.points[-1]

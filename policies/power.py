@@ -8,9 +8,13 @@ gRPC nor a clock is seen here. The rules, as fractions of `budgetW`:
   a clock lock is not);
 - above `capAbove`: shed down to the middle of the hysteresis band, slowing devices one rung of
   their ladder at a time in `priorityOrder` (lowest tier first), decode before colocated before
-  prefill within a tier (a 200 W limit slowed decode 1.25x but prefill 3.76x on the H100); a
-  group (one tier, one role) goes to its floor before the next is touched, and within it each
-  rung goes to the device whose next rung costs the least slowdown per watt saved, so a cut is
+  prefill within a tier (a 200 W limit slowed decode 1.25x but prefill 3.76x on the H100). The
+  cut is taken in slowdown bands (`SLOWDOWN_BANDS`): every group (one tier, one role), in that
+  order, down to its last rung within 1.1x, then within 1.25x, and so on to its floor (decode
+  groups, whose floor costs 1.25x at most, down their whole ladder in their first turn); so in
+  every band the lowest tier is slowed first, but a low tier's prefill is not taken to 1.7x
+  while a higher tier's decode would give the same watts at 1.1x. Within a group each rung
+  goes to the device whose next rung costs the least slowdown per watt saved, so a cut is
   spread where spreading slows the group less;
 - below `uncapBelow`: lift caps in the reverse order, the most slowed device of a group first,
   one rung at a time, only while the predicted
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +51,16 @@ from tessera.policies.power_model import (
 
 ROLE_ORDER = {"idle": 0, "decode": 1, "colocated": 2, "prefill": 3}
 """Who is slowed first within a priority tier: the cheapest watts first."""
+
+LIMIT_TOLERANCE_W = 0.5
+"""A reported power limit within this of the device's maximum counts as no limit."""
+
+SLOWDOWN_BANDS = (1.1, 1.25, 1.5, math.inf)
+"""A cut is shed in passes: every tier, lowest first, its decode devices down their whole
+ladder (at most 1.25x at the floor on the H100) and its other devices down to rungs that slow
+them by at most 1.1x, then 1.25x, ... So a low tier's prefill is not taken to 1.7x while a
+higher tier's decode could give the same watts at 1.1x (on the H100 decode saves 120 W per
+device at 1.1x, prefill 96 W), and decode still goes before prefill within a tier."""
 
 LADDER_STEP_FRACTION = 0.05
 """Rungs of the power-limit and clock ladders, as fractions of TDP and of the top clock: fine
@@ -165,12 +180,13 @@ def ladder(device: DeviceView, spec: PowerBudgetSpec) -> list[Actuation]:
     return [a for *_, a in front]
 
 
-def _rung(device: DeviceView, rungs: list[Actuation]) -> int:
-    """Where the actuation in force sits on the ladder (the nearest rung by busy draw)."""
-    if device.in_force in rungs:
-        return rungs.index(device.in_force)
+def _rung(device: DeviceView, rungs: list[Actuation], current: Actuation) -> int:
+    """Where `current` (what is in force, or what an earlier pass of this decision chose) sits
+    on the ladder (the nearest rung by busy draw)."""
+    if current in rungs:
+        return rungs.index(current)
     model, share = device.power_model, device.share
-    target = model.busy_draw_w(share, device.in_force)
+    target = model.busy_draw_w(share, current)
     draws = [model.busy_draw_w(share, a) for a in rungs]
     return min(range(len(rungs)), key=lambda i: (abs(draws[i] - target), i))
 
@@ -233,10 +249,13 @@ def decide(spec: PowerBudgetSpec, devices: Sequence[DeviceView]) -> PowerDecisio
         mode = Mode.CAPPING
         now_w = predicted()
         slowed: set[str] = set()
-        for group in _groups(trusted, spec):
-            if now_w <= target_w:
-                break
-            now_w = _shed(group, spec, actuation, now_w, target_w, slowed)
+        groups = _groups(trusted, spec)
+        for band in SLOWDOWN_BANDS:
+            for group in groups:
+                if now_w <= target_w:
+                    break
+                limit = math.inf if group[0].role == "decode" else band
+                now_w = _shed(group, spec, actuation, now_w, target_w, slowed, limit)
         reason = (
             f"draw {draw_w:.0f} W is above capAbove ({fraction:.2f} of budget): "
             f"slowed {len(slowed)} device(s) toward {target_w:.0f} W"
@@ -283,13 +302,14 @@ def _shed(
     now_w: float,
     target_w: float,
     slowed: set[str],
+    max_slowdown: float = math.inf,
 ) -> float:
     """Step the group's devices down their ladders until the draw is at the target or every
-    one is at its floor: each step on the device whose next rung costs the least slowdown per
-    watt saved (slowdown grows faster than savings, so a cut spread over a group slows it less
-    than one device at its floor)."""
+    one is at its floor (or at the last rung within `max_slowdown`): each step on the device
+    whose next rung costs the least slowdown per watt saved (slowdown grows faster than savings,
+    so a cut spread over a group slows it less than one device at its floor)."""
     rungs = {d.uuid: ladder(d, spec) for d in group}
-    at = {d.uuid: _rung(d, rungs[d.uuid]) for d in group}
+    at = {d.uuid: _rung(d, rungs[d.uuid], actuation[d.uuid]) for d in group}
     while now_w > target_w:
         best: tuple[float, DeviceView, float] | None = None
         for d in group:
@@ -301,6 +321,8 @@ def _shed(
             if saved_w <= 1e-9:
                 continue
             model = d.power_model
+            if model.slowdown(d.share, then) > max_slowdown:
+                continue
             cost = (model.slowdown(d.share, then) - model.slowdown(d.share, now)) / saved_w
             if best is None or cost < best[0]:
                 best = (cost, d, saved_w)
@@ -325,7 +347,7 @@ def _lift(
     """Step the group's devices up their ladders, the most slowed first, while the predicted
     draw stays at or below the target."""
     rungs = {d.uuid: ladder(d, spec) for d in group}
-    at = {d.uuid: _rung(d, rungs[d.uuid]) for d in group}
+    at = {d.uuid: _rung(d, rungs[d.uuid], actuation[d.uuid]) for d in group}
     blocked: set[str] = set()
     while True:
         candidates = [d for d in group if at[d.uuid] > 0 and d.uuid not in blocked]
@@ -352,3 +374,33 @@ def strongest(device: DeviceView, spec: PowerBudgetSpec) -> Actuation:
     if "lower-power-limit" in spec.actions:
         return Actuation(power_limit_w=round(floor_w(device, spec), 1))
     return ladder(device, spec)[-1]
+
+
+def reported_actuation(
+    power_limit_w: float | None,
+    power_limit_max_w: float | None,
+    locked_sm_clock_max_mhz: int | None,
+) -> Actuation:
+    """What an agent's telemetry says is in force on a device (a limit at the maximum is no
+    limit): the operator's controller and bench/power_gpu_run.py read devices this way."""
+    capped = power_limit_w is not None and (
+        power_limit_max_w is None or power_limit_w < power_limit_max_w - LIMIT_TOLERANCE_W
+    )
+    return Actuation(power_limit_w if capped else None, locked_sm_clock_max_mhz)
+
+
+def actuation_steps(before: Actuation, after: Actuation) -> list[tuple[str, float | None]]:
+    """The Control RPCs (set-power-limit, reset-power-limit, lock-clocks, reset-clocks) and
+    their values that take a device from `before` to `after`, the limit first."""
+    steps: list[tuple[str, float | None]] = []
+    if before.power_limit_w != after.power_limit_w:
+        if after.power_limit_w is None:
+            steps.append(("reset-power-limit", None))
+        else:
+            steps.append(("set-power-limit", after.power_limit_w))
+    if before.sm_clock_max_mhz != after.sm_clock_max_mhz:
+        if after.sm_clock_max_mhz is None:
+            steps.append(("reset-clocks", None))
+        else:
+            steps.append(("lock-clocks", float(after.sm_clock_max_mhz)))
+    return steps

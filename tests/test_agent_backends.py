@@ -72,9 +72,9 @@ def test_sim_reproduces_the_measured_points() -> None:
         measured = entry["power_limit_points"][0]
         backend.set_power_limit(device.uuid, measured["power_limit_w"])
         point = backend.operating_point(device.uuid)
-        # Within 1%: where the GPU drew slightly less than its limit (198.5 W under 200 W), the
-        # model draws the limit itself.
-        assert point.slowdown == pytest.approx(measured["slowdown"], rel=0.01)
+        # Within 1.5%: where the GPU drew slightly less than its limit (198.5 W under 200 W), the
+        # model draws the limit itself, at a clock 1% above the measured one.
+        assert point.slowdown == pytest.approx(measured["slowdown"], rel=0.015)
         assert point.power_w == pytest.approx(max(measured["power_w"], measured["power_limit_w"]))
         assert point.power_capped
 
@@ -85,6 +85,20 @@ def test_sim_reproduces_the_measured_points() -> None:
         point = backend.operating_point(device.uuid)
         assert point.slowdown == pytest.approx(locked["slowdown"])
         assert point.power_w == pytest.approx(locked["power_w"])
+
+
+def test_sim_compute_bound_time_goes_as_one_over_the_clock_between_the_measured_points() -> None:
+    """The measured prefill slowdowns are the uncapped clock over the clock (1.36x at 990 MHz,
+    3.76x at 352, from 1337 MHz: 1.35 and 3.80); between the points speed is interpolated
+    linearly in the clock, so the model stays on that law (interpolating the slowdown itself
+    gave 2.09x at 797 MHz, where the law says 1.68)."""
+    backend = SimBackend(device_count=1, workloads=[("prefill", 1.0)])
+    curve = backend.calibration.workloads["prefill"]
+    top = curve.uncapped.sm_clock_mhz
+    for point in curve.points:
+        assert point.slowdown == pytest.approx(top / point.sm_clock_mhz, rel=0.02)
+    for clock in (400.0, 600.0, 797.0, 1100.0, 1300.0):
+        assert curve.at_clock(clock).slowdown == pytest.approx(top / clock, rel=0.03)
 
 
 @settings(max_examples=60, deadline=None)

@@ -42,6 +42,7 @@ from tessera.agents.engine.request import (
 from tessera.agents.engine.sampling import SamplingFailure, sample
 from tessera.agents.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tessera.agents.engine.stats import EngineStats, EngineStatsSnapshot
+from tessera.agents.engine.warmup import WarmUpReport, warm_up
 from tessera.agents.engine.weights import LlamaWeights, load_llama_weights
 
 log = logging.getLogger(__name__)
@@ -389,6 +390,11 @@ class Engine:
         ids = [self.add_request(prompt, params) for prompt in prompts]
         self.run_until_idle()
         return [self.pop_finished(request_id) for request_id in ids]
+
+    def warm_up(self) -> WarmUpReport:
+        """Capture every decode graph and compile every attention kernel variant this engine
+        can reach (warmup.py), so that no step while serving stalls on a compile."""
+        return warm_up(self)
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> None:
         """Step until nothing is waiting or running (parked requests do not count)."""

@@ -40,6 +40,7 @@ from tessera.agents.engine.tp_worker import (
     RemoteError,
     rank_main,
 )
+from tessera.agents.engine.warmup import WarmUpReport
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,12 @@ class TensorParallelEngine:
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> None:
         self._call("run_until_idle", max_steps)
+
+    def warm_up(self) -> WarmUpReport:
+        """Rank 0 warms up; its launches go through the driving model, so every rank compiles
+        the same kernel variants."""
+        result: WarmUpReport = self._call("warm_up")
+        return result
 
     def has_unfinished(self) -> bool:
         """Whether requests wait or run (as of the last call: only calls change it)."""

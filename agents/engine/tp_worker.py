@@ -48,7 +48,16 @@ FORWARD, LOGITS, STOP = "forward", "logits", "stop"
 """What rank 0 tells the other ranks each time: run this step, compute these rows' logits, end."""
 
 COMMANDS = frozenset(
-    {"add_request", "step", "abort", "pop_finished", "stats_snapshot", "generate", "run_until_idle"}
+    {
+        "add_request",
+        "step",
+        "abort",
+        "pop_finished",
+        "stats_snapshot",
+        "generate",
+        "run_until_idle",
+        "warm_up",
+    }
 )
 """The Engine methods the caller may run on rank 0."""
 

@@ -27,11 +27,19 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from tessera.agents.engine.kernel_variants import decode_partition, next_pow2
 
 # Launch settings of the decode-attention kernel; the benchmark may sweep them.
 DECODE_TILE = 64
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 2
+
+# Integer arguments that change with the batch (a block table's width, the partition scratch's
+# strides): Triton would otherwise compile a variant per value class (== 1, divisible by 16),
+# which no warm-up could enumerate (warmup.py). Loads through them are int32 block ids and
+# fp32 statistics, for which the alignment hint buys nothing.
+_DECODE_VARYING = ("stride_btb", "stride_mb", "stride_mh", "stride_pb", "stride_ph", "stride_pp")
+_REDUCE_VARYING = ("stride_mb", "stride_mh", "stride_pb", "stride_ph", "stride_pp")
 
 
 @triton.jit
@@ -95,7 +103,7 @@ def _softmax_step(q, k, v, visible, m_i, l_i, acc, scale, EXACT_FP32: tl.constex
     return m_new, l_i, acc * alpha[:, None] + pv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DECODE_VARYING)
 def _paged_decode_partition_kernel(
     q_ptr,
     k_cache_ptr,
@@ -184,7 +192,7 @@ def _paged_decode_partition_kernel(
             )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_REDUCE_VARYING)
 def _paged_decode_reduce_kernel(
     max_logits_ptr,
     exp_sums_ptr,
@@ -230,17 +238,15 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def multiprocessors(device: torch.device) -> int:
+    """SMs the decode partitioning plans for (8 off CUDA, i.e. under the interpreter)."""
+    return _multiprocessors(device.index or 0) if device.type == "cuda" else 8
 
 
 def choose_partition(batch: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
-    """Tokens per partition: enough programs to fill the chip (about 4 per SM), no smaller
-    than a tile. Large batches get one partition per sequence and skip the merge kernel."""
-    programs_per_partition = max(1, batch * num_kv_heads)
-    parts = max(1, -(-4 * num_sms // programs_per_partition))
-    partition = _next_pow2(-(-max(1, max_context_len) // parts))
-    return max(DECODE_TILE, partition)
+    """Tokens per partition (kernel_variants.decode_partition at this module's DECODE_TILE,
+    which the benchmark may sweep)."""
+    return decode_partition(batch, num_kv_heads, max_context_len, num_sms, DECODE_TILE)
 
 
 def paged_decode_attention(
@@ -264,7 +270,7 @@ def paged_decode_attention(
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     if partition is None:
-        num_sms = _multiprocessors(q.device.index or 0) if q.is_cuda else 8
+        num_sms = multiprocessors(q.device)
         partition = choose_partition(batch, num_kv_heads, max_context_len, num_sms)
     num_parts = max(1, -(-max_context_len // partition))
     out = torch.empty(batch, num_heads, head_dim, device=q.device, dtype=q.dtype)
@@ -305,7 +311,7 @@ def paged_decode_attention(
         out.stride(0),
         out.stride(1),
         GROUP=group,
-        GROUP_PAD=max(16, _next_pow2(group)),
+        GROUP_PAD=max(16, next_pow2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1],
         TILE=DECODE_TILE,
@@ -330,7 +336,7 @@ def paged_decode_attention(
             out.stride(0),
             out.stride(1),
             PARTITION=partition,
-            NUM_PARTS_PAD=max(2, _next_pow2(num_parts)),
+            NUM_PARTS_PAD=max(2, next_pow2(num_parts)),
             HEAD_DIM=head_dim,
             num_warps=4,
         )
@@ -345,7 +351,7 @@ PREFILL_NUM_WARPS = 4
 PREFILL_NUM_STAGES = 2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("stride_bts",))
 def _paged_prefill_kernel(
     q_ptr,
     k_cache_ptr,
@@ -519,7 +525,7 @@ def rms_norm(
     rows, cols = x.shape
     out = torch.empty_like(x)
     residual_out = torch.empty_like(x) if residual is not None else x
-    block = _next_pow2(cols)
+    block = next_pow2(cols)
     _rms_norm_kernel[(rows,)](
         x,
         residual if residual is not None else x,
@@ -605,7 +611,7 @@ def rope_and_cache(
     tokens = qkv.shape[0]
     k_slots = k_cache.view(-1, num_kv_heads, head_dim)
     v_slots = v_cache.view(-1, num_kv_heads, head_dim)
-    rot_pad = _next_pow2(num_q_heads + num_kv_heads)
+    rot_pad = next_pow2(num_q_heads + num_kv_heads)
     _rope_and_cache_kernel[(tokens,)](
         qkv,
         positions,
@@ -620,7 +626,7 @@ def rope_and_cache(
         NUM_Q=num_q_heads,
         NUM_KV=num_kv_heads,
         ROT_PAD=rot_pad,
-        KV_PAD=_next_pow2(num_kv_heads),
+        KV_PAD=next_pow2(num_kv_heads),
         HEAD_DIM=head_dim,
         HALF=head_dim // 2,
         num_warps=4 if rot_pad * head_dim >= 2048 else 1,
@@ -648,3 +654,24 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4
     )
     return out
+
+
+ATTENTION_KERNELS = {
+    "paged_decode": _paged_decode_partition_kernel,
+    "paged_decode_merge": _paged_decode_reduce_kernel,
+    "paged_prefill": _paged_prefill_kernel,
+}
+
+
+def compiled_variants() -> dict[str, int]:
+    """How many variants of each attention kernel this process has compiled (a bench compares
+    the counts after warm-up with those after serving: equal means nothing compiled while
+    serving). Reads the JIT cache: `device_caches` in Triton >= 3.1, `cache` before."""
+    counts: dict[str, int] = {}
+    for name, kernel in ATTENTION_KERNELS.items():
+        caches = getattr(kernel, "device_caches", None)
+        if caches is not None:
+            counts[name] = sum(len(entry[0]) for entry in caches.values())
+        else:
+            counts[name] = sum(len(entry) for entry in getattr(kernel, "cache", {}).values())
+    return counts

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from tessera.agents.engine.kv_transfer import KVPackage
 from tessera.agents.engine.request import SamplingParams
 from tessera.agents.engine.serving_loop import QueueFullError, ServingLoop
+from tessera.agents.engine.warmup import WarmUpReport
 from tessera.agents.instance_stats import INSTANCE_STATS_PATH
 from tessera.agents.serving.generation import (
     Delta,
@@ -101,6 +102,8 @@ class Served:
     created: int = field(default_factory=lambda: int(time.time()))
     load_error: str | None = None
     prefill: PrefillHook | None = None
+    warmup: WarmUpReport | None = None
+    """What the engine's warm-up prepared, shown on /ready."""
 
     @property
     def ready(self) -> bool:
@@ -163,7 +166,8 @@ def build_app(served: Served) -> FastAPI:
     async def ready() -> JSONResponse:
         if not served.ready:
             raise ApiError(503, served.load_error or "loading weights", kind="unavailable")
-        return JSONResponse({"status": "ready"})
+        warmup = dataclasses.asdict(served.warmup) if served.warmup else None
+        return JSONResponse({"status": "ready", "warmup": warmup})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -360,7 +364,10 @@ def _event_stream(
             if chat:
                 yield _sse(stream_chunk(True, rid, created, name, "", role="assistant"))
             async for delta in generation.deltas(request):
-                if delta.text or delta.finish_reason is not None:
+                # A token may add no text (a special token, a character still incomplete, text
+                # held back for a stop string); with return_token_ids its id is sent all the same.
+                with_ids = body.return_token_ids and bool(delta.token_ids)
+                if delta.text or delta.finish_reason is not None or with_ids:
                     token_ids = delta.token_ids if body.return_token_ids else None
                     chunk = stream_chunk(
                         chat, rid, created, name, delta.text, delta.finish_reason, token_ids

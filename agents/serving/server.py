@@ -1,9 +1,9 @@
 """Run `tessera serve`: HTTP first, then the engine, so that /health answers while weights load.
 
 uvicorn starts at once (a pod is alive while it loads); a loader thread reads the weights and
-tokenizer, warms the engine up with a short generation (on CUDA the decode graphs are captured
-when the engine is built, the prefill kernels run here) and starts the serving loop; only then
-does /ready answer 200. A load that fails stops the server with exit status 1.
+tokenizer, warms the engine up (`Engine.warm_up`: every decode CUDA graph captured and every
+attention kernel variant compiled, then a short generation) and starts the serving loop; only
+then does /ready answer 200. A load that fails stops the server with exit status 1.
 """
 
 from __future__ import annotations
@@ -65,7 +65,15 @@ def load(
 ) -> None:
     """Load, warm up, start the loop; then the routes serve. With tensor parallelism the
     engine is one process per rank (tp_engine.py), and `on_engine_death` is told if one dies."""
-    from tessera.agents.serving.disaggregated import PrefillLoop, engine_role
+    engine = build_engine(config, on_engine_death)
+    start_serving(engine, ServingTokenizer.from_folder(config.weights), config, served)
+
+
+def build_engine(
+    config: ServeConfig, on_engine_death: Callable[[str], None] | None = None
+) -> Engine:
+    """The engine the flags describe, its weights loaded (not yet warmed up)."""
+    from tessera.agents.serving.disaggregated import engine_role
 
     engine_config = EngineConfig(
         role=engine_role(config.role),
@@ -80,7 +88,7 @@ def load(
     )
     if config.tensor_parallel_size > 1:
         # Engine's interface, run on rank 0 of the rank processes.
-        engine = cast(
+        return cast(
             Engine,
             start_tensor_parallel_engine(
                 config.weights,
@@ -89,9 +97,25 @@ def load(
                 on_death=on_engine_death,
             ),
         )
-    else:
-        engine = Engine.from_pretrained(config.weights, engine_config)
-    tokenizer = ServingTokenizer.from_folder(config.weights)
+    return Engine.from_pretrained(config.weights, engine_config)
+
+
+def start_serving(
+    engine: Engine, tokenizer: ServingTokenizer, config: ServeConfig, served: Served
+) -> ServingLoop:
+    """Warm the engine up (every decode graph captured, every attention kernel variant
+    compiled: Engine.warm_up), run one short generation through it, and start its loop; only
+    then do the routes serve and /ready answer 200."""
+    from tessera.agents.serving.disaggregated import PrefillLoop
+
+    report = engine.warm_up()
+    log.info(
+        "warm-up: %d graphs, %d decode and %d prefill kernel variants in %.1f s",
+        len(report.graph_batch_sizes),
+        report.decode_kernel_variants,
+        report.prefill_kernel_variants,
+        report.seconds,
+    )
     warm_prompt = tokenizer.encode("warm up") or [0]
     warm_tokens = 1 if config.role == "prefill" else 2  # a prefill engine parks at its 2nd
     engine.generate([warm_prompt], SamplingParams(max_new_tokens=warm_tokens, ignore_eos=True))
@@ -102,9 +126,11 @@ def load(
         on_iteration=served.metrics.observe_engine,
     )
     loop.start()
+    served.warmup = report
     served.tokenizer = tokenizer
     served.loop = loop
     log.info("serving %s from %s on %s", config.model_name, config.weights, engine.device)
+    return loop
 
 
 def run(config: ServeConfig) -> int:

@@ -119,6 +119,47 @@ def test_streamed_completion_tokens_equal_the_engines(
     assert tokens == engine_greedy(engine, prompt, 9)
 
 
+def test_streamed_token_ids_include_tokens_that_add_no_text(
+    client: openai.OpenAI, engine: Engine, tiny_model: Path
+) -> None:
+    """A special token (here EOS, generated past with ignore_eos, or a chat marker) decodes to
+    no text; its id must still reach a client that asked for token ids."""
+    tokenizer = ServingTokenizer.from_folder(tiny_model)
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+
+    def silent_step(tokens: list[int]) -> bool:
+        """Some token after the first adds no text to what came before it."""
+        return any(
+            tokenizer.decode(tokens[: i + 1]) == tokenizer.decode(tokens[:i])
+            for i in range(1, len(tokens) - 1)
+        )
+
+    candidates = ([1, 10 + i, 20 + 2 * i, 5 + i] for i in range(60))
+    found = next(
+        (
+            (prompt, tokens)
+            for prompt in candidates
+            if silent_step(tokens := engine.generate([prompt], params)[0].output_token_ids)
+        ),
+        None,
+    )
+    assert found is not None, "no prompt among the candidates makes a token without text"
+    prompt, expected = found
+    stream = client.completions.create(
+        model=SERVED_NAME,
+        prompt=prompt,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
+    chunks = [chunk.choices[0] for chunk in stream if chunk.choices]
+    assert [t for c in chunks for t in (c.model_extra or {})["token_ids"]] == expected
+    assert "".join(c.text for c in chunks) == tokenizer.decode(expected)
+    silent = [c for c in chunks if c.text == "" and c.finish_reason is None]
+    assert silent and all((c.model_extra or {})["token_ids"] for c in silent)
+
+
 def test_seeded_sampling_repeats_and_top_p_is_accepted(client: openai.OpenAI) -> None:
     def sampled(seed: int) -> str:
         out = client.completions.create(

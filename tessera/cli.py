@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("tessera.agents.cli", "agent_command"),
     "serve": ("tessera.agents.serving.cli", "serve_command"),
     "router": ("tessera.agents.router.cli", "router_command"),
+    "drain": ("tessera.agents.serving.drain_hook", "drain_command"),
 }
 
 SUBCOMMAND_HELP: dict[str, str] = {
@@ -31,6 +32,7 @@ SUBCOMMAND_HELP: dict[str, str] = {
     "agent": "Run the node agent (gRPC telemetry and control).",
     "serve": "Serve a model over an OpenAI-compatible HTTP API (the engine's pods run this).",
     "router": "Route a disaggregated ModelDeployment's requests: prefill, then decode.",
+    "drain": "Drain the local server before its pod stops (the serving pods' preStop hook).",
 }
 
 

@@ -1,7 +1,7 @@
 """RebalancePolicy: periodic moves of pods (and VMs) that cut fragmentation under a move budget.
 
-Reconciled by operator/rebalance_controller.py (pods, by eviction); the decision is
-policies/rebalance.py.
+Reconciled by operator/rebalance_controller.py (pods by eviction, KubeVirt VMs by live
+migration); the decision is policies/rebalance.py.
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ class MovableSpec(ApiModel):
         default_factory=_default_excluded, description="Tiers never moved."
     )
     use_live_migration: bool = Field(
-        default=True, description="Move serving instances by live KV migration where possible."
+        default=True,
+        description="Move VirtualMachineInstances by KubeVirt live migration (a "
+        "VirtualMachineInstanceMigration to the planned node); false: VMs are never moved, "
+        "since the only other move, eviction, stops them.",
     )
 
 
@@ -63,13 +66,19 @@ class RebalancePolicySpec(ApiModel):
 
 class PlannedMove(ApiModel):
     """One move of the last round: a pod evicted from `sourceNode` to be placed on
-    `targetNode`, and what happened (Planned in a dry run; Evicted, Blocked by a PDB, Failed)."""
+    `targetNode`, or a VM live-migrated there, and what happened (Planned in a dry run;
+    Evicted, Migrating once its VirtualMachineInstanceMigration exists, Blocked by a PDB,
+    Gone, Failed)."""
 
-    pod: str
+    pod: str = Field(description="The Pod's name, or the VirtualMachineInstance's.")
     namespace: str
+    kind: Literal["Pod", "VirtualMachineInstance"] = "Pod"
     source_node: str
     target_node: str
-    result: Literal["Planned", "Evicted", "Blocked", "Gone", "Failed"]
+    result: Literal["Planned", "Evicted", "Migrating", "Blocked", "Gone", "Failed"]
+    migration: str | None = Field(
+        default=None, description="The VirtualMachineInstanceMigration created for a VM."
+    )
     message: str | None = None
 
 

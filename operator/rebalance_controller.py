@@ -7,16 +7,18 @@ round, so an edit takes effect at the next one):
    and the ModelDeployments' priorities; `rebalance_snapshot.snapshot_from` makes the snapshot;
 2. decide: the fast policy (`policies/rebalance_fast.py`) under `moveBudget`, PDBs,
    `excludePriorities` and `minImprovement`;
-3. act (unless `dryRun`): one Eviction (policy/v1) per move, so the API server enforces the
-   PDBs once more (a 429 is reported as Blocked, not retried); the owner re-creates the pod and
-   the scheduler places it;
+3. act (unless `dryRun`): one Eviction (policy/v1) per pod move, so the API server enforces
+   the PDBs once more (a 429 is reported as Blocked, not retried); the owner re-creates the pod
+   and the scheduler places it. A VirtualMachineInstance (listed where `movable.kinds` has
+   VirtualMachine and the KubeVirt CRDs are served) moves by a VirtualMachineInstanceMigration
+   (kubevirt.io/v1) whose `addedNodeSelector` names the planned node, owned by the policy and
+   labelled with it; never by evicting its launcher pod;
 4. report: status (fragmentation before and predicted after, the moves and their results,
    last and next round, a Ready condition with observedGeneration) and one Event per round
    that moved or would move something.
 
-Not yet: steering the re-created pod to the planned node (the scheduler picks; the plan's
-targets are where it fits best), KubeVirt VirtualMachineInstanceMigrations, and live KV
-migration of Tessera replicas (`useLiveMigration`).
+Not done: steering a re-created pod to the planned node (the scheduler picks; docs/rebalance.md
+says why and what to configure), and live KV migration of Tessera replicas.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pydantic import ValidationError
 from tessera.api.common import GROUP, VERSION, Condition, utc_now
 from tessera.api.rebalance_policy import PlannedMove, RebalancePolicySpec
 from tessera.operator.power_controller import priority_index
-from tessera.operator.rebalance_snapshot import PodRef, snapshot_from
+from tessera.operator.rebalance_snapshot import VMI_KIND, PodRef, snapshot_from
 from tessera.operator.reconcile import Kube, as_object, items_of
 from tessera.operator.rounds import run_rounds
 from tessera.operator.status import merge_conditions
@@ -54,6 +56,15 @@ def _timestamp(value: Any) -> str:
 
 POLICY_VERSIONS = ("v1", "v1beta1")
 """policy/v1 (Kubernetes >= 1.21) first, then v1beta1 for older API servers."""
+
+KUBEVIRT_GROUP = "kubevirt.io"
+KUBEVIRT_VERSION = "v1"
+VMIS = "virtualmachineinstances"
+VMI_MIGRATIONS = "virtualmachineinstancemigrations"
+POLICY_LABEL = "tessera.dev/rebalance-policy"
+VMI_NAME_LABEL = "kubevirt.io/vmi-name"
+"""The label KubeVirt itself puts on a migration: the VMI it moves."""
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 
 def evict(core: client.CoreV1Api, ref: PodRef) -> tuple[str, str | None]:
@@ -76,6 +87,68 @@ def evict(core: client.CoreV1Api, ref: PodRef) -> tuple[str, str | None]:
             return "Failed", f"{error.status} {error.reason}"
         return "Evicted", None
     return "Failed", "no Eviction version accepted"
+
+
+def list_kubevirt(
+    custom: client.CustomObjectsApi,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every VirtualMachineInstance and VirtualMachineInstanceMigration; none where KubeVirt's
+    CRDs are not installed (404)."""
+    try:
+        vmis = custom.list_cluster_custom_object(KUBEVIRT_GROUP, KUBEVIRT_VERSION, VMIS)
+        migrations = custom.list_cluster_custom_object(
+            KUBEVIRT_GROUP, KUBEVIRT_VERSION, VMI_MIGRATIONS
+        )
+    except ApiException as error:
+        if error.status == 404:
+            return [], []
+        raise
+    return items_of(vmis), items_of(migrations)
+
+
+def migration_body(policy: Mapping[str, Any], ref: PodRef, target_hostname: str) -> dict[str, Any]:
+    """The VirtualMachineInstanceMigration that live-migrates `ref`'s VMI to the planned node.
+
+    `addedNodeSelector` (KubeVirt >= 1.6) narrows the target pod's scheduling to that node for
+    this one migration; older KubeVirt prunes the field and lets its scheduler pick. The owner
+    is the policy (cluster-scoped owners may own namespaced objects): deleting the policy
+    withdraws the migrations it started.
+    """
+    meta = policy.get("metadata") or {}
+    return {
+        "apiVersion": f"{KUBEVIRT_GROUP}/{KUBEVIRT_VERSION}",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {
+            "generateName": f"{ref.name}-rebalance-",
+            "namespace": ref.namespace,
+            "labels": {POLICY_LABEL: meta.get("name"), VMI_NAME_LABEL: ref.name},
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "RebalancePolicy",
+                    "name": meta.get("name"),
+                    "uid": meta.get("uid"),
+                }
+            ],
+        },
+        "spec": {"vmiName": ref.name, "addedNodeSelector": {HOSTNAME_LABEL: target_hostname}},
+    }
+
+
+def migrate(
+    custom: client.CustomObjectsApi, body: dict[str, Any]
+) -> tuple[str, str | None, str | None]:
+    """Create one VirtualMachineInstanceMigration: (result, message, its name)."""
+    namespace = body["metadata"]["namespace"]
+    try:
+        created = custom.create_namespaced_custom_object(
+            KUBEVIRT_GROUP, KUBEVIRT_VERSION, namespace, VMI_MIGRATIONS, body
+        )
+    except ApiException as error:
+        if error.status == 404:
+            return "Failed", "VirtualMachineInstanceMigration is not served (KubeVirt?)", None
+        return "Failed", f"{error.status} {error.reason}", None
+    return "Migrating", None, str(as_object(created)["metadata"]["name"])
 
 
 def list_pdbs(custom: client.CustomObjectsApi) -> list[dict[str, Any]]:
@@ -101,10 +174,10 @@ def ready_condition(
         message = "; ".join(f"{m.namespace}/{m.pod}: {m.message}" for m in failed[:5])
     elif dry_run and moves:
         status, reason = "True", "DryRun"
-        message = f"would move {len(moves)} pod(s)"
+        message = f"would move {_counted(moves)}"
     elif moves:
         status, reason = "True", "Rebalanced"
-        message = f"evicted {len(moves)} pod(s)"
+        message = f"moved {_counted(moves)}"
     else:
         status, reason = "True", plan.reason
         message = "no moves this round"
@@ -112,6 +185,13 @@ def ready_condition(
     return Condition(
         type=READY, status=status, reason=reason, message=message, observed_generation=generation
     )
+
+
+def _counted(moves: Sequence[PlannedMove]) -> str:
+    """`3 pod(s)`, or `2 pod(s) and 1 VM(s)` where VMs move too."""
+    vms = sum(1 for m in moves if m.kind == "VirtualMachineInstance")
+    text = f"{len(moves) - vms} pod(s)"
+    return f"{text} and {vms} VM(s)" if vms else text
 
 
 class RebalanceController:
@@ -137,18 +217,33 @@ class RebalanceController:
                 return None
             raise
 
-    def _objects(self, spec: RebalancePolicySpec) -> tuple[list, list, list, dict[str, str]]:
+    def _objects(self, spec: RebalancePolicySpec) -> dict[str, Any]:
+        """The cluster state a round reads, as plain dicts (snapshot_from's arguments)."""
         api_client = self.kube.api_client
         selector = ",".join(f"{k}={v}" for k, v in sorted(spec.node_selector.items()))
         nodes = self.kube.core.list_node(label_selector=selector or None)
         pods = self.kube.core.list_pod_for_all_namespaces()
         listed = self.kube.custom.list_cluster_custom_object(GROUP, VERSION, MODEL_DEPLOYMENTS)
-        return (
-            [api_client.sanitize_for_serialization(n) for n in nodes.items],
-            [api_client.sanitize_for_serialization(p) for p in pods.items],
-            list_pdbs(self.kube.custom),
-            priority_index(items_of(listed)),
+        vmis, migrations = (
+            list_kubevirt(self.kube.custom) if "VirtualMachine" in spec.movable.kinds else ([], [])
         )
+        return {
+            "nodes": [api_client.sanitize_for_serialization(n) for n in nodes.items],
+            "pods": [api_client.sanitize_for_serialization(p) for p in pods.items],
+            "pdbs": list_pdbs(self.kube.custom),
+            "deployment_tiers": priority_index(items_of(listed)),
+            "vmis": vmis,
+            "migrations": migrations,
+        }
+
+    def _act(
+        self, body: Mapping[str, Any], ref: PodRef, target_hostname: str
+    ) -> tuple[str, str | None, str | None]:
+        """Carry out one move: (result, message, migration name)."""
+        if ref.kind == VMI_KIND:
+            return migrate(self.kube.custom, migration_body(body, ref, target_hostname))
+        result, message = evict(self.kube.core, ref)
+        return result, message, None
 
     def round(self) -> float | None:
         """One round; the seconds until the next (None: the policy is gone)."""
@@ -177,20 +272,27 @@ class RebalanceController:
                 }
             )
             return INVALID_SPEC_RETRY_S
-        nodes, pods, pdbs, tiers = self._objects(spec)
-        snapshot, refs = snapshot_from(nodes, pods, pdbs, spec, tiers)
+        objects = self._objects(spec)
+        snapshot, refs = snapshot_from(policy=spec, **objects)
+        hostnames = {n.name: n.labels_map.get(HOSTNAME_LABEL, n.name) for n in snapshot.nodes}
         plan = decide(snapshot, spec)
         moves = []
         for move in plan.moves:
             ref = refs[move.pod]
-            result, message = ("Planned", None) if spec.dry_run else evict(self.kube.core, ref)
+            result, message, migration = (
+                ("Planned", None, None)
+                if spec.dry_run
+                else self._act(body, ref, hostnames[move.target])
+            )
             moves.append(
                 PlannedMove(
                     pod=ref.name,
                     namespace=ref.namespace,
+                    kind=cast(Literal["Pod", "VirtualMachineInstance"], ref.kind),
                     source_node=move.source,
                     target_node=move.target,
                     result=result,  # type: ignore[arg-type]
+                    migration=migration,
                     message=message,
                 )
             )
@@ -208,7 +310,7 @@ class RebalanceController:
         status = body.get("status") or {}
         generation = body.get("metadata", {}).get("generation")
         condition = ready_condition(plan, moves, spec.dry_run, generation)
-        evicted = sum(1 for m in moves if m.result == "Evicted")
+        evicted = sum(1 for m in moves if m.result in ("Evicted", "Migrating"))
         self._write(
             {
                 "observedGeneration": generation,

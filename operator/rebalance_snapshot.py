@@ -16,8 +16,17 @@ What each field comes from:
 - pending pods (not yet bound): the replica shapes the objective keeps room for, beside the
   running pods' (a 4-GPU pod that fits nowhere is the clearest sign of fragmentation);
 - PDBs: each `policy/v1` PodDisruptionBudget selects pods of its namespace; its
-  `status.disruptionsAllowed` is what the round may spend.
-"""
+  `status.disruptionsAllowed` is what the round may spend;
+- VMs (where the KubeVirt CRDs are installed): each VirtualMachineInstance bound to a node in
+  scope is one workload, named `<namespace>/vmi/<name>` (no pod name has a slash), with the
+  requests, node requirement and priority of its virt-launcher pod (the pod it owns; the
+  VMI's own spec where none is listed), the launcher pod itself not counted again (a
+  migration's target pod on another node is an unmovable pod holding its capacity). It is
+  movable when `movable.kinds` has VirtualMachine, `useLiveMigration` is on (eviction would
+  stop a VM, not move it), it is Running, KubeVirt reports it LiveMigratable, its labels match
+  `movable.selector`, and no migration of it is in flight. PDBs do not limit VM moves: a
+  live migration disrupts nothing (KubeVirt's PDB on a launcher pod is there to turn
+  evictions into migrations)."""
 
 from __future__ import annotations
 
@@ -45,15 +54,21 @@ PRIORITY_LABEL = "tessera.dev/priority"
 DEPLOYMENT_LABEL = "tessera.dev/deployment"
 SYSTEM_PRIORITY = 1_000_000_000
 RECREATING_OWNERS = ("ReplicaSet", "StatefulSet")
+VMI_KIND = "VirtualMachineInstance"
+MIGRATION_DONE_PHASES = ("Succeeded", "Failed")
+"""VirtualMachineInstanceMigration phases after which another migration of the VMI may start."""
 UNSCHEDULABLE_TAINT = Taint("node.kubernetes.io/unschedulable", "", "NoSchedule")
 MIB = Decimal(1024 * 1024)
 
 
 @dataclass(frozen=True)
 class PodRef:
+    """What a snapshot workload is in the cluster: a Pod, or a VirtualMachineInstance."""
+
     namespace: str
     name: str
     node: str
+    kind: str = "Pod"
 
 
 def _quantity(value: Any) -> Decimal:
@@ -168,14 +183,70 @@ def movable(obj: Mapping[str, Any], policy: RebalancePolicySpec, modelled: bool)
     )
 
 
+def _gpu_devices(vmi_spec: Mapping[str, Any]) -> int:
+    devices = ((vmi_spec.get("domain") or {}).get("devices")) or {}
+    return len(devices.get("gpus") or []) + len(devices.get("hostDevices") or [])
+
+
+def vmi_requests(vmi_spec: Mapping[str, Any]) -> Resources:
+    """A VMI's requests from its own spec (used only where its launcher pod is not listed):
+    domain resources, and one accelerator per passed-through GPU or host device."""
+    resources = (vmi_spec.get("domain") or {}).get("resources") or {}
+    amounts = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+    own = _resources(amounts)
+    return Resources(own.gpu or _gpu_devices(vmi_spec), own.cpu_m, own.memory_mib)
+
+
+def migration_in_flight(
+    migrations: Iterable[Mapping[str, Any]],
+) -> set[tuple[str, str]]:
+    """(namespace, VMI name) of every VirtualMachineInstanceMigration not yet finished."""
+    return {
+        ((m.get("metadata") or {}).get("namespace", ""), (m.get("spec") or {}).get("vmiName", ""))
+        for m in migrations
+        if (m.get("status") or {}).get("phase") not in MIGRATION_DONE_PHASES
+    }
+
+
+def vmi_movable(
+    vmi: Mapping[str, Any], policy: RebalancePolicySpec, modelled: bool, in_flight: bool
+) -> bool:
+    meta, status = vmi.get("metadata") or {}, vmi.get("status") or {}
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    state = status.get("migrationState") or {}
+    return (
+        "VirtualMachine" in policy.movable.kinds
+        and policy.movable.use_live_migration
+        and modelled
+        and not in_flight
+        and not meta.get("deletionTimestamp")
+        and status.get("phase") == "Running"
+        and conditions.get("LiveMigratable") == "True"
+        and (not state or bool(state.get("completed")) or bool(state.get("failed")))
+        and all((meta.get("labels") or {}).get(k) == v for k, v in policy.movable.selector.items())
+    )
+
+
+def _launcher_of(meta: Mapping[str, Any]) -> str | None:
+    """The name of the VMI that owns this pod (its virt-launcher), if any."""
+    for owner in meta.get("ownerReferences") or []:
+        if owner.get("kind") == VMI_KIND and owner.get("controller"):
+            return str(owner.get("name"))
+    return None
+
+
 def snapshot_from(
     nodes: Iterable[Mapping[str, Any]],
     pods: Iterable[Mapping[str, Any]],
     pdbs: Iterable[Mapping[str, Any]],
     policy: RebalancePolicySpec,
     deployment_tiers: Mapping[str, str] | None = None,
+    vmis: Iterable[Mapping[str, Any]] = (),
+    migrations: Iterable[Mapping[str, Any]] = (),
 ) -> tuple[ClusterSnapshot, dict[str, PodRef]]:
-    """The snapshot of the nodes given and the pods bound to them; pods by snapshot name."""
+    """The snapshot of the nodes given and the workloads bound to them (pods, and VMs where
+    `vmis` lists KubeVirt's VirtualMachineInstances); each workload's cluster object by
+    snapshot name."""
     tiers = deployment_tiers or {}
     node_list = tuple(node_from(n) for n in nodes)
     in_scope = {n.name for n in node_list}
@@ -188,6 +259,20 @@ def snapshot_from(
         )
         for b in pdbs
     ]
+
+    def covering(namespace: str, labels: Mapping[str, str]) -> tuple[str, ...]:
+        return tuple(
+            key
+            for ns, key, selector, _ in budgets
+            if ns == namespace and selector is not None and selects(selector, labels)
+        )
+
+    vmi_by_key = {
+        ((v.get("metadata") or {}).get("namespace", ""), v["metadata"]["name"]): v
+        for v in vmis
+        if (v.get("status") or {}).get("nodeName") in in_scope
+    }
+    launchers: dict[tuple[str, str], Mapping[str, Any]] = {}
     out: list[Pod] = []
     pending: list[Pod] = []
     refs: dict[str, PodRef] = {}
@@ -205,13 +290,15 @@ def snapshot_from(
         if node not in in_scope or phase in ("Succeeded", "Failed"):
             continue
         namespace = meta.get("namespace", "")
+        vmi = vmi_by_key.get((namespace, _launcher_of(meta) or ""))
+        if vmi is not None and vmi["status"]["nodeName"] == node:
+            # The VMI's launcher pod, counted as the VMI below. A launcher pod elsewhere is a
+            # migration's target (or a finished one's source) and stays a plain, unmovable pod.
+            launchers[(namespace, vmi["metadata"]["name"])] = obj
+            continue
         labels = meta.get("labels") or {}
         requirement, modelled = requirement_from(spec)
-        covering = tuple(
-            key
-            for ns, key, selector, _ in budgets
-            if ns == namespace and selector is not None and selects(selector, labels)
-        )
+        pdbs_of = covering(namespace, labels)
         name = f"{namespace}/{meta['name']}"
         out.append(
             Pod(
@@ -220,11 +307,35 @@ def snapshot_from(
                 requests=pod_requests(spec),
                 priority=tier_of(meta, spec, tiers),
                 requirement=requirement,
-                pdbs=covering,
+                pdbs=pdbs_of,
                 # The Eviction API refuses a pod that more than one PDB selects.
-                movable=movable(obj, policy, modelled) and len(covering) <= 1,
+                movable=movable(obj, policy, modelled) and len(pdbs_of) <= 1,
             )
         )
         refs[name] = PodRef(namespace, meta["name"], node)
+    busy = migration_in_flight(migrations)
+    for (namespace, vmi_name), vmi in sorted(vmi_by_key.items()):
+        node = vmi["status"]["nodeName"]
+        launcher = launchers.get((namespace, vmi_name))
+        # The launcher pod is what the scheduler placed: its requests include KubeVirt's
+        # overhead, its node selector KubeVirt's own labels.
+        source = launcher or vmi
+        spec = source.get("spec") or {}
+        requirement, modelled = requirement_from(spec)
+        name = f"{namespace}/vmi/{vmi_name}"
+        out.append(
+            Pod(
+                name=name,
+                node=node,
+                requests=pod_requests(spec) if launcher else vmi_requests(spec),
+                priority=tier_of(vmi.get("metadata") or {}, spec, tiers),
+                requirement=requirement,
+                # A live migration keeps the VM running: it spends no disruption. (KubeVirt's
+                # own PDB on a launcher pod allows none: it turns evictions into migrations.)
+                pdbs=(),
+                movable=vmi_movable(vmi, policy, modelled, (namespace, vmi_name) in busy),
+            )
+        )
+        refs[name] = PodRef(namespace, vmi_name, node, VMI_KIND)
     allowed = {key: n for _, key, _, n in budgets}
     return ClusterSnapshot(node_list, tuple(out), allowed, tuple(pending)), refs

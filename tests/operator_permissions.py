@@ -49,6 +49,7 @@ NOT_RUN_BY_THE_OPERATOR = {
 """Functions whose requests `tessera operator` never makes, and why."""
 CLUSTER_WIDE_FUNCTIONS = {
     ("rebalance_controller", "evict"): "the rebalancer evicts pods in every namespace",
+    ("rebalance_controller", "migrate"): "the rebalancer migrates VMs in every namespace",
 }
 """Functions whose namespaced requests go to any namespace, not only the served ones."""
 LEASE_NAME = "<the leader-election Lease>"

@@ -134,3 +134,103 @@ def test_snapshot_movable_pdbs_scope_and_pending() -> None:
     assert [p.name for p in snapshot.pending] == ["ns/waiting"]
     assert snapshot.pending[0].requests.gpu == 2
     assert refs["ns/ok"].name == "ok" and refs["ns/ok"].node == "n1"
+
+
+VMI_SPEC = {
+    "domain": {
+        "devices": {"gpus": [{"name": "g0", "deviceName": "nvidia.com/gpu"}]},
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+    }
+}
+
+
+def vmi(name: str, node_name: str = "n1", **status: Any) -> dict[str, Any]:
+    state = {
+        "phase": "Running",
+        "nodeName": node_name,
+        "conditions": [{"type": "LiveMigratable", "status": "True"}],
+        **status,
+    }
+    return {
+        "metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}", "labels": {"app": "x"}},
+        "spec": VMI_SPEC,
+        "status": state,
+    }
+
+
+def launcher(vm: str, node_name: str = "n1", suffix: str = "abc") -> dict[str, Any]:
+    owner = {"kind": "VirtualMachineInstance", "name": vm, "uid": f"uid-{vm}", "controller": True}
+    return pod(f"virt-launcher-{vm}-{suffix}", node_name, meta={"ownerReferences": [owner]})
+
+
+VM_POLICY = RebalancePolicySpec.model_validate({"movable": {"kinds": ["Pod", "VirtualMachine"]}})
+ALL_PDB = [
+    {
+        "metadata": {"name": "kubevirt-disruption-budget", "namespace": "ns"},
+        "spec": {"selector": {"matchLabels": {"app": "x"}}},
+        "status": {"disruptionsAllowed": 0},
+    }
+]
+
+
+def test_a_vmi_is_one_workload_with_its_launchers_requests() -> None:
+    snapshot, refs = snapshot_from(
+        [node(), node("n2")],
+        [launcher("vm"), launcher("vm", "n2", "target"), pod("web")],
+        ALL_PDB,
+        VM_POLICY,
+        vmis=[vmi("vm")],
+    )
+    by_name = {p.name: p for p in snapshot.pods}
+    # The launcher on the VMI's node is the VMI; the one on n2 (a migration's target pod) holds
+    # its capacity there and is not movable.
+    assert set(by_name) == {"ns/vmi/vm", "ns/virt-launcher-vm-target", "ns/web"}
+    vm = by_name["ns/vmi/vm"]
+    assert (vm.node, vm.requests, vm.movable, vm.pdbs) == ("n1", Resources(2, 2000, 1024), True, ())
+    assert not by_name["ns/virt-launcher-vm-target"].movable
+    assert refs["ns/vmi/vm"].kind == "VirtualMachineInstance" and refs["ns/vmi/vm"].name == "vm"
+    assert refs["ns/web"].kind == "Pod"
+
+
+def test_a_vmi_without_a_listed_launcher_uses_its_own_spec() -> None:
+    snapshot, _ = snapshot_from([node()], [], [], VM_POLICY, vmis=[vmi("vm")])
+    assert snapshot.pods[0].requests == Resources(1, 1000, 2048)
+
+
+def test_which_vmis_may_move() -> None:
+    cases = {
+        "ok": (vmi("ok"), VM_POLICY),
+        "pods-only": (vmi("pods-only"), RebalancePolicySpec()),
+        "no-live-migration": (
+            vmi("no-live-migration"),
+            RebalancePolicySpec.model_validate(
+                {"movable": {"kinds": ["VirtualMachine"], "useLiveMigration": False}}
+            ),
+        ),
+        "not-migratable": (
+            vmi("not-migratable", conditions=[{"type": "LiveMigratable", "status": "False"}]),
+            VM_POLICY,
+        ),
+        "starting": (vmi("starting", phase="Scheduled"), VM_POLICY),
+        "migrating": (vmi("migrating", migrationState={"completed": False}), VM_POLICY),
+        "in-flight": (vmi("in-flight"), VM_POLICY),
+        "migrated": (vmi("migrated", migrationState={"completed": True}), VM_POLICY),
+    }
+    migrations = [
+        {"metadata": {"namespace": "ns"}, "spec": {"vmiName": "in-flight"}, "status": {}},
+        {"metadata": {"namespace": "ns"}, "spec": {"vmiName": "ok"}, "status": {"phase": "Failed"}},
+    ]
+    movable = {}
+    for name, (obj, policy) in cases.items():
+        snapshot, _ = snapshot_from([node()], [], [], policy, vmis=[obj], migrations=migrations)
+        movable[name] = snapshot.pods[0].movable
+    assert movable == {
+        "ok": True,
+        "pods-only": False,
+        "no-live-migration": False,
+        "not-migratable": False,
+        "starting": False,
+        "migrating": False,
+        "in-flight": False,
+        "migrated": True,
+    }

@@ -158,6 +158,29 @@ def test_exact_solver_reaches_the_brute_force_optimum(case: tuple) -> None:
     )
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(max_nodes=4, max_pods=6, max_budget=2), st.sampled_from([0, 256]))
+def test_exact_solver_with_or_without_patterns_and_from_the_fast_plan(
+    case: tuple, max_patterns: int
+) -> None:
+    """The leaving-pattern rows (max_patterns 0 leaves them out) only tighten the relaxation,
+    and a MIP started from the fast plan still reaches the optimum: both the optimum and the
+    bound it reports are the brute-force best."""
+    built = compiled(*case)
+    if built is None:
+        return
+    problem, objective = built
+    fast = solve_fast(problem, objective)
+    exact = solve_exact(
+        problem, objective, time_limit_s=20, max_patterns=max_patterns, start=fast.moves
+    )
+    best = brute_force_best(problem, objective)
+    assert plan_violations(problem, exact.moves) == []
+    assert objective.score(problem.free_after(exact.moves)) == pytest.approx(best, abs=1e-9)
+    if exact.score_bound is not None:
+        assert exact.score_bound >= best - 1e-9
+
+
 def test_fast_solver_close_to_exact_on_small_generated_clusters() -> None:
     """On 40-node fragmented clusters the fast plan gains most of what the optimum gains.
 

@@ -73,6 +73,15 @@ a rule nothing needs. No wildcards, no secrets, no update (server-side apply is 
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["list"]
+# KubeVirt VMs the rebalancer may move (a RebalancePolicy whose movable.kinds has
+# VirtualMachine): their VirtualMachineInstances, the migrations in flight, and the migrations
+# it creates, in any namespace. Never the VMs' pods: they are not evicted.
+- apiGroups: ["kubevirt.io"]
+  resources: ["virtualmachineinstances"]
+  verbs: ["list"]
+- apiGroups: ["kubevirt.io"]
+  resources: ["virtualmachineinstancemigrations"]
+  verbs: ["list", "create"]
 # Node capacity per AcceleratorClass (its nodeSelector), the nodes a PowerBudget or a
 # RebalancePolicy covers.
 - apiGroups: [""]

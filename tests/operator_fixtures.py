@@ -52,6 +52,7 @@ __all__ = [  # fixtures, and the helpers tests use
     "cluster_fixture",
     "namespace_fixture",
     "operator_fixture",
+    "real_server_only",
     "wait_for",
 ]
 
@@ -59,6 +60,20 @@ KUBECONFIG_ENV = "TESSERA_TEST_KUBECONFIG"
 SERVER_ENV = "TESSERA_TEST_SERVER"
 DEADLINE_S = 20.0
 T = TypeVar("T")
+
+
+def emulator_selected() -> bool:
+    """Whether the suite runs against kmock's emulator ($TESSERA_TEST_SERVER=emulator and no
+    $TESSERA_TEST_KUBECONFIG, which `cluster_fixture` gives precedence)."""
+    return os.environ.get(SERVER_ENV) == "emulator" and not os.environ.get(KUBECONFIG_ENV)
+
+
+def real_server_only(needs: str) -> pytest.MarkDecorator:
+    """Skip a test or module under the emulator, saying what of a real server it `needs`
+    (checked before any fixture starts, so nothing waits on behaviour the emulator lacks)."""
+    return pytest.mark.skipif(
+        emulator_selected(), reason=f"real API server only ({SERVER_ENV}=emulator): {needs}"
+    )
 
 
 def wait_for(
@@ -273,7 +288,7 @@ def cluster_fixture(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     configuration = client.Configuration()
     if kubeconfig:
         config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    elif os.environ.get(SERVER_ENV) == "emulator":
+    elif emulator_selected():
         server = EmulatorServer()
         configuration.host = server.start()
     else:

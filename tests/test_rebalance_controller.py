@@ -22,6 +22,7 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     Namespace,
     cluster_fixture,
     namespace_fixture,
+    real_server_only,
     wait_for,
 )
 from tessera.api.common import GROUP, VERSION
@@ -31,6 +32,11 @@ from tessera.operator.rebalance_controller import (
     RebalanceController,
 )
 from tessera.operator.reconcile import Kube
+
+pytestmark = real_server_only(
+    "the ReplicaSet controller creating the pods, and the Eviction API (pods/eviction) checking "
+    "PDBs; the emulator runs no controllers and has no eviction subresource"
+)
 
 POOL_LABEL = "tessera.dev/test-pool"
 NODES = ("a", "b", "c", "d")

@@ -22,6 +22,7 @@ set (kopf's finalizer holds the object until then).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,7 +47,14 @@ from tessera.operator.collector import (
 from tessera.operator.reconcile import Kube, as_object, describe_spec_error, items_of
 from tessera.operator.rounds import run_rounds
 from tessera.operator.status import merge_conditions
-from tessera.policies.power import DeviceView, Mode, PowerDecision, decide
+from tessera.policies.power import (
+    DeviceView,
+    Mode,
+    PowerDecision,
+    actuation_steps,
+    decide,
+    reported_actuation,
+)
 from tessera.policies.power_model import FREE, Actuation
 
 log = logging.getLogger(__name__)
@@ -56,8 +64,6 @@ MODEL_DEPLOYMENTS = "modeldeployments"
 MERGE_PATCH = "application/merge-patch+json"
 CONTROL_TIMEOUT_S = 5.0
 """Deadline of one Control RPC."""
-LIMIT_TOLERANCE_W = 0.5
-"""A reported limit within this of the device's maximum counts as no limit."""
 
 READY = "Ready"
 CAPPED = "Capped"
@@ -85,6 +91,34 @@ OVER_BUDGET_SECONDS = Counter(
     "Control-round time during which the measured draw was above the budget.",
     ["budget"],
 )
+PREDICTED_DRAW_W = Gauge(
+    "tessera_power_budget_predicted_draw_watts",
+    "The draw the controller expects under the caps it decided, at the load it measured.",
+    ["budget"],
+)
+MODE = Gauge(
+    "tessera_power_budget_mode",
+    "1 for the controller's mode now (Normal, Holding, Capping, Releasing, Emergency), else 0.",
+    ["budget", "mode"],
+)
+LAST_ACTION_TIME = Gauge(
+    "tessera_power_budget_last_action_timestamp_seconds",
+    "Unix time of the controller's last Control RPC round (status.lastActionTime).",
+    ["budget"],
+)
+DEVICE_LABELS = ["budget", "node", "device"]
+DEVICE_POWER_LIMIT_W = Gauge(
+    "tessera_power_budget_device_power_limit_watts",
+    "The power limit the controller holds on a device (devices it has not limited: no series).",
+    DEVICE_LABELS,
+)
+DEVICE_CLOCK_LOCK_HZ = Gauge(
+    "tessera_power_budget_device_sm_clock_max_hertz",
+    "The top SM clock the controller locked a device to (devices without a lock: no series).",
+    DEVICE_LABELS,
+)
+DEVICE_GAUGES = {"limit": DEVICE_POWER_LIMIT_W, "lock": DEVICE_CLOCK_LOCK_HZ}
+BUDGET_GAUGES = (DRAW_W, BUDGET_W, HEADROOM_W, CAPPED_DEVICES, PREDICTED_DRAW_W, LAST_ACTION_TIME)
 
 
 # ---- reading ------------------------------------------------------------------------------
@@ -92,10 +126,9 @@ OVER_BUDGET_SECONDS = Counter(
 
 def observed_actuation(device: DeviceTelemetry) -> Actuation:
     """What the agent reports in force on a device (a limit at the maximum is no limit)."""
-    limit = device.power_limit_w
-    top = device.power_limit_max_w
-    capped = limit is not None and (top is None or limit < top - LIMIT_TOLERANCE_W)
-    return Actuation(limit if capped else None, device.locked_sm_clock_max_mhz)
+    return reported_actuation(
+        device.power_limit_w, device.power_limit_max_w, device.locked_sm_clock_max_mhz
+    )
 
 
 def priority_index(model_deployments: Iterable[Mapping[str, Any]]) -> dict[str, str]:
@@ -207,21 +240,6 @@ class Action:
     error: str | None = None
 
 
-def _steps(before: Actuation, after: Actuation) -> list[tuple[str, float | None]]:
-    steps: list[tuple[str, float | None]] = []
-    if before.power_limit_w != after.power_limit_w:
-        if after.power_limit_w is None:
-            steps.append(("reset-power-limit", None))
-        else:
-            steps.append(("set-power-limit", after.power_limit_w))
-    if before.sm_clock_max_mhz != after.sm_clock_max_mhz:
-        if after.sm_clock_max_mhz is None:
-            steps.append(("reset-clocks", None))
-        else:
-            steps.append(("lock-clocks", float(after.sm_clock_max_mhz)))
-    return steps
-
-
 def actuate(
     placed: Sequence[Placed],
     wanted: Mapping[str, Actuation],
@@ -259,7 +277,7 @@ def actuate(
                 channel = channel_factory(endpoint.address)
                 agent = clients[endpoint.name] = AgentClient(channel, CONTROL_TIMEOUT_S)
             min_mhz = p.view.power_model.sm_clock_min_mhz
-            for action, value in _steps(p.view.in_force, wanted.get(p.view.uuid, FREE)):
+            for action, value in actuation_steps(p.view.in_force, wanted.get(p.view.uuid, FREE)):
                 error = unreachable.get(endpoint.name)
                 if error is None:
                     error = _call(agent, action, p.view.uuid, value, min_mhz)
@@ -478,13 +496,11 @@ class BudgetController:
             ACTIONS.labels(
                 *labels, action.action, "ok" if action.error is None else action.error.split(":")[0]
             ).inc()
-        DRAW_W.labels(*labels).set(decision.draw_w)
-        BUDGET_W.labels(*labels).set(spec.budget_w)
-        HEADROOM_W.labels(*labels).set(decision.headroom_w)
-        CAPPED_DEVICES.labels(*labels).set(len(capped))
+        export_metrics(self.name, spec, decision, capped, bool(actions))
         clock = time.monotonic()
+        over = OVER_BUDGET_SECONDS.labels(*labels)  # the series exists from the first round
         if self._last_round is not None and decision.draw_w > spec.budget_w:
-            OVER_BUDGET_SECONDS.labels(*labels).inc(clock - self._last_round)
+            over.inc(clock - self._last_round)
         self._last_round = clock
         patch: dict[str, Any] = {
             "observedGeneration": generation,
@@ -562,6 +578,65 @@ class BudgetController:
 _ANY = PowerBudgetSpec(budget_w=1.0)
 
 
+def export_metrics(
+    name: str,
+    spec: PowerBudgetSpec,
+    decision: PowerDecision,
+    capped: Sequence[DeviceCap],
+    acted: bool,
+    now_s: Callable[[], float] = time.time,
+) -> None:
+    """One round's Prometheus gauges: the group's draw, budget, headroom, predicted draw, mode,
+    capped devices (count and what each holds) and, when it made Control RPCs, their time."""
+    DRAW_W.labels(name).set(decision.draw_w)
+    BUDGET_W.labels(name).set(spec.budget_w)
+    HEADROOM_W.labels(name).set(decision.headroom_w)
+    PREDICTED_DRAW_W.labels(name).set(decision.predicted_draw_w)
+    CAPPED_DEVICES.labels(name).set(len(capped))
+    for mode in Mode:
+        MODE.labels(name, mode.value).set(1.0 if mode is decision.mode else 0.0)
+    if acted:
+        LAST_ACTION_TIME.labels(name).set(now_s())
+    wanted: dict[str, dict[tuple[str, str, str], float]] = {"limit": {}, "lock": {}}
+    for cap in capped:
+        labels = (name, cap.node, cap.uuid)
+        if cap.power_limit_w is not None:
+            wanted["limit"][labels] = cap.power_limit_w
+        if cap.sm_clock_max_mhz is not None:
+            wanted["lock"][labels] = cap.sm_clock_max_mhz * 1e6
+    for kind, values in wanted.items():
+        gauge = DEVICE_GAUGES[kind]
+        exported = _DEVICE_SERIES.setdefault((name, kind), set())
+        for labels in exported - values.keys():
+            gauge.remove(*labels)
+        for labels, value in values.items():
+            gauge.labels(*labels).set(value)
+        exported.clear()
+        exported.update(values)
+
+
+_DEVICE_SERIES: dict[tuple[str, str], set[tuple[str, str, str]]] = {}
+"""(budget, metric) -> the device label sets exported (prometheus-client keeps no public list;
+a series is removed only once its device is no longer capped, so a scrape never misses one)."""
+
+
+def _forget_devices(name: str) -> None:
+    for kind, gauge in DEVICE_GAUGES.items():
+        for labels in _DEVICE_SERIES.pop((name, kind), set()):
+            gauge.remove(*labels)
+
+
+def forget_metrics(name: str) -> None:
+    """Drop a deleted budget's series, so that dashboards do not show a budget that is gone."""
+    for metric in (*BUDGET_GAUGES, OVER_BUDGET_SECONDS):
+        with contextlib.suppress(KeyError):
+            metric.remove(name)
+    for mode in Mode:
+        with contextlib.suppress(KeyError):
+            MODE.remove(name, mode.value)
+    _forget_devices(name)
+
+
 def _controller(name: str, memo: kopf.Memo) -> BudgetController | None:
     agents: Collector | None = getattr(memo, "agents", None)
     if agents is None:
@@ -596,3 +671,4 @@ def release_power_budget(name: str, memo: kopf.Memo, logger: kopf.Logger, **_: A
     failed = [a for a in controller.release_all() if a.error is not None]
     if failed:
         raise kopf.TemporaryError(f"lifting caps failed: {summarize(failed)}", delay=5.0)
+    forget_metrics(name)

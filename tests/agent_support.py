@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ import pytest
 from ports import free_port  # noqa: F401  (tests import it from here too)
 from tessera.agents.client import ClientTls
 from tessera.agents.instance_stats import InstanceStatsSource
+from tessera.agents.local_certs import make_ca as _ca
+from tessera.agents.local_certs import make_leaf as _leaf
 from tessera.agents.server import MAX_WATCH_STREAMS_PER_CLIENT, AgentServer, ServerTls
 from tessera.agents.sim_backend import SimBackend
 
@@ -81,34 +82,6 @@ class Certs:
         return ClientTls.from_files(
             self.ca, self.cn_only_client_cert, self.cn_only_client_key, SERVER_NAME
         )
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(name: str, folder: Path) -> None:
-    _openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        cwd=folder,
-    )  # fmt: skip
-
-
-def _leaf(name: str, ca: str, extensions: str, folder: Path, common_name: str = "") -> None:
-    (folder / f"{name}.ext").write_text(extensions)
-    _openssl(
-        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={common_name or name}",
-        cwd=folder,
-    )  # fmt: skip
-    _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-        "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
-        cwd=folder,
-    )  # fmt: skip
 
 
 def make_certs(folder: Path) -> Certs:

@@ -81,6 +81,18 @@ DASHBOARD_METRICS = (
     "tessera_device_power_watts",
     "tessera_device_energy_joules_total",
     "tessera_device_power_limit_watts",
+    # from the operator's PowerBudget controller
+    "tessera_power_budget_draw_watts",
+    "tessera_power_budget_watts",
+    "tessera_power_budget_headroom_watts",
+    "tessera_power_budget_predicted_draw_watts",
+    "tessera_power_budget_capped_devices",
+    "tessera_power_budget_mode",
+    "tessera_power_budget_last_action_timestamp_seconds",
+    "tessera_power_budget_device_power_limit_watts",
+    "tessera_power_budget_device_sm_clock_max_hertz",
+    "tessera_power_budget_actions_total",
+    "tessera_power_budget_over_budget_seconds_total",
 )
 
 Obj = dict[str, Any]

@@ -12,7 +12,11 @@ the kill test, as a `tessera operator` process configured through the chart's en
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +32,27 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     OperatorThread,
     cluster_fixture,
     namespace_fixture,
+    real_server_only,
     wait_for,
 )
 from operator_process import OperatorProcess
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_support import PROMETHEUS, running_prometheus
 from tessera.agents.instance_stats import InstanceStats
 from tessera.agents.server import AgentServer
 from tessera.agents.sim_backend import SimBackend
 from tessera.api.common import GROUP, VERSION
 from tessera.operator.collector import AgentEndpoint, Collector, static_discovery
 
+pytestmark = real_server_only(
+    "kopf lifts a deleted PowerBudget's finalizer with a JSON patch that tests the "
+    "resourceVersion, which the emulator answers with 500 JsonPatchTestFailed once status "
+    "writes moved it, so no budget is ever finalized"
+)
+
 FULL_LOAD_W = 2 * (536.3 + 695.1)  # two nodes, a decode and a prefill device each, busy
+DASHBOARD = Path(__file__).resolve().parent.parent / "helm/tessera/dashboards/tessera.json"
+POWER_BUDGET_ROW = "Power budgets"
 LIGHT = 0.3
 
 
@@ -386,3 +400,94 @@ def test_the_operator_killed_mid_cap_and_restarted_leaves_caps_consistent(
         node.agent.stop(grace_s=0)
     for process in processes:
         assert "Traceback" not in process.output(), process.output()
+
+
+def power_budget_panels() -> list[dict[str, Any]]:
+    """The dashboard's panels in the PowerBudget row (from its row to the next row)."""
+    panels, inside = [], False
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        if panel["type"] == "row":
+            inside = panel["title"] == POWER_BUDGET_ROW
+        elif inside:
+            panels.append(panel)
+    return panels
+
+
+def prometheus_query(port: int, expr: str) -> list[dict[str, Any]] | None:
+    """The result vector of an instant query; None while Prometheus is not answering yet."""
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.loads(response.read())
+    except (urllib.error.URLError, ConnectionError):
+        return None
+    assert body["status"] == "success", (expr, body)
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
+def test_a_real_prometheus_answers_every_power_budget_dashboard_panel(
+    cluster: Cluster,
+    namespace: Namespace,
+    certs: Certs,
+    two_nodes: tuple[Node, Node],
+    tmp_path: Path,
+) -> None:
+    """The operator's /metrics (its process registry, as `tessera operator --metrics-port`
+    serves it) scraped by a real Prometheus while a budget holds a cap (full load is 0.97 of
+    it, over capAbove): each query of the dashboard's PowerBudget row, with the dashboard's
+    variables filled in, returns a series for the budget. A per-device panel (power limits,
+    clock locks) is checked when the status shows a device holding that kind of cap (the
+    policy picks limits or locks by their cost)."""
+    a, b = two_nodes
+    name = f"pb-{namespace.name}"
+    panels = power_budget_panels()
+    assert len(panels) >= 8, "the PowerBudget row lost panels"
+    operator = operator_following(cluster, namespace.name, certs, [a, b])
+    metrics_server, metrics_thread = start_http_server(0, addr="127.0.0.1", registry=REGISTRY)
+    cluster.custom.create_cluster_custom_object(
+        GROUP, VERSION, "powerbudgets", budget_document(name, FULL_LOAD_W / 0.97)
+    )
+    try:
+        a.load(1.0)
+        b.load(1.0)
+        wait_for(lambda: status(cluster, name).get("cappedDevices"), "a device to be capped")
+        scrape = [
+            {
+                "job_name": "tessera-operator",
+                "static_configs": [{"targets": [f"127.0.0.1:{metrics_server.server_port}"]}],
+            }
+        ]
+        device_panels = {
+            "tessera_power_budget_device_power_limit_watts": "powerLimitW",
+            "tessera_power_budget_device_sm_clock_max_hertz": "smClockMaxMhz",
+        }
+        checked: set[str] = set()
+        with running_prometheus(scrape, tmp_path) as prometheus:
+            for panel in panels:
+                for target in panel["targets"]:
+                    expr = target["expr"].replace("$budget", name)
+                    expr = expr.replace("$__rate_interval", "10s")
+                    held = device_panels.get(next((m for m in device_panels if m in expr), ""))
+                    if held is not None:
+                        capped = status(cluster, name).get("capped") or []
+                        if not any(c.get(held) for c in capped):
+                            continue  # no device holds this kind of cap
+                        checked.add(held)
+
+                    def answered(expr: str = expr) -> list[dict[str, Any]] | None:
+                        prometheus.check_alive()
+                        return prometheus_query(prometheus.port, expr) or None
+
+                    result = wait_for(
+                        answered, f"a series for panel {panel['title']!r}: {expr}", timeout_s=60
+                    )
+                    labelled = [r for r in result if "budget" in r["metric"]]
+                    assert all(r["metric"]["budget"] == name for r in labelled), result
+        assert checked, "no per-device cap panel was checked"
+    finally:
+        metrics_server.shutdown()
+        metrics_thread.join(timeout=5)
+        delete_budget(cluster, name, finalize=True)
+        operator.stop()

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import grpc
+from prometheus_client import REGISTRY
 from tessera.agents.client import insecure_channel
 from tessera.api.power_budget import DeviceCap, PowerBudgetSpec
 from tessera.operator.collector import (
@@ -23,15 +24,17 @@ from tessera.operator.collector import (
 from tessera.operator.power_controller import (
     CONTROL_TIMEOUT_S,
     Action,
-    _steps,
     actuate,
     device_views,
+    export_metrics,
+    forget_metrics,
     new_record,
     observed_actuation,
     priority_index,
     summarize,
     uncovered,
 )
+from tessera.policies.power import Mode, PowerDecision, actuation_steps
 from tessera.policies.power_model import FREE, Actuation
 
 
@@ -125,13 +128,13 @@ def test_the_record_keeps_what_failed_or_could_not_be_reached_and_drops_what_was
 
 
 def test_rpcs_are_the_difference_between_what_is_in_force_and_what_is_wanted() -> None:
-    assert _steps(FREE, FREE) == []
-    assert _steps(FREE, Actuation(400.0)) == [("set-power-limit", 400.0)]
-    assert _steps(Actuation(400.0, 990), Actuation(None, 1200)) == [
+    assert actuation_steps(FREE, FREE) == []
+    assert actuation_steps(FREE, Actuation(400.0)) == [("set-power-limit", 400.0)]
+    assert actuation_steps(Actuation(400.0, 990), Actuation(None, 1200)) == [
         ("reset-power-limit", None),
         ("lock-clocks", 1200.0),
     ]
-    assert _steps(Actuation(None, 990), FREE) == [("reset-clocks", None)]
+    assert actuation_steps(Actuation(None, 990), FREE) == [("reset-clocks", None)]
 
 
 def test_an_unreachable_agent_is_called_once_a_round_and_every_step_is_reported() -> None:
@@ -184,3 +187,48 @@ def test_caps_on_devices_the_budget_no_longer_covers_are_lifted_and_kept_until_t
     assert [c.uuid for c in new_record([*placed, *orphans], {}, failed, record)] == ["B0"]
     lifted = [Action("B0", "b", "reset-power-limit", None)]
     assert new_record([*placed, *orphans], {}, lifted, record) == []
+
+
+def test_round_metrics_follow_the_caps_in_force_and_a_deleted_budget_leaves_no_series() -> None:
+    name = "pb-metrics-unit"
+    spec = PowerBudgetSpec(budget_w=1000.0)
+
+    def decision(mode: Mode, draw_w: float) -> PowerDecision:
+        return PowerDecision({}, mode, draw_w, draw_w - 50.0, spec.budget_w, (), "test")
+
+    def value(metric: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(metric, {"budget": name, **labels})
+
+    both = [
+        DeviceCap(uuid="A0", node="node-a", power_limit_w=450.0),
+        DeviceCap(uuid="A1", node="node-a", power_limit_w=500.0, sm_clock_max_mhz=990),
+    ]
+    export_metrics(name, spec, decision(Mode.CAPPING, 980.0), both, True, now_s=lambda: 1234.5)
+    assert value("tessera_power_budget_draw_watts") == 980.0
+    assert value("tessera_power_budget_headroom_watts") == 20.0
+    assert value("tessera_power_budget_predicted_draw_watts") == 930.0
+    assert value("tessera_power_budget_capped_devices") == 2.0
+    assert value("tessera_power_budget_last_action_timestamp_seconds") == 1234.5
+    assert [m for m in Mode if value("tessera_power_budget_mode", mode=m.value)] == [Mode.CAPPING]
+    limit = "tessera_power_budget_device_power_limit_watts"
+    lock = "tessera_power_budget_device_sm_clock_max_hertz"
+    assert value(limit, node="node-a", device="A0") == 450.0
+    assert value(lock, node="node-a", device="A1") == 990e6
+    assert value(lock, node="node-a", device="A0") is None
+
+    # A1's lock lifted, A0 released: their series go; a round without RPCs keeps the time.
+    export_metrics(name, spec, decision(Mode.HOLDING, 900.0), both[1:2], False, lambda: 9.0)
+    assert value(limit, node="node-a", device="A0") is None
+    assert value(limit, node="node-a", device="A1") == 500.0
+    assert value("tessera_power_budget_last_action_timestamp_seconds") == 1234.5
+    assert value("tessera_power_budget_mode", mode="Capping") == 0.0
+    assert value("tessera_power_budget_mode", mode="Holding") == 1.0
+
+    forget_metrics(name)
+    left = [
+        sample
+        for metric in REGISTRY.collect()
+        for sample in metric.samples
+        if sample.labels.get("budget") == name
+    ]
+    assert left == []

@@ -95,9 +95,12 @@ class Engine:
         engine_config: EngineConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         model: LlamaModel | None = None,
+        kv_cache: PagedKVCache | None = None,
     ) -> None:
         """`model`: one built by the caller over these weights (a tensor-parallel rank's,
-        tp_worker.py); by default a plain LlamaModel."""
+        tp_worker.py); by default a plain LlamaModel. `kv_cache`: one built by the caller (an
+        attention-offloaded engine's, whose blocks live on its attention worker,
+        attention_offload.py); by default one on the weights' device."""
         self.config = config
         self.engine_config = ec = engine_config or EngineConfig()
         self.role = ec.role
@@ -107,8 +110,12 @@ class Engine:
         self.model = model or LlamaModel(config, weights, max_positions=self.max_model_len)
         self.model_identity = model_identity(config, weights)
         """What a KV package must be made by to enter this engine (config and weights)."""
-        self.kv_cache = PagedKVCache(
-            config, self._num_blocks(weights), ec.block_size, self.device, weights.dtype
+        self.kv_cache = (
+            kv_cache
+            if kv_cache is not None
+            else PagedKVCache(
+                config, self._num_blocks(weights), ec.block_size, self.device, weights.dtype
+            )
         )
         self.scheduler = Scheduler(ec.scheduler, self.kv_cache.allocator, ec.block_size)
         self.stats = EngineStats(clock=clock)
@@ -445,13 +452,102 @@ class Engine:
             sampling=seq.params.to_dict(),
             blocks=self.kv_cache.read_blocks(seq.block_ids[:used]),
         )
+        self.complete_export(request_id)
+        return package
+
+    def complete_export(self, request_id: str) -> None:
+        """The request continues in another engine (its KV was copied there): end it here and
+        free its blocks."""
+        seq = self._get(request_id)
         self._finish(seq, FinishReason.EXPORTED)
         del self.requests[request_id]
         self.stats.kv_exports_total += 1
-        return package
 
-    def import_kv(self, package: KVPackage) -> str:
+    # ---- live migration (migration.py drives these, between steps) ------------------------
+
+    def migratable(self, request_id: str) -> bool:
+        """Decoding now (prompt computed, next token sampled and not yet computed)."""
+        seq = self.requests.get(request_id)
+        return (
+            seq is not None
+            and seq.state is RequestState.RUNNING
+            and seq.num_pending_tokens == 1
+            and bool(seq.output_token_ids)
+        )
+
+    def read_kv_blocks(
+        self, request_id: str, first: int, max_blocks: int, full_only: bool
+    ) -> tuple[torch.Tensor, int]:
+        """A copy of the request's KV blocks from index `first` (on the cache's device), and
+        its preemption count. `full_only`: only blocks whose every slot is computed, which no
+        later step writes (a pre-copy stage); else up to its last computed token (the
+        stop-and-copy, with the request paused)."""
+        seq = self._get(request_id)
+        size = self.kv_cache.block_size
+        computed = seq.num_computed_tokens
+        end = computed // size if full_only else self.kv_cache.blocks_for_tokens(computed)
+        end = min(end, first + max_blocks, len(seq.block_ids))
+        ids = seq.block_ids[first:end] if end > first else []
+        return self.kv_cache.read_blocks(ids), seq.num_preemptions
+
+    def pause(self, request_id: str) -> None:
+        """Stop scheduling a decoding request; it keeps its blocks (stop-and-copy)."""
+        if not self.migratable(request_id):
+            raise KVTransferError(f"request {request_id!r} is not decoding; it cannot be paused")
+        self.scheduler.park(self.requests[request_id])
+
+    def resume(self, request_id: str) -> None:
+        """Schedule a paused request again (its migration was aborted)."""
+        self.scheduler.resume(self._get(request_id))
+
+    def package_state(
+        self, request_id: str, blocks: torch.Tensor, with_prompt: bool = True
+    ) -> KVPackage:
+        """A paused request's state with `blocks` (the tail its migration has not copied yet).
+        Without `with_prompt` the prompt is left out (a migration sent it ahead, off the
+        stall's path: 32k token ids are a 200 kB header to write, hash and parse)."""
+        seq = self._get(request_id)
+        return KVPackage.build(
+            request_id=seq.request_id,
+            geometry=self.kv_geometry,
+            prompt_token_ids=seq.prompt_token_ids if with_prompt else [],
+            output_token_ids=seq.output_token_ids,
+            num_computed_tokens=seq.num_computed_tokens,
+            sampling=seq.params.to_dict(),
+            blocks=blocks,
+        )
+
+    def hold_kv_blocks(self, package: KVPackage) -> list[int]:
+        """Take blocks for a pre-copy stage of a migration and write `package`'s blocks into
+        them; returns their ids. Checked like an import (geometry, checksums, the same
+        headroom: OutOfKVBlocksError otherwise), and nothing is kept if writing fails.
+        `import_kv(held_blocks=...)` or `free_kv_blocks` ends the hold."""
+        package.check_compatible(self.kv_geometry)
+        count = package.num_blocks
+        headroom = self.kv_cache.allocator.num_free - self.scheduler.decode_growth_blocks()
+        if count > headroom:
+            raise OutOfKVBlocksError(
+                f"migration needs {count} more KV blocks; {headroom} are free beyond what the "
+                "running requests' next tokens take"
+            )
+        blocks = self.kv_cache.allocator.allocate(count)
+        try:
+            self.kv_cache.write_blocks(blocks, package.blocks)
+        except BaseException:
+            self.kv_cache.allocator.free(blocks)
+            raise
+        return blocks
+
+    def free_kv_blocks(self, blocks: list[int]) -> None:
+        if blocks:
+            self.kv_cache.allocator.free(blocks)
+
+    def import_kv(self, package: KVPackage, held_blocks: list[int] | None = None) -> str:
         """Continue a request from another engine's KV blocks; returns its request id.
+
+        `held_blocks`: blocks already reserved and written with the request's first KV blocks
+        (a live migration's pre-copy); the package then carries only the blocks after them.
+        They stay the caller's if the import is refused.
 
         Everything about the package is checked before a block is taken (its geometry against
         this engine's model identity, its blocks' shape, dtype and checksums, its tokens and
@@ -467,7 +563,8 @@ class Engine:
         """
         if self.role is EngineRole.PREFILL:
             raise RoleError("a prefill-only engine does not continue imported requests")
-        params = self._check_import(package)
+        held = list(held_blocks or [])
+        params = self._check_import(package, len(held))
         needed = package.num_blocks
         headroom = self.kv_cache.allocator.num_free - self.scheduler.decode_growth_blocks()
         if needed > headroom:
@@ -488,7 +585,7 @@ class Engine:
             params=params,
             arrival_s=now,
             output_token_ids=list(package.output_token_ids),
-            block_ids=blocks,
+            block_ids=held + blocks,
             num_computed_tokens=package.num_computed_tokens,
             imported=True,
             first_token_s=now,
@@ -501,8 +598,9 @@ class Engine:
         self.stats.kv_imports_total += 1
         return seq.request_id
 
-    def _check_import(self, package: KVPackage) -> SamplingParams:
-        """Raise KVTransferError unless `package` can continue here; returns its sampling."""
+    def _check_import(self, package: KVPackage, num_held: int = 0) -> SamplingParams:
+        """Raise KVTransferError unless `package` (after `num_held` blocks already here) can
+        continue here; returns its sampling."""
         if not isinstance(package, KVPackage):
             raise KVTransferError(f"import_kv takes a KVPackage, not {type(package).__name__}")
         package.check_compatible(self.kv_geometry)
@@ -533,10 +631,10 @@ class Engine:
                 f"{params.max_new_tokens}: it is finished, nothing to continue"
             )
         needed = self.kv_cache.blocks_for_tokens(package.num_computed_tokens)
-        if package.num_blocks != needed:
+        if num_held + package.num_blocks != needed:
             raise KVTransferError(
-                f"package has {package.num_blocks} blocks for {package.num_computed_tokens} "
-                f"tokens; {needed} expected"
+                f"package has {package.num_blocks} blocks (after {num_held} held) for "
+                f"{package.num_computed_tokens} tokens; {needed} expected"
             )
         return params
 

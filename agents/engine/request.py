@@ -134,6 +134,9 @@ class Sequence:
     logits: list[torch.Tensor] = field(default_factory=list)
     error: str | None = None
     """Why it ended with FinishReason.ERROR."""
+    num_preemptions: int = 0
+    """Times its blocks were taken back (to be recomputed): a live migration that copied blocks
+    before one must start again, since those blocks are gone."""
 
     @property
     def num_tokens(self) -> int:

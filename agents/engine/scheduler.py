@@ -7,8 +7,8 @@ sequences into the policy's integer views and applies the result: preempted requ
 blocks and wait at the head of the queue to be recomputed (prompt plus what they generated),
 every scheduled request gets the blocks its tokens fill, admitted ones start running.
 
-The engine goes through this interface (`add`, `add_running`, `park`, `remove`, `release`,
-`schedule`, the counts), never into the queues.
+The engine goes through this interface (`add`, `add_running`, `park`, `resume`, `remove`,
+`release`, `schedule`, the counts), never into the queues.
 """
 
 from __future__ import annotations
@@ -78,9 +78,16 @@ class Scheduler:
 
     def park(self, seq: Sequence) -> None:
         """Stop scheduling a running request that keeps its blocks (prefill done, waiting
-        for its export); `release` frees them."""
+        for its export; or a live migration's stop-and-copy); `release` frees them."""
         self.running.remove(seq)
         seq.state = RequestState.PARKED
+
+    def resume(self, seq: Sequence) -> None:
+        """Schedule a parked request again, with the blocks it kept (an aborted migration)."""
+        if seq.state is not RequestState.PARKED:
+            raise ValueError(f"request {seq.request_id!r} is {seq.state.value}, not parked")
+        seq.state = RequestState.RUNNING
+        self.running.append(seq)
 
     def remove(self, seq: Sequence) -> None:
         """Take a request out of the queues and free its blocks (finish, abort, export)."""
@@ -130,6 +137,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.release(seq)
+        seq.num_preemptions += 1
         seq.num_computed_tokens = 0
         seq.state = RequestState.WAITING
         self.waiting.appendleft(seq)

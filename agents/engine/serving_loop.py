@@ -8,6 +8,11 @@ sleeps on an event when idle. What it adds to the engine is what serving needs a
 does not: a bounded waiting queue (`QueueFullError`, which the server answers with 429),
 per-request deadlines, and aborts that free a request's KV blocks at the next step boundary.
 
+Live migration (migration.py) runs its engine work here too: `call` runs a function on the
+engine between steps (reading blocks, pausing a request, reserving blocks), `import_now` takes a
+migrated request in at once or not at all, and `hand_off` ends a request that continues
+elsewhere without ending its stream.
+
 Sinks run on the loop thread and must not block (the server's puts the event on its asyncio
 loop with `call_soon_threadsafe`).
 """
@@ -22,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from tessera.agents.engine.engine import Engine, RequestNotFoundError, RoleError
 from tessera.agents.engine.kv_cache import OutOfKVBlocksError
@@ -59,6 +64,7 @@ class TokenEvent:
 
 
 Sink = Callable[[TokenEvent], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -106,6 +112,8 @@ class ServingLoop:
         self._lock = threading.Lock()
         self._inbox: deque[_Submission] = deque()
         self._aborts: deque[str] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        """Engine work of other threads (migration), run in arrival order between steps."""
         self._imports: deque[_Import] = deque()
         """KV packages waiting for free blocks, tried in arrival order before each step."""
         self._engine_waiting = 0
@@ -177,6 +185,56 @@ class ServingLoop:
             self._aborts.append(request_id)
         self._wake.set()
 
+    def call(self, fn: Callable[[Engine], T]) -> Future[T]:
+        """Run `fn(engine)` on the loop thread at the next step boundary; the future holds its
+        result or exception. For short engine work of other threads (a migration's block
+        reads and pauses): the engine is the loop's alone."""
+        engine = self.engine
+        return self._call(lambda: fn(engine))
+
+    def import_now(
+        self,
+        package: KVPackage,
+        sink: Sink,
+        held_blocks: list[int],
+        timeout_s: float | None = None,
+    ) -> Future[str]:
+        """Take in a migrated request at the next step boundary, with its pre-copied
+        `held_blocks`, and give its tokens to `sink`: at once or not at all (the engine's
+        OutOfKVBlocksError or KVTransferError), never queued, since its source waits paused."""
+
+        def take() -> str:
+            request_id = self.engine.import_kv(package, held_blocks)
+            deadline = None if timeout_s is None else self.clock() + timeout_s
+            self._live[request_id] = _Live(sink, deadline)
+            return request_id
+
+        return self._call(take)
+
+    def hand_off(self, request_id: str) -> Future[None]:
+        """The request continues in another engine: end it here, freeing its blocks, without
+        an event to its sink (its stream ends with the migration's own event)."""
+
+        def end() -> None:
+            self._live.pop(request_id, None)
+            self.engine.complete_export(request_id)
+
+        return self._call(end)
+
+    def _call(self, fn: Callable[[], T]) -> Future[T]:
+        if self._stopping:
+            raise LoopStoppedError("the serving loop is stopping")
+        done: Future[T] = Future()
+        with self._lock:
+            self._calls.append((fn, done))
+        self._wake.set()
+        return done
+
+    def live_request_ids(self) -> list[str]:
+        """Requests the loop holds now (any thread; a snapshot)."""
+        with self._lock:
+            return list(self._live)
+
     @property
     def num_waiting(self) -> int:
         """Requests queued for the engine, submitted or waiting inside it."""
@@ -186,7 +244,7 @@ class ServingLoop:
     def has_work(self) -> bool:
         """Anything submitted and not yet finished (for callers that drive `run_once`)."""
         with self._lock:
-            return bool(self._inbox or self._imports or self._aborts or self._live)
+            return bool(self._inbox or self._imports or self._aborts or self._live or self._calls)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -226,8 +284,12 @@ class ServingLoop:
         with self._lock:
             imports = list(self._imports)
             self._imports.clear()
+            calls = list(self._calls)
+            self._calls.clear()
         for queued in imports:
             queued.admitted.cancel()
+        for _, done in calls:
+            done.cancel()
         for request_id in list(self._live):
             self._end(request_id, FinishReason.ABORTED)
 
@@ -295,6 +357,8 @@ class ServingLoop:
             self._inbox.clear()
             aborts = list(self._aborts)
             self._aborts.clear()
+            calls = list(self._calls)
+            self._calls.clear()
         for sub in submissions:
             try:
                 self.engine.add_request(sub.prompt_token_ids, sub.params, sub.request_id)
@@ -308,6 +372,13 @@ class ServingLoop:
         for request_id in aborts:
             if request_id in self._live:
                 self._end(request_id, FinishReason.ABORTED)
+        for fn, done in calls:
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(fn())
+            except Exception as error:  # the caller's to handle; the loop goes on
+                done.set_exception(error)
         self._admit_imports()
 
     def _admit_imports(self) -> None:

@@ -2,12 +2,17 @@
 
 One apps/v1 Deployment per pool, named `<md>-<pool>`, and Services:
 
-- `<md>`: the entry point clients call. It selects the pools that own the response stream:
-  colocated pools, or in a disaggregated plan the decode pools (the llm-d pattern: a decode
-  replica receives the request, fetches the prompt's KV cache from a prefill replica and streams
-  the tokens, so the token stream is never proxied through prefill).
-- `<md>-prefill` (headless, disaggregated plans only): how decode replicas find prefill
-  replicas. It disappears when the plan stops having prefill pools.
+- `<md>`: the entry point clients call. In a colocated plan it selects the colocated pools. In a
+  disaggregated plan (prefill pools and decode pools) it selects the pods of the Deployment
+  `<md>-router`, which runs `tessera router`: the router picks a prefill and a decode pod with
+  `policies.dispatch` on their live load and sends the request to the decode pod, which pulls the
+  prompt's KV cache from the prefill pod and streams the tokens (the llm-d pattern: the token
+  stream never passes through prefill).
+- `<md>-prefill` and `<md>-decode` (headless, disaggregated plans only): one DNS name per role
+  that resolves to the ready pods' IPs. The router re-resolves both every probe interval, so a
+  pod added by a scale-up is found without a restart; decode pods name `<md>-prefill` as their
+  default prefill instance. They disappear when the plan stops being disaggregated.
+
 
 Every object carries an owner reference to the ModelDeployment (so Kubernetes' garbage collector
 removes it with its owner), the Tessera labels, and a hash of its own content: the same inputs
@@ -42,6 +47,18 @@ HEALTH_PATH = "/health"
 READY_PATH = "/ready"
 ENGINE_COMMAND = ("tessera", "serve")
 """The image's entry point (Dockerfile) and subcommand; `engine_args` are `tessera serve` flags."""
+ROUTER_NAME = "tessera-router"
+ROUTER_ROLE = "router"
+"""The role label of the router's pods (no pool: the router is no PoolRole of the plan)."""
+ROUTER_CONTAINER = "router"
+ROUTER_COMMAND = ("tessera", "router")
+"""The same image's router subcommand; `router_args` are `tessera router` flags."""
+ROUTER_REPLICAS = 2
+"""Two, so that the ModelDeployment's endpoint survives one router pod's restart or eviction;
+each replica probes every engine pod itself, so they need no shared state."""
+ROUTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+"""An aiohttp proxy: little CPU, no accelerator; no CPU limit (throttling would add latency to
+every token it relays)."""
 
 _DNS_LABEL_MAX = 63
 
@@ -104,6 +121,20 @@ def service_name(owner: Owner) -> str:
 
 def prefill_service_name(owner: Owner) -> str:
     return dns_label(f"{owner.name}-prefill")
+
+
+def decode_service_name(owner: Owner) -> str:
+    return dns_label(f"{owner.name}-decode")
+
+
+def router_name(owner: Owner) -> str:
+    return dns_label(f"{owner.name}-router")
+
+
+def is_disaggregated(plan: Plan) -> bool:
+    """Prefill pools and pools that take their KV: the plans a router fronts."""
+    roles = {pool.role for pool in plan.pools}
+    return {PoolRole.PREFILL, PoolRole.DECODE} <= roles
 
 
 def endpoint_url(owner: Owner, spec: ModelDeploymentSpec) -> str:
@@ -291,17 +322,87 @@ def _service(
 
 
 def render_services(owner: Owner, spec: ModelDeploymentSpec, plan: Plan) -> list[dict[str, Any]]:
-    """The entry Service, plus the headless prefill Service of a disaggregated plan."""
+    """The entry Service (the router's pods in a disaggregated plan, else the entry pools), and
+    the headless prefill and decode Services of a disaggregated plan."""
     deployment = label_value(owner.name)
-    entry = {DEPLOYMENT_LABEL: deployment, ROLE_LABEL: entry_role(plan).value}
+    entry_pods = ROUTER_ROLE if is_disaggregated(plan) else entry_role(plan).value
+    entry = {DEPLOYMENT_LABEL: deployment, ROLE_LABEL: entry_pods}
     services = [_service(owner, service_name(owner), entry, spec.engine.port, headless=False)]
-    if any(p.role is PoolRole.PREFILL for p in plan.pools) and entry_role(plan) is not (
-        PoolRole.PREFILL
-    ):
-        prefill = {DEPLOYMENT_LABEL: deployment, ROLE_LABEL: PoolRole.PREFILL.value}
-        name = prefill_service_name(owner)
-        services.append(_service(owner, name, prefill, spec.engine.port, headless=True))
+    if is_disaggregated(plan):
+        for name, role in (
+            (prefill_service_name(owner), PoolRole.PREFILL),
+            (decode_service_name(owner), PoolRole.DECODE),
+        ):
+            selector = {DEPLOYMENT_LABEL: deployment, ROLE_LABEL: role.value}
+            services.append(_service(owner, name, selector, spec.engine.port, headless=True))
     return services
+
+
+def headless_url(owner: Owner, spec: ModelDeploymentSpec, name: str) -> str:
+    """The base URL of a headless Service: its name resolves to the ready pods' IPs."""
+    return f"http://{name}.{owner.namespace}.svc:{spec.engine.port}"
+
+
+def router_labels(owner: Owner) -> dict[str, str]:
+    return {
+        NAME_LABEL: ROUTER_NAME,
+        MANAGED_BY_LABEL: MANAGED_BY,
+        DEPLOYMENT_LABEL: label_value(owner.name),
+        ROLE_LABEL: ROUTER_ROLE,
+    }
+
+
+def router_args(owner: Owner, spec: ModelDeploymentSpec) -> list[str]:
+    """`tessera router` flags: the pools' headless Services (re-resolved each probe interval,
+    so the router follows scale-ups and replaced pods) and the entry port."""
+    return [
+        f"--prefill-service={headless_url(owner, spec, prefill_service_name(owner))}",
+        f"--decode-service={headless_url(owner, spec, decode_service_name(owner))}",
+        f"--port={spec.engine.port}",
+    ]
+
+
+def render_router(owner: Owner, spec: ModelDeploymentSpec) -> dict[str, Any]:
+    """The apps/v1 Deployment of `tessera router`, the endpoint of a disaggregated plan."""
+    labels = router_labels(owner)
+    container: dict[str, Any] = {
+        "name": ROUTER_CONTAINER,
+        "image": spec.engine.image,
+        "command": list(ROUTER_COMMAND),
+        "args": router_args(owner, spec),
+        "ports": [{"name": PORT_NAME, "containerPort": spec.engine.port, "protocol": "TCP"}],
+        "resources": {key: dict(value) for key, value in ROUTER_RESOURCES.items()},
+        "readinessProbe": {
+            "httpGet": {"path": READY_PATH, "port": PORT_NAME},
+            "periodSeconds": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": HEALTH_PATH, "port": PORT_NAME},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+    }
+    pod_spec: dict[str, Any] = {"containers": [container]}
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": router_name(owner),
+            "namespace": owner.namespace,
+            "labels": labels,
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "replicas": ROUTER_REPLICAS,
+            "selector": {
+                "matchLabels": {key: labels[key] for key in (DEPLOYMENT_LABEL, ROLE_LABEL)}
+            },
+            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+        },
+    }
+    return with_config_hash(deployment)
 
 
 class UnknownAcceleratorClassError(KeyError):
@@ -314,7 +415,8 @@ def render_children(
     plan: Plan,
     classes: Mapping[str, AcceleratorClassSpec],
 ) -> list[dict[str, Any]]:
-    """Every object that runs the plan: Deployments (one per pool) first, then Services."""
+    """Every object that runs the plan: Deployments (one per pool, then the router of a
+    disaggregated plan) first, then Services."""
     children: list[dict[str, Any]] = []
     for pool in plan.pools:
         class_spec = classes.get(pool.accelerator_class)
@@ -324,5 +426,7 @@ def render_children(
                 f"which is not defined (have: {', '.join(sorted(classes)) or 'none'})"
             )
         children.append(render_deployment(owner, spec, plan, pool, class_spec))
+    if is_disaggregated(plan):
+        children.append(render_router(owner, spec))
     children.extend(render_services(owner, spec, plan))
     return children

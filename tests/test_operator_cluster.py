@@ -106,11 +106,15 @@ def children(cluster: Cluster, namespace: str, name: str = "chat") -> dict[str, 
     return found
 
 
+def disaggregated(plan: Plan) -> bool:
+    return {"prefill", "decode"} <= {pool.role.value for pool in plan.pools}
+
+
 def expected_children(plan: Plan, name: str = "chat") -> set[str]:
     names = {f"Deployment/{name}-{pool.name}" for pool in plan.pools}
     names.add(f"Service/{name}")
-    if any(pool.role.value == "prefill" for pool in plan.pools):
-        names.add(f"Service/{name}-prefill")
+    if disaggregated(plan):
+        names |= {f"Deployment/{name}-router", f"Service/{name}-prefill", f"Service/{name}-decode"}
     return names
 
 
@@ -171,7 +175,7 @@ def test_create_applies_a_workload_per_pool_a_service_and_status(
 
     found = children(cluster, namespace.name)
     assert set(found) == expected_children(plan)
-    assert len(cluster.deployments(namespace.name)) == len(plan.pools)
+    assert len(cluster.deployments(namespace.name)) == len(plan.pools) + disaggregated(plan)
     for pool in plan.pools:
         deployment = found[f"Deployment/chat-{pool.name}"]
         labels = deployment["metadata"]["labels"]
@@ -192,7 +196,7 @@ def test_create_applies_a_workload_per_pool_a_service_and_status(
             "blockOwnerDeletion": True,
         }
     entry = found["Service/chat"]
-    entry_role = "decode" if plan.mode.value == "disaggregated" else "colocated"
+    entry_role = "router" if disaggregated(plan) else "colocated"
     assert entry["spec"]["selector"] == {
         "tessera.dev/deployment": "chat",
         "tessera.dev/role": entry_role,
@@ -378,16 +382,16 @@ def test_serving_mode_change_replaces_pools_without_orphans(
 
     split = copy.deepcopy(document)
     split["spec"]["servingMode"] = "disaggregated"
-    disaggregated = local_plan(namespace, split)
+    split_plan = local_plan(namespace, split)
     cluster.patch_md(namespace.name, "chat", {"spec": {"servingMode": "disaggregated"}})
     md = settled(cluster, namespace.name, "chat", 2, "PlanApplied")
-    assert md["status"]["plan"] == disaggregated.to_wire()
+    assert md["status"]["plan"] == split_plan.to_wire()
     found = children(cluster, namespace.name)
-    assert set(found) == expected_children(disaggregated)
+    assert set(found) == expected_children(split_plan)
     assert {d["metadata"]["name"] for d in cluster.deployments(namespace.name)} == {
-        f"chat-{p.name}" for p in disaggregated.pools
-    }
-    assert found["Service/chat"]["spec"]["selector"]["tessera.dev/role"] == "decode"
+        f"chat-{p.name}" for p in split_plan.pools
+    } | {"chat-router"}
+    assert found["Service/chat"]["spec"]["selector"]["tessera.dev/role"] == "router"
     pruned = wait_event(cluster, namespace.name, "chat", "Pruned")
     assert any(f"Deployment/chat-{colocated.pools[0].name}" in message for message in pruned)
 
@@ -395,6 +399,63 @@ def test_serving_mode_change_replaces_pools_without_orphans(
     settled(cluster, namespace.name, "chat", 3, "PlanApplied")
     assert set(children(cluster, namespace.name)) == expected_children(colocated)
     assert {s["metadata"]["name"] for s in cluster.services(namespace.name)} == {"chat"}
+
+
+def test_a_disaggregated_deployment_is_served_through_its_router(
+    cluster: Cluster, namespace: Namespace, operator: OperatorThread
+) -> None:
+    """The endpoint of a disaggregated ModelDeployment is the router: its Deployment runs
+    `tessera router` over the pools' headless Services, the entry Service selects its pods
+    only, and all of them carry the ModelDeployment's owner reference (the garbage collector
+    removes them with it)."""
+    namespace.create_classes("l40s", "a100")
+    document = namespace.chat_deployment(servingMode="disaggregated")
+    created = cluster.create_md(namespace.name, document)
+    md = settled(cluster, namespace.name, "chat", 1, "PlanApplied")
+    plan = local_plan(namespace, document)
+    assert disaggregated(plan), "the test needs a plan with prefill and decode pools"
+    assert md["status"]["endpoint"] == f"http://chat.{namespace.name}.svc:8000"
+    found = children(cluster, namespace.name)
+    assert set(found) == expected_children(plan)
+    owner = {
+        "apiVersion": "tessera.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "name": "chat",
+        "uid": created["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    for key in (
+        "Deployment/chat-router",
+        "Service/chat",
+        "Service/chat-prefill",
+        "Service/chat-decode",
+    ):
+        assert found[key]["metadata"]["ownerReferences"] == [owner], key
+    router = found["Deployment/chat-router"]
+    (container,) = router["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["tessera", "router"]
+    ns = namespace.name
+    assert container["args"] == [
+        f"--prefill-service=http://chat-prefill.{ns}.svc:8000",
+        f"--decode-service=http://chat-decode.{ns}.svc:8000",
+        "--port=8000",
+    ]
+    template = router["spec"]["template"]["metadata"]["labels"]
+    entry = found["Service/chat"]["spec"]
+    assert entry["selector"].items() <= template.items() and entry.get("clusterIP") != "None"
+    for name, role in (("chat-prefill", "prefill"), ("chat-decode", "decode")):
+        service = found[f"Service/{name}"]["spec"]
+        assert service["clusterIP"] == "None", f"{name} must be headless"
+        assert service["selector"] == {"tessera.dev/deployment": "chat", "tessera.dev/role": role}
+    for pool in plan.pools:
+        labels = found[f"Deployment/chat-{pool.name}"]["spec"]["template"]["metadata"]["labels"]
+        assert not entry["selector"].items() <= labels.items(), "clients must not reach engines"
+        if pool.role.value == "decode":
+            (engine,) = found[f"Deployment/chat-{pool.name}"]["spec"]["template"]["spec"][
+                "containers"
+            ]
+            assert f"--prefill-service=chat-prefill.{ns}.svc:8000" in engine["args"]
 
 
 def test_accelerator_class_change_replans(
@@ -631,7 +692,7 @@ def test_spec_changed_while_the_operator_is_down_converges_on_restart(
     md = settled(cluster, namespace.name, "chat", 2, "PlanApplied")
     assert md["status"]["plan"] == expected.to_wire()
     assert set(children(cluster, namespace.name)) == expected_children(expected)
-    assert len(cluster.deployments(namespace.name)) == len(expected.pools)
+    assert len(cluster.deployments(namespace.name)) == len(expected.pools) + disaggregated(expected)
 
 
 def test_an_operator_killed_mid_reconcile_converges_when_it_restarts(

@@ -95,7 +95,12 @@ def test_one_deployment_per_pool_and_valid_kubernetes_objects(spec: ModelDeploym
     children = render.render_children(OWNER, spec, plan, classes())
     for child in children:
         validate_kubernetes(child)
-    deployments = [c for c in children if c["kind"] == "Deployment"]
+    deployments = [
+        c
+        for c in children
+        if c["kind"] == "Deployment"
+        and c["metadata"]["labels"]["app.kubernetes.io/name"] == "tessera-engine"
+    ]
     assert [d["metadata"]["name"] for d in deployments] == [
         f"chat-{pool.name}" for pool in plan.pools
     ]
@@ -138,10 +143,15 @@ def test_one_deployment_per_pool_and_valid_kubernetes_objects(spec: ModelDeploym
         assert child["metadata"]["namespace"] == "serving"
 
 
-def test_entry_service_selects_the_pools_that_stream_responses() -> None:
-    for spec, entry in ((DISAGGREGATED, "decode"), (COLOCATED, "colocated")):
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_entry_service_selects_the_router_or_the_colocated_pools() -> None:
+    for spec, entry in ((DISAGGREGATED, "router"), (COLOCATED, "colocated")):
         plan = plan_for(spec)
-        services = render.render_services(OWNER, spec, plan)
+        children = render.render_children(OWNER, spec, plan, classes())
+        services = [c for c in children if c["kind"] == "Service"]
         assert services[0]["metadata"]["name"] == "chat"
         assert services[0]["spec"]["selector"] == {
             "tessera.dev/deployment": "chat",
@@ -149,14 +159,54 @@ def test_entry_service_selects_the_pools_that_stream_responses() -> None:
         }
         assert services[0]["spec"]["ports"][0]["port"] == spec.engine.port
         assert "clusterIP" not in services[0]["spec"]
-        entry_pools = [p for p in plan.pools if p.role.value == entry]
-        assert entry_pools, "the entry Service must select at least one pool"
+        templates = [
+            (c["metadata"]["name"], c["spec"]["template"]["metadata"]["labels"])
+            for c in children
+            if c["kind"] == "Deployment"
+        ]
+        selected = [
+            name for name, labels in templates if selects(services[0]["spec"]["selector"], labels)
+        ]
+        expected = ["chat-router"] if entry == "router" else [f"chat-{p.name}" for p in plan.pools]
+        assert selected == expected
     disaggregated = render.render_services(OWNER, DISAGGREGATED, plan_for(DISAGGREGATED))
-    assert [s["metadata"]["name"] for s in disaggregated] == ["chat", "chat-prefill"]
-    assert disaggregated[1]["spec"]["clusterIP"] == "None"
-    assert disaggregated[1]["spec"]["selector"]["tessera.dev/role"] == "prefill"
+    assert [s["metadata"]["name"] for s in disaggregated] == ["chat", "chat-prefill", "chat-decode"]
+    for service, role in zip(disaggregated[1:], ("prefill", "decode"), strict=True):
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"]["selector"]["tessera.dev/role"] == role
     colocated = render.render_services(OWNER, COLOCATED, plan_for(COLOCATED))
     assert [s["metadata"]["name"] for s in colocated] == ["chat"]
+
+
+def test_a_disaggregated_plan_is_fronted_by_the_router_over_the_headless_services() -> None:
+    plan = plan_for(DISAGGREGATED)
+    children = render.render_children(OWNER, DISAGGREGATED, plan, classes())
+    (router,) = [c for c in children if c["metadata"]["name"] == "chat-router"]
+    assert router["kind"] == "Deployment"
+    assert router["spec"]["replicas"] == render.ROUTER_REPLICAS >= 2
+    pod = router["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["tessera", "router"]
+    assert container["args"] == [
+        "--prefill-service=http://chat-prefill.serving.svc:8000",
+        "--decode-service=http://chat-decode.serving.svc:8000",
+        "--port=8000",
+    ]
+    assert "limits" not in container["resources"] or "cpu" not in container["resources"]["limits"]
+    assert not any("nvidia.com/gpu" in str(v) for v in container["resources"].values())
+    assert "affinity" not in pod, "the router needs no accelerator node"
+    engine_pods = [
+        c["spec"]["template"]["metadata"]["labels"]
+        for c in children
+        if c["kind"] == "Deployment" and c is not router
+    ]
+    assert not any(selects(router["spec"]["selector"]["matchLabels"], p) for p in engine_pods)
+    services = {c["metadata"]["name"]: c for c in children if c["kind"] == "Service"}
+    for name, role in (("chat-prefill", "prefill"), ("chat-decode", "decode")):
+        chosen = [p for p in engine_pods if selects(services[name]["spec"]["selector"], p)]
+        assert chosen and all(p["tessera.dev/role"] == role for p in chosen)
+    colocated = render.render_children(OWNER, COLOCATED, plan_for(COLOCATED), classes())
+    assert not any(c["metadata"]["name"] == "chat-router" for c in colocated)
 
 
 def engine_args_by_role(spec: ModelDeploymentSpec, plan: Plan) -> dict[str, list[str]]:

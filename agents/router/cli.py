@@ -30,6 +30,16 @@ def check_urls(flag: str, urls: tuple[str, ...]) -> list[str]:
 @click.command("router")
 @click.option("--prefill", "prefill", multiple=True, help="A prefill instance's base URL.")
 @click.option("--decode", "decode", multiple=True, help="A decode (or colocated) instance's URL.")
+@click.option(
+    "--prefill-service",
+    multiple=True,
+    help="Base URL whose host is a headless Service of prefill pods (re-resolved every probe).",
+)
+@click.option(
+    "--decode-service",
+    multiple=True,
+    help="Base URL whose host is a headless Service of decode pods (re-resolved every probe).",
+)
 @click.option("--policy", type=click.Choice(POLICIES), default="least-tokens", show_default=True)
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
@@ -60,8 +70,10 @@ def router_command(**flags: Any) -> None:
     """Route OpenAI requests: a prefill instance computes the prompt, a decode one the tokens."""
     decode = check_urls("--decode", flags["decode"])
     prefill = check_urls("--prefill", flags["prefill"])
-    if not decode:
-        fail("--decode: give at least one decode (or colocated) instance")
+    decode_services = check_urls("--decode-service", flags["decode_service"])
+    prefill_services = check_urls("--prefill-service", flags["prefill_service"])
+    if not decode and not decode_services:
+        fail("--decode: give at least one decode (or colocated) instance or --decode-service")
     import logging
 
     from tessera.agents.router.proxy import RouterConfig, run
@@ -79,5 +91,7 @@ def router_command(**flags: Any) -> None:
             probe_timeout_s=flags["probe_timeout_s"],
             stream_timeout_s=flags["stream_timeout_s"],
             max_attempts=flags["max_attempts"],
+            prefill_services=tuple(prefill_services),
+            decode_services=tuple(decode_services),
         )
     )

@@ -11,17 +11,27 @@ prompt tokens this router sent there that have not yet produced a first byte, an
 
 /metrics is read rather than /tessera/v1/instance-stats because the latter hands its latency
 samples to whoever reads it, and they belong to the node agent.
+
+Instances are given as URLs (`--prefill`, `--decode`) or as *services* (`--prefill-service`,
+`--decode-service`): a base URL whose host name is a headless Kubernetes Service, which
+resolves to one A record per ready pod. Services are resolved again before every probe round,
+so a pod added by a scale-up is probed and used within an interval, and a pod gone from the
+Service's records is dropped (requests already sent there finish or fail on their own). A
+failed lookup that is not "no such name" keeps the last known instances: a DNS hiccup must not
+empty the pool; "no such name" is what a headless Service with no ready pod answers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ipaddress
 import itertools
 import logging
+import socket
 import time
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
 
 import aiohttp
 import numpy as np
@@ -44,6 +54,32 @@ instance is no reason to stop sending there; a refused connection marks it out a
 
 class NoHealthyInstanceError(RuntimeError):
     """No instance of a role answers its probes."""
+
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+"""(host, port) -> the IP addresses the name resolves to now."""
+
+
+async def resolve_addresses(host: str, port: int) -> list[str]:
+    """Every address of `host` (the system resolver: cluster DNS in a pod), sorted, unique.
+    "No such name" (a headless Service with no ready pod) is no address; other failures raise
+    OSError."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            return []
+        raise
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def instance_url(service_url: str, address: str) -> str:
+    """The service's base URL with its host replaced by one of its addresses."""
+    parsed = urlparse(service_url.rstrip("/"))
+    host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return parsed._replace(netloc=f"{host}:{port}").geturl()
 
 
 @dataclass
@@ -115,11 +151,53 @@ class InstancePool:
         policy: DispatchPolicy,
         block_size: int,
         seed: int = 0,
+        services: list[str] | None = None,
+        resolver: Resolver = resolve_addresses,
     ) -> None:
         self.role, self.policy, self.block_size = role, policy, block_size
         self.instances = [Instance(url.rstrip("/"), role) for url in urls]
+        self.services = [url.rstrip("/") for url in services or []]
+        self.resolver = resolver
+        self._static = {i.url for i in self.instances}
         self._sequence = itertools.count()
         self._rng = np.random.default_rng(seed)
+
+    @property
+    def configured(self) -> bool:
+        """Whether this role has instances or services to find them by (a router without
+        prefill instances sends requests to decode or colocated instances alone)."""
+        return bool(self.instances or self.services)
+
+    async def discover(self) -> None:
+        """Re-resolve the services: add the instances of new addresses (out until probed), drop
+        those whose address is gone. Static URLs stay."""
+        if not self.services:
+            return
+        found: set[str] = set()
+        for service in self.services:
+            parsed = urlparse(service)
+            host = parsed.hostname or ""
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+            try:
+                addresses = await self.resolver(host, port)
+            except OSError as error:
+                log.warning(
+                    "cannot resolve %s service %s (keeping its instances): %r",
+                    self.role,
+                    service,
+                    error,
+                )
+                return
+            found.update(instance_url(service, address) for address in addresses)
+        known = {i.url for i in self.instances}
+        wanted = found | self._static
+        for url in sorted(known - wanted):
+            log.warning("%s instance %s left its service", self.role, url)
+        kept = [i for i in self.instances if i.url in wanted]
+        added = [Instance(url, self.role) for url in sorted(found - known)]
+        for instance in added:
+            log.info("%s instance %s found through its service", self.role, instance.url)
+        self.instances = kept + added
 
     def loads(self, candidates: list[Instance]) -> InstanceLoads:
         capacity = np.array(
@@ -191,6 +269,16 @@ async def probe_forever(
     """Probe every pool each interval until cancelled."""
     while True:
         started = time.monotonic()
-        with contextlib.suppress(Exception):  # a probe bug must not end probing
-            await asyncio.gather(*(pool.probe(session, timeout_s) for pool in pools))
+        await probe_round(pools, session, timeout_s)
         await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+
+
+async def probe_round(
+    pools: list[InstancePool], session: aiohttp.ClientSession, timeout_s: float
+) -> None:
+    """Re-resolve every pool's services, then probe every instance."""
+    try:
+        await asyncio.gather(*(pool.discover() for pool in pools))
+        await asyncio.gather(*(pool.probe(session, timeout_s) for pool in pools))
+    except Exception:  # a probe bug must not end probing
+        log.exception("probe round failed")

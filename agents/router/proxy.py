@@ -35,7 +35,10 @@ from tessera.agents.router.instances import (
     Instance,
     InstancePool,
     NoHealthyInstanceError,
+    Resolver,
     probe_forever,
+    probe_round,
+    resolve_addresses,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,9 @@ class RouterConfig:
     """Longest wait for the next byte of a response once it began (and for its first byte,
     prefill and queueing included, before it began)."""
     max_attempts: int = 3
+    prefill_services: tuple[str, ...] = ()
+    """Base URLs whose host is a headless Service of prefill pods, re-resolved every probe."""
+    decode_services: tuple[str, ...] = ()
 
 
 class UpstreamError(Exception):
@@ -88,13 +94,28 @@ def error_body(message: str, kind: str, param: str | None = None) -> dict[str, A
 
 
 class Router:
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, resolver: Resolver = resolve_addresses) -> None:
+        """`resolver` looks up the services' addresses (a test gives a scripted one)."""
         from tessera.policies.dispatch import DispatchPolicy
 
         policy = DispatchPolicy(config.policy)
         self.config = config
-        self.prefill = InstancePool("prefill", config.prefill_urls, policy, config.block_size)
-        self.decode = InstancePool("decode", config.decode_urls, policy, config.block_size)
+        self.prefill = InstancePool(
+            "prefill",
+            config.prefill_urls,
+            policy,
+            config.block_size,
+            services=list(config.prefill_services),
+            resolver=resolver,
+        )
+        self.decode = InstancePool(
+            "decode",
+            config.decode_urls,
+            policy,
+            config.block_size,
+            services=list(config.decode_services),
+            resolver=resolver,
+        )
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "tessera_router_requests_total",
@@ -116,9 +137,7 @@ class Router:
     async def start(self, app: web.Application) -> None:
         self.session = aiohttp.ClientSession()
         pools = [self.prefill, self.decode]
-        await asyncio.gather(
-            *(pool.probe(self.session, self.config.probe_timeout_s) for pool in pools)
-        )
+        await probe_round(pools, self.session, self.config.probe_timeout_s)
         self._prober = asyncio.create_task(
             probe_forever(
                 pools, self.session, self.config.probe_interval_s, self.config.probe_timeout_s
@@ -153,7 +172,7 @@ class Router:
 
     async def ready(self, request: web.Request) -> web.Response:
         decode_ok = any(i.healthy for i in self.decode.instances)
-        prefill_ok = not self.prefill.instances or any(i.healthy for i in self.prefill.instances)
+        prefill_ok = not self.prefill.configured or any(i.healthy for i in self.prefill.instances)
         if decode_ok and prefill_ok:
             return web.json_response({"status": "ready"})
         return web.json_response(
@@ -210,7 +229,7 @@ class Router:
                 decode = self.decode.choose(prompt_tokens, failed["decode"])
                 prefill = (
                     self.prefill.choose(prompt_tokens, failed["prefill"])
-                    if self.prefill.instances
+                    if self.prefill.configured
                     else None
                 )
             except NoHealthyInstanceError as error:

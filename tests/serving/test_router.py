@@ -17,7 +17,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from ports import free_port
 from tessera.agents.router import PREFILL_HEADER
+from tessera.agents.router.instances import Resolver, instance_url, resolve_addresses
 from tessera.agents.router.proxy import Router, RouterConfig
 
 
@@ -56,14 +58,19 @@ class Scripted:
         return app
 
 
-async def start(*instances: Scripted) -> None:
+async def start(*instances: Scripted, host: str = "127.0.0.1", port: int | None = None) -> None:
     for instance in instances:
-        instance.server = TestServer(instance.app(), host="127.0.0.1")
+        instance.server = TestServer(instance.app(), host=host, port=port)
         await instance.server.start_server()
         instance.url = str(instance.server.make_url("")).rstrip("/")
 
 
-async def router_for(prefill: list[Scripted], decode: list[Scripted], **options: Any) -> TestServer:
+async def router_for(
+    prefill: list[Scripted],
+    decode: list[Scripted],
+    resolver: Resolver = resolve_addresses,
+    **options: Any,
+) -> TestServer:
     config = RouterConfig(
         prefill_urls=[i.url for i in prefill],
         decode_urls=[i.url for i in decode],
@@ -74,7 +81,7 @@ async def router_for(prefill: list[Scripted], decode: list[Scripted], **options:
         probe_timeout_s=0.3,
         **options,
     )
-    server = TestServer(Router(config).app(), host="127.0.0.1")
+    server = TestServer(Router(config, resolver).app(), host="127.0.0.1")
     await server.start_server()
     return server
 
@@ -248,10 +255,101 @@ async def test_a_body_that_is_not_json_is_a_400_naming_it() -> None:
     await router.close()
 
 
+async def until(probe: Callable[[], Any], what: str, deadline_s: float = 5.0) -> Any:
+    """Poll `probe` (an async callable) until it returns something true, within a deadline."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        found = await probe()
+        if found:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {deadline_s} s: {what}")
+
+
+@pytest.mark.asyncio
+async def test_a_headless_service_is_re_resolved_so_new_pods_are_found_and_gone_ones_dropped() -> (
+    None
+):
+    """The Service's records are scripted (what cluster DNS answers for a headless Service as
+    pods become ready and go); the instances are real servers on 127.0.0.2 and 127.0.0.3, both
+    loopback addresses, on the same port, as two pods behind one Service are."""
+    port = free_port()
+    busy, fresh = Scripted(kv_usage=0.9), Scripted(kv_usage=0.0)
+    await start(busy, host="127.0.0.2", port=port)
+    await start(fresh, host="127.0.0.3", port=port)
+    records: dict[str, list[str] | OSError] = {"decode.ns.svc": ["127.0.0.2"]}
+    lookups: list[str] = []
+
+    async def dns(host: str, at: int) -> list[str]:
+        assert at == port
+        lookups.append(host)
+        answer = records[host]
+        if isinstance(answer, OSError):
+            raise answer
+        return list(answer)
+
+    service = f"http://decode.ns.svc:{port}"
+    router = await router_for([], [], resolver=dns, decode_services=(service,))
+    assert (await post(router, {"prompt": "hello"}))[0] == 200
+    assert len(busy.seen) == 1
+    assert [i["url"] for i in await instances(router)] == [busy.url]
+
+    records["decode.ns.svc"] = ["127.0.0.2", "127.0.0.3"]  # a scale-up: a new ready pod
+
+    async def reached_fresh() -> bool:
+        await post(router, {"prompt": "hello"})
+        return bool(fresh.seen)
+
+    await until(reached_fresh, "a request on the pod the Service gained")
+    records["decode.ns.svc"] = OSError("DNS timed out")  # a hiccup keeps what was known
+
+    count = len(lookups)
+
+    async def looked_up_twice_more() -> bool:
+        return len(lookups) > count + 1
+
+    await until(looked_up_twice_more, "two more lookups")
+    assert {i["url"] for i in await instances(router)} == {busy.url, fresh.url}
+
+    records["decode.ns.svc"] = ["127.0.0.3"]  # the first pod left the Service
+
+    async def dropped() -> bool:
+        return [i["url"] for i in await instances(router)] == [fresh.url]
+
+    await until(dropped, "the pod gone from the Service dropped")
+    busy.seen.clear()
+    for _ in range(3):
+        assert (await post(router, {"prompt": "x"}))[0] == 200
+    assert busy.seen == []
+
+    records["decode.ns.svc"] = []  # no ready pod: the Service has no records
+
+    async def unavailable() -> bool:
+        return (await post(router, {"prompt": "x"}))[0] == 503
+
+    await until(unavailable, "503 once the Service has no pod")
+    await router.close()
+
+
+@pytest.mark.asyncio
+async def test_services_resolve_through_the_system_resolver() -> None:
+    decode = Scripted()
+    await start(decode)
+    port = int(decode.url.rsplit(":", 1)[1])
+    assert "127.0.0.1" in await resolve_addresses("localhost", port)
+    router = await router_for([], [], decode_services=(f"http://localhost:{port}",))
+    assert (await post(router, {"prompt": "hello"}))[0] == 200
+    assert decode.seen
+    assert instance_url("http://svc:8000/", "10.0.0.7") == "http://10.0.0.7:8000"
+    assert instance_url("http://svc:8000", "fd00::7") == "http://[fd00::7]:8000"
+    await router.close()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         ([], "--decode: give at least one"),
+        (["--decode-service=svc:8000"], "--decode-service svc:8000: expected an http(s)"),
         (["--decode=localhost:8000"], "--decode localhost:8000: expected an http(s)://host:port"),
         (["--decode=http://a:1", "--prefill=ftp://b"], "--prefill ftp://b"),
     ],

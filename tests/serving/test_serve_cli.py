@@ -1,8 +1,9 @@
 """`tessera serve`'s flags against what the operator renders, its one-line errors, and the image.
 
 Every example ModelDeployment is planned in each serving mode the planner can place, rendered,
-and each engine pod's arguments are parsed with the server's own parser: a flag the renderer
-emits and the server does not know fails here, not in a crash-looping pod.
+and each engine pod's arguments are parsed with the server's own parser, each router pod's with
+`tessera router`'s: a flag the renderer emits and the program does not know fails here, not in
+a crash-looping pod.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def example_deployments() -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def rendered_engine_pods() -> list[tuple[str, list[str], list[str]]]:
-    """(where, command, args) of every engine container of every example plan."""
+def rendered_pods(container_name: str) -> list[tuple[str, list[str], list[str]]]:
+    """(where, command, args) of every `container_name` container of every example plan."""
     classes = example_classes()
     offers = [ClassOffer(name, spec) for name, spec in classes.items()]
     pods = []
@@ -61,12 +62,15 @@ def rendered_engine_pods() -> list[tuple[str, list[str], list[str]]]:
             for child in render.render_children(owner, spec, plan, classes):
                 if child["kind"] == "Deployment":
                     container = child["spec"]["template"]["spec"]["containers"][0]
+                    if container["name"] != container_name:
+                        continue
                     where = f"{name}:{mode}:{child['metadata']['name']}"
                     pods.append((where, container["command"], container["args"]))
     return pods
 
 
-PODS = rendered_engine_pods()
+PODS = rendered_pods(render.ENGINE_CONTAINER)
+ROUTERS = rendered_pods(render.ROUTER_CONTAINER)
 
 
 def test_the_examples_render_pods_of_every_role() -> None:
@@ -91,6 +95,29 @@ def test_every_rendered_flag_is_a_tessera_serve_flag(
     if "--no-enable-chunked-prefill" in args:
         assert params["enable_chunked_prefill"] is False
     assert params["pool"]
+
+
+def test_every_disaggregated_example_renders_a_router() -> None:
+    disaggregated = {where.rsplit(":", 1)[0] for where, _, args in PODS if "--role=prefill" in args}
+    assert disaggregated, "the examples must include a disaggregated plan"
+    assert {where.rsplit(":", 1)[0] for where, _, _ in ROUTERS} == disaggregated
+
+
+@pytest.mark.parametrize(("where", "command", "args"), ROUTERS, ids=[p[0] for p in ROUTERS])
+def test_every_rendered_router_flag_is_a_tessera_router_flag(
+    where: str, command: list[str], args: list[str]
+) -> None:
+    from tessera.agents.router.cli import router_command
+
+    assert command == list(render.ROUTER_COMMAND) == ["tessera", "router"]
+    params = router_command.make_context("router", list(args)).params
+    for arg in args:
+        name, _, value = arg.removeprefix("--").partition("=")
+        parsed = params[name.replace("-", "_")]
+        assert value in parsed if isinstance(parsed, tuple) else str(parsed) == value, arg
+    deployment = where.split(":")[2].removesuffix("-router")
+    assert params["prefill_service"] == (f"http://{deployment}-prefill.serving.svc:8000",)
+    assert params["decode_service"] == (f"http://{deployment}-decode.serving.svc:8000",)
 
 
 def run_serve(*args: str) -> tuple[int, str]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from tessera.agents.server import SCHEMA_VERSION
+from tessera.agents.proto_mapping import SCHEMA_VERSION
 from tessera.api.agent.v1 import agent_pb2, agent_pb2_grpc
 
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [

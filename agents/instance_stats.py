@@ -1,8 +1,14 @@
-"""What a serving instance (an engine process on the node) tells the agent about itself.
+"""What a serving instance (an engine process on the node) tells the agent about itself, and
+what the operator reads back: the one Python type of the contract's `InstanceSample`.
 
-The engine implements `InstanceStatsSource`; the agent polls every source once per sampling
-round and ships the result in its telemetry stream and Prometheus metrics. This module imports
-nothing heavy, so an engine can depend on it without pulling in gRPC.
+`tessera serve` answers `INSTANCE_STATS_PATH` with its `InstanceStats` as JSON
+(`agents.serving.metrics.ServingMetrics.instance_stats`, from the engine's own
+`EngineStatsSnapshot`); on the node agent, `agents.engine_source.HttpInstanceSource` (one per
+`--engine-url`) is the `InstanceStatsSource` that reads it. The agent's sampler polls every
+source once per round and ships the result in its telemetry stream and Prometheus metrics
+(`agents.proto_mapping.instance_to_proto`); the operator's collector maps it back
+(`instance_from_proto`). This module imports nothing heavy, so an engine can depend on it
+without pulling in gRPC.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ INSTANCE_STATS_PATH = "/tessera/v1/instance-stats"
 
 @dataclass(frozen=True)
 class InstanceStats:
-    """One instance's state now, and the latency samples of requests finished since the
-    previous call (a source hands each sample out once)."""
+    """One instance's state now, and latency samples: from a source, those of requests finished
+    since the previous call (a source hands each sample out once); in the operator's collector,
+    the most recent ones the agent sent."""
 
     instance_id: str
     model: str

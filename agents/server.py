@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
@@ -40,17 +41,22 @@ from tessera.agents.backend import (
     BackendError,
     ClockLock,
     DeviceBackend,
-    DeviceInfo,
-    DeviceKind,
     DeviceNotFoundError,
-    DeviceReading,
     DeviceUnavailableError,
     NotSupportedError,
     OutOfRangeError,
     PermissionDeniedError,
 )
 from tessera.agents.identity import AllowedSans, describe_peer
-from tessera.agents.instance_stats import InstanceStats, InstanceStatsSource
+from tessera.agents.instance_stats import InstanceStatsSource
+from tessera.agents.proto_mapping import (
+    SCHEMA_VERSION,
+    clocks_response,
+    device_info_to_proto,
+    instance_to_proto,
+    power_limit_response,
+    reading_to_proto,
+)
 from tessera.agents.sampler import Sampler, Snapshot
 from tessera.api.agent.v1 import agent_pb2, agent_pb2_grpc
 
@@ -59,8 +65,6 @@ import tessera
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Minor version of agent.proto this agent was built from (see the versioning notes there).
-SCHEMA_VERSION = 1
 TELEMETRY_SERVICE = "tessera.agent.v1.Telemetry"
 CONTROL_SERVICE = "tessera.agent.v1.Control"
 
@@ -91,93 +95,12 @@ STATUS_OF_ERROR: tuple[tuple[type[BackendError], grpc.StatusCode], ...] = (
     (BackendError, grpc.StatusCode.INTERNAL),
 )
 
-_KIND = {
-    DeviceKind.GPU: agent_pb2.DEVICE_KIND_GPU,
-    DeviceKind.NPU: agent_pb2.DEVICE_KIND_NPU,
-    DeviceKind.CPU: agent_pb2.DEVICE_KIND_CPU,
-}
-
 
 def status_of(error: BackendError) -> grpc.StatusCode:
     for error_type, code in STATUS_OF_ERROR:
         if isinstance(error, error_type):
             return code
     return grpc.StatusCode.INTERNAL
-
-
-# -- conversions to the wire format ------------------------------------------------------------
-
-
-def device_info_to_proto(info: DeviceInfo) -> agent_pb2.DeviceInfo:
-    message = agent_pb2.DeviceInfo(
-        uuid=info.uuid,
-        index=info.index,
-        kind=_KIND[info.kind],
-        vendor=info.vendor,
-        model=info.model,
-        backend=info.backend,
-        power_limit_settable=info.power_limit_settable,
-        clocks_lockable=info.clocks_lockable,
-    )
-    _set_present(
-        message,
-        power_limit_min_w=info.power_limit_min_w,
-        power_limit_max_w=info.power_limit_max_w,
-        power_limit_default_w=info.power_limit_default_w,
-        sm_clock_min_mhz=info.sm_clock_min_mhz,
-        sm_clock_max_mhz=info.sm_clock_max_mhz,
-        memory_total_bytes=info.memory_total_bytes,
-    )
-    return message
-
-
-def _set_present(message: object, **fields: float | int | None) -> None:
-    """Set the proto3 `optional` fields that were measured; leave the others absent."""
-    for name, value in fields.items():
-        if value is not None:
-            setattr(message, name, value)
-
-
-def reading_to_proto(reading: DeviceReading, info: DeviceInfo | None) -> agent_pb2.DeviceSample:
-    message = agent_pb2.DeviceSample(
-        uuid=reading.uuid, index=reading.index, throttle_reasons=list(reading.throttle_reasons)
-    )
-    _set_present(
-        message,
-        power_w=reading.power_w,
-        energy_j=reading.energy_j,
-        power_limit_w=reading.power_limit_w,
-        power_limit_min_w=info.power_limit_min_w if info else None,
-        power_limit_max_w=info.power_limit_max_w if info else None,
-        sm_clock_mhz=reading.sm_clock_mhz,
-        memory_clock_mhz=reading.memory_clock_mhz,
-        utilization_ratio=reading.utilization_ratio,
-        memory_utilization_ratio=reading.memory_utilization_ratio,
-        memory_used_bytes=reading.memory_used_bytes,
-        memory_total_bytes=reading.memory_total_bytes,
-        temperature_c=reading.temperature_c,
-        locked_sm_clock_min_mhz=reading.locked_sm_clock_min_mhz,
-        locked_sm_clock_max_mhz=reading.locked_sm_clock_max_mhz,
-    )
-    return message
-
-
-def instance_to_proto(stats: InstanceStats) -> agent_pb2.InstanceSample:
-    return agent_pb2.InstanceSample(
-        instance_id=stats.instance_id,
-        model=stats.model,
-        role=stats.role,
-        device_uuids=list(stats.device_uuids),
-        queue_length=stats.queue_length,
-        running_batch=stats.running_batch,
-        kv_blocks_used=stats.kv_blocks_used,
-        kv_blocks_free=stats.kv_blocks_free,
-        tokens_per_s=stats.tokens_per_s,
-        ttft_samples_s=list(stats.ttft_samples_s),
-        tpot_samples_s=list(stats.tpot_samples_s),
-        requests_completed_total=stats.requests_completed_total,
-        tokens_generated_total=stats.tokens_generated_total,
-    )
 
 
 def merge_rounds(rounds: Sequence[Snapshot]) -> Snapshot:
@@ -193,12 +116,10 @@ def merge_rounds(rounds: Sequence[Snapshot]) -> Snapshot:
             ttft.setdefault(stats.instance_id, []).extend(stats.ttft_samples_s)
             tpot.setdefault(stats.instance_id, []).extend(stats.tpot_samples_s)
     instances = tuple(
-        InstanceStats(
-            **{
-                **stats.__dict__,
-                "ttft_samples_s": tuple(ttft[stats.instance_id]),
-                "tpot_samples_s": tuple(tpot[stats.instance_id]),
-            }
+        dataclasses.replace(
+            stats,
+            ttft_samples_s=tuple(ttft[stats.instance_id]),
+            tpot_samples_s=tuple(tpot[stats.instance_id]),
         )
         for stats in newest.instances
     )
@@ -431,29 +352,10 @@ class ControlServicer(agent_pb2_grpc.ControlServicer):
         return result
 
     def _power_response(self, uuid: str, in_force_w: float) -> agent_pb2.PowerLimitResponse:
-        info = self._agent.backend.info(uuid)
-        response = agent_pb2.PowerLimitResponse(
-            schema_version=SCHEMA_VERSION, device_uuid=uuid, power_limit_w=in_force_w
-        )
-        _set_present(
-            response,
-            power_limit_min_w=info.power_limit_min_w,
-            power_limit_max_w=info.power_limit_max_w,
-            power_limit_default_w=info.power_limit_default_w,
-        )
-        return response
+        return power_limit_response(uuid, in_force_w, self._agent.backend.info(uuid))
 
     def _clocks_response(self, uuid: str, lock: ClockLock) -> agent_pb2.ClocksResponse:
-        response = agent_pb2.ClocksResponse(
-            schema_version=SCHEMA_VERSION, device_uuid=uuid, locked=lock.locked
-        )
-        _set_present(
-            response,
-            sm_clock_min_mhz=lock.min_mhz,
-            sm_clock_max_mhz=lock.max_mhz,
-            sm_clock_mhz=lock.current_sm_clock_mhz,
-        )
-        return response
+        return clocks_response(uuid, lock)
 
     async def SetPowerLimit(
         self, request: agent_pb2.SetPowerLimitRequest, context: grpc.aio.ServicerContext

@@ -1,7 +1,10 @@
 """The operator's view of the fleet: one telemetry stream per node agent, one current snapshot.
 
-Policies (power capping, rebalancing) read `Collector.snapshot()`, a frozen `FleetSnapshot` of
-plain dataclasses: they never see gRPC, protobuf or Kubernetes. The collector:
+Controllers read `Collector.snapshot()`, a frozen `FleetSnapshot` of plain dataclasses
+(`DeviceTelemetry`, `InstanceStats`, mapped from the wire by `agents.proto_mapping`): the
+PowerBudget controller (operator/power_controller.py) each round, to turn into the device views
+`policies.power` decides on, so the policies never see gRPC, protobuf or Kubernetes. (The
+RebalancePolicy controller reads the API server, not the agents.) The collector:
 - discovers agents with a pluggable function (`kubernetes_discovery` lists the agent pods by
   label selector; tests pass a static list) and rediscovers periodically;
 - keeps one Telemetry.Watch stream per agent on a thread of its own;
@@ -27,7 +30,13 @@ from typing import Any
 import grpc
 import tenacity
 from tessera.agents.client import ClientTls, insecure_channel
-from tessera.agents.server import SCHEMA_VERSION
+from tessera.agents.instance_stats import InstanceStats
+from tessera.agents.proto_mapping import (
+    SCHEMA_VERSION,
+    DeviceTelemetry,
+    device_from_proto,
+    instance_from_proto,
+)
 from tessera.api.agent.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -114,45 +123,9 @@ class AgentStatus(enum.StrEnum):
     STALE = "Stale"  # stream broken, or silent for longer than stale_after_s
 
 
-@dataclass(frozen=True)
-class DeviceTelemetry:
-    """One device as its agent last reported it; None where the agent did not measure."""
-
-    uuid: str
-    index: int
-    power_w: float | None
-    energy_j: float | None
-    power_limit_w: float | None
-    power_limit_min_w: float | None
-    power_limit_max_w: float | None
-    sm_clock_mhz: int | None
-    memory_clock_mhz: int | None
-    utilization_ratio: float | None
-    memory_used_bytes: int | None
-    memory_total_bytes: int | None
-    temperature_c: float | None
-    throttle_reasons: tuple[str, ...]
-    locked_sm_clock_min_mhz: int | None = None
-    locked_sm_clock_max_mhz: int | None = None
-
-
-@dataclass(frozen=True)
-class InstanceTelemetry:
-    """One serving instance; latency samples are the most recent ones (a bounded window)."""
-
-    instance_id: str
-    model: str
-    role: str
-    device_uuids: tuple[str, ...]
-    queue_length: int
-    running_batch: int
-    kv_blocks_used: int
-    kv_blocks_free: int
-    tokens_per_s: float
-    recent_ttft_s: tuple[float, ...]
-    recent_tpot_s: tuple[float, ...]
-    requests_completed_total: int
-    tokens_generated_total: int
+InstanceTelemetry = InstanceStats
+"""The collector's older name for the one instance type (`agents.instance_stats.InstanceStats`),
+kept for its importers."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +138,8 @@ class AgentView:
     sequence: int
     age_s: float | None  # since the last message; None before the first
     devices: tuple[DeviceTelemetry, ...]
-    instances: tuple[InstanceTelemetry, ...]
+    instances: tuple[InstanceStats, ...]
+    """Latency samples: the most recent ones the agent sent (`sample_window` per instance)."""
     device_errors: Mapping[str, str]
     reconnects: int
     last_error: str | None
@@ -183,31 +157,6 @@ class FleetSnapshot:
         return [
             (a, d) for a in self.agents.values() if a.status == AgentStatus.FRESH for d in a.devices
         ]
-
-
-def _optional(message: Any, name: str) -> Any:
-    return getattr(message, name) if message.HasField(name) else None
-
-
-def device_from_proto(sample: agent_pb2.DeviceSample) -> DeviceTelemetry:
-    return DeviceTelemetry(
-        uuid=sample.uuid,
-        index=sample.index,
-        power_w=_optional(sample, "power_w"),
-        energy_j=_optional(sample, "energy_j"),
-        power_limit_w=_optional(sample, "power_limit_w"),
-        power_limit_min_w=_optional(sample, "power_limit_min_w"),
-        power_limit_max_w=_optional(sample, "power_limit_max_w"),
-        sm_clock_mhz=_optional(sample, "sm_clock_mhz"),
-        memory_clock_mhz=_optional(sample, "memory_clock_mhz"),
-        utilization_ratio=_optional(sample, "utilization_ratio"),
-        memory_used_bytes=_optional(sample, "memory_used_bytes"),
-        memory_total_bytes=_optional(sample, "memory_total_bytes"),
-        temperature_c=_optional(sample, "temperature_c"),
-        throttle_reasons=tuple(sample.throttle_reasons),
-        locked_sm_clock_min_mhz=_optional(sample, "locked_sm_clock_min_mhz"),
-        locked_sm_clock_max_mhz=_optional(sample, "locked_sm_clock_max_mhz"),
-    )
 
 
 @dataclass
@@ -444,24 +393,14 @@ class Collector:
         if status == AgentStatus.FRESH and age_s is not None and age_s > self.stale_after_s:
             status = AgentStatus.STALE
         devices: tuple[DeviceTelemetry, ...] = ()
-        instances: tuple[InstanceTelemetry, ...] = ()
+        instances: tuple[InstanceStats, ...] = ()
         if message is not None:
             devices = tuple(device_from_proto(d) for d in message.devices)
             instances = tuple(
-                InstanceTelemetry(
-                    instance_id=i.instance_id,
-                    model=i.model,
-                    role=i.role,
-                    device_uuids=tuple(i.device_uuids),
-                    queue_length=i.queue_length,
-                    running_batch=i.running_batch,
-                    kv_blocks_used=i.kv_blocks_used,
-                    kv_blocks_free=i.kv_blocks_free,
-                    tokens_per_s=i.tokens_per_s,
-                    recent_ttft_s=tuple(record.ttft.get(i.instance_id, ())),
-                    recent_tpot_s=tuple(record.tpot.get(i.instance_id, ())),
-                    requests_completed_total=i.requests_completed_total,
-                    tokens_generated_total=i.tokens_generated_total,
+                instance_from_proto(
+                    i,
+                    tuple(record.ttft.get(i.instance_id, ())),
+                    tuple(record.tpot.get(i.instance_id, ())),
                 )
                 for i in message.instances
             )

@@ -300,19 +300,55 @@ class PoolsSpec(ApiModel):
         return bounds
 
 
+class EngineKind(StrEnum):
+    """Which server a pool's pods run."""
+
+    TESSERA = "tessera"
+    """`tessera serve` (every role: colocated, prefill, decode, attention)."""
+    VLLM = "vllm"
+    """`vllm serve` from a vLLM image: colocated pools, driven by vLLM's own flags."""
+
+
+TESSERA_IMAGE = "ghcr.io/tessera-dev/tessera:0.1.0"
+VLLM_IMAGE = "vllm/vllm-openai:v0.10.2"
+"""vLLM's OpenAI-compatible server image (Docker Hub), for `engine.kind: vllm`."""
+
+
 class EngineSpec(ApiModel):
     """The serving container each replica runs."""
 
-    image: str = Field(
-        default="ghcr.io/tessera-dev/tessera:0.1.0",
-        description="Container image of the Tessera engine.",
+    kind: EngineKind = Field(
+        default=EngineKind.TESSERA,
+        description="The server the pods run: tessera (`tessera serve`) or vllm (`vllm serve`, "
+        "for vLLM images; colocated serving only). Either way the plan's scheduler settings "
+        "and parallelism reach it as flags.",
+    )
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        description=f"Container image; default {TESSERA_IMAGE}, or {VLLM_IMAGE} for kind vllm.",
     )
     port: int = Field(default=8000, gt=0, lt=65536, description="Serving port.")
     extra_args: list[str] = Field(default_factory=list, description="Extra engine arguments.")
 
+    @property
+    def container_image(self) -> str:
+        """The image the pods run: `image`, else the kind's default."""
+        if self.image:
+            return self.image
+        return VLLM_IMAGE if self.kind is EngineKind.VLLM else TESSERA_IMAGE
+
 
 class ModelDeploymentSpec(ApiModel):
     """What the user declares."""
+
+    model_config = cel_rules(
+        (
+            "!has(self.engine) || !has(self.engine.kind) || self.engine.kind != 'vllm' || "
+            "(has(self.servingMode) && self.servingMode == 'colocated')",
+            "engine.kind vllm serves colocated pools only: set servingMode: colocated",
+        )
+    )
 
     model: ModelSpec = Field(description="The model to serve.")
     slo: SloSpec = Field(description="Latency targets and how often they must hold.")
@@ -335,6 +371,17 @@ class ModelDeploymentSpec(ApiModel):
         default=None, description="Kubernetes PriorityClass for the pods."
     )
     engine: EngineSpec = Field(default_factory=EngineSpec, description="Serving container.")
+
+    @model_validator(mode="after")
+    def _vllm_is_colocated(self) -> ModelDeploymentSpec:
+        # vLLM pods take no KV from another pool here (no prefill/decode transport, no
+        # attention workers), so the planner must not split the roles for them.
+        if self.engine.kind is EngineKind.VLLM and self.serving_mode is not ServingMode.COLOCATED:
+            raise ValueError(
+                "engine.kind vllm serves colocated pools only: set servingMode: colocated "
+                f"(got {self.serving_mode.value})"
+            )
+        return self
 
 
 class PoolLoad(ApiModel):

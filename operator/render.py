@@ -30,7 +30,13 @@ from typing import Any
 
 from tessera.api.accelerator_class import AcceleratorClassSpec
 from tessera.api.common import API_VERSION
-from tessera.api.model_deployment import ModelDeploymentSpec, Plan, PoolPlan, PoolRole
+from tessera.api.model_deployment import (
+    EngineKind,
+    ModelDeploymentSpec,
+    Plan,
+    PoolPlan,
+    PoolRole,
+)
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "tessera"
@@ -47,6 +53,12 @@ HEALTH_PATH = "/health"
 READY_PATH = "/ready"
 ENGINE_COMMAND = ("tessera", "serve")
 """The image's entry point (Dockerfile) and subcommand; `engine_args` are `tessera serve` flags."""
+VLLM_COMMAND = ("vllm", "serve")
+"""`engine.kind: vllm`: vLLM's server in its own image; `vllm_args` are its documented flags."""
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "auto"}
+VLLM_STARTUP_FAILURES = 60
+"""vLLM listens only once its weights are loaded and its graphs captured: a startup probe
+(10 s apart) gives it ten minutes before liveness checks begin."""
 ROUTER_NAME = "tessera-router"
 ROUTER_ROLE = "router"
 """The role label of the router's pods (no pool: the router is no PoolRole of the plan)."""
@@ -211,6 +223,52 @@ def scheduler_args(spec: ModelDeploymentSpec, pool: PoolPlan) -> list[str]:
     return pool.scheduler(spec.model.architecture.max_context_tokens).engine_flags()
 
 
+def vllm_model(spec: ModelDeploymentSpec) -> str:
+    """`vllm serve`'s model argument: the local folder of a file:// URI, the repository of an
+    hf:// one, any other weights URI as given, else the model's (Hugging Face) name."""
+    uri = spec.model.weights_uri
+    if not uri:
+        return spec.model.name
+    for scheme in ("file://", "hf://"):
+        if uri.startswith(scheme):
+            return uri.removeprefix(scheme)
+    return uri
+
+
+def vllm_args(owner: Owner, spec: ModelDeploymentSpec, pool: PoolPlan) -> list[str]:
+    """`vllm serve` arguments for one colocated pool: the same plan as `engine_args` (parallelism,
+    context, the scheduler the plan was scored with) in vLLM's documented flags, then
+    `spec.engine.extraArgs`."""
+    arch = spec.model.architecture
+    args = [
+        vllm_model(spec),
+        f"--served-model-name={owner.name}",
+        f"--port={spec.engine.port}",
+        f"--tensor-parallel-size={pool.tensor_parallel}",
+        f"--dtype={VLLM_DTYPES[arch.dtype.value]}",
+        f"--max-model-len={arch.max_context_tokens}",
+    ]
+    if arch.dtype.value == "fp8":
+        args.append("--quantization=fp8")
+    return args + scheduler_args(spec, pool) + list(spec.engine.extra_args)
+
+
+def as_vllm(
+    container: dict[str, Any], owner: Owner, spec: ModelDeploymentSpec, pool: PoolPlan
+) -> None:
+    """Turn a rendered engine container into vLLM's: its command and flags, and probes on
+    /health (vLLM has no /ready: it listens once it can serve), after a startup probe."""
+    container["command"] = list(VLLM_COMMAND)
+    container["args"] = vllm_args(owner, spec, pool)
+    health = {"path": HEALTH_PATH, "port": PORT_NAME}
+    container["readinessProbe"] = {"httpGet": dict(health), "periodSeconds": 5}
+    container["startupProbe"] = {
+        "httpGet": dict(health),
+        "periodSeconds": 10,
+        "failureThreshold": VLLM_STARTUP_FAILURES,
+    }
+
+
 def resources_for(class_spec: AcceleratorClassSpec, tensor_parallel: int) -> dict[str, Any]:
     """Requests/limits for one replica: `<resourceName>: TP`.
 
@@ -255,7 +313,7 @@ def render_deployment(
     }
     container: dict[str, Any] = {
         "name": ENGINE_CONTAINER,
-        "image": spec.engine.image,
+        "image": spec.engine.container_image,
         "command": list(ENGINE_COMMAND),
         "args": engine_args(owner, spec, plan, pool),
         "ports": [{"name": PORT_NAME, "containerPort": spec.engine.port, "protocol": "TCP"}],
@@ -270,6 +328,8 @@ def render_deployment(
             "failureThreshold": 6,
         },
     }
+    if spec.engine.kind is EngineKind.VLLM:
+        as_vllm(container, owner, spec, pool)
     pod_spec: dict[str, Any] = {"containers": [container]}
     affinity = node_affinity(class_spec)
     if affinity is not None:
@@ -367,7 +427,7 @@ def render_router(owner: Owner, spec: ModelDeploymentSpec) -> dict[str, Any]:
     labels = router_labels(owner)
     container: dict[str, Any] = {
         "name": ROUTER_CONTAINER,
-        "image": spec.engine.image,
+        "image": spec.engine.container_image,
         "command": list(ROUTER_COMMAND),
         "args": router_args(owner, spec),
         "ports": [{"name": PORT_NAME, "containerPort": spec.engine.port, "protocol": "TCP"}],

@@ -237,6 +237,19 @@ CASES = [
         _spec("model.architecture", numAttentionHeads=32, numKeyValueHeads=6),
         ".spec.model.architecture",
     ),
+    Case(
+        "vllm-colocated",
+        chat_deployment,
+        _spec("", servingMode="colocated", engine={"kind": "vllm"}),
+        None,
+    ),
+    Case(
+        "vllm-disaggregated",
+        chat_deployment,
+        _spec("", servingMode="disaggregated", engine={"kind": "vllm"}),
+        ".spec",
+    ),
+    Case("vllm-by-default-auto", chat_deployment, _spec("", engine={"kind": "vllm"}), ".spec"),
     Case("budget-defaults", power_budget, lambda d: None, None),
     Case(
         "ordered-thresholds",

@@ -122,7 +122,7 @@ def test_one_deployment_per_pool_and_valid_kubernetes_objects(spec: ModelDeploym
         assert f"--role={pool.role.value}" in container["args"]
         assert f"--tensor-parallel-size={pool.tensor_parallel}" in container["args"]
         assert f"--model={spec.model.name}" in container["args"]
-        assert container["image"] == spec.engine.image
+        assert container["image"] == spec.engine.container_image
         assert container["ports"][0]["containerPort"] == spec.engine.port
         gpus = str(pool.tensor_parallel)
         assert container["resources"] == {

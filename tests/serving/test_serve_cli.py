@@ -199,4 +199,4 @@ def test_the_engine_image_is_the_charts_image() -> None:
     values = yaml.safe_load((REPO / "helm/tessera/values.yaml").read_text())["image"]
     chart = yaml.safe_load((REPO / "helm/tessera/Chart.yaml").read_text())
     chart_image = f"{values['registry']}/{values['repository']}:{chart['appVersion']}"
-    assert EngineSpec().image == chart_image
+    assert EngineSpec().container_image == chart_image

@@ -178,11 +178,11 @@ def load_fraction(
     at once with it)."""
     if isinstance(virtual_tokens, float | int) and isinstance(capacity_tokens, float | int):
         if draining:
-            return math.inf  # type: ignore[return-value]
-        return virtual_tokens / capacity_tokens  # type: ignore[return-value]
+            return math.inf
+        return virtual_tokens / capacity_tokens
     with np.errstate(divide="ignore", invalid="ignore"):
         fraction = np.where(draining, np.inf, np.asarray(virtual_tokens) / capacity_tokens)
-    return fraction  # type: ignore[no-any-return]
+    return fraction
 
 
 def virtual_usage_tokens(instance: InstanceState, settings: MigrationSettings) -> float:

@@ -11,6 +11,11 @@ Failures, and what the client gets:
   instance is marked out and the request retried with another, up to `max_attempts`;
 - the decode instance cannot be reached before the response began: marked out, retried on
   another decode instance (nothing was sent to the client yet);
+- the decode instance answers 503 (draining for a scale-down, or still loading): marked out and
+  retried on another;
+- the request migrates mid-stream (agents/serving/migration.py): the instance's part ends with
+  a `tessera.migrated` event, which the router does not forward; it continues the stream from
+  the target's /internal/attach, so the client sees one unbroken stream;
 - the decode instance dies or stalls past `stream_timeout_s` after the response began: the
   stream ends with an error event then `data: [DONE]` (a non-streamed request gets 502), and the
   instance is marked out. Never a hang: every upstream read has a deadline.
@@ -30,7 +35,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from tessera.agents.router import PREFILL_HEADER
+from tessera.agents.router import ATTACH_PATH, MIGRATED_EVENT, PREFILL_HEADER
 from tessera.agents.router.instances import (
     Instance,
     InstancePool,
@@ -127,6 +132,11 @@ class Router:
             "tessera_router_retries_total",
             "Attempts retried elsewhere, by failed role",
             ("role",),
+            registry=self.registry,
+        )
+        self.migrations_followed = Counter(
+            "tessera_router_migrations_followed_total",
+            "Streams continued on another instance after their request migrated",
             registry=self.registry,
         )
         self.session: aiohttp.ClientSession | None = None
@@ -279,6 +289,9 @@ class Router:
                 if instance is not None:
                     instance.inflight_prompt_tokens -= prompt_tokens
         async with upstream:
+            if upstream.status == 503:  # draining or loading: its probe will mark it out too
+                detail = await upstream.read()
+                raise UpstreamError(decode, f"decode {decode.url} unavailable: {detail[:200]!r}")
             if upstream.status == 502 and prefill is not None:
                 detail = await upstream.read()
                 if b"prefill_unavailable" in detail:
@@ -306,20 +319,34 @@ class Router:
     async def _relay_stream(
         self, request: web.Request, upstream: aiohttp.ClientResponse, decode: Instance
     ) -> web.StreamResponse:
+        """Relay a stream to the client; when its request migrates (the instance's part ends
+        with the `tessera.migrated` event), continue from the target's /internal/attach, as
+        many times as it moves (agents/serving/migration.py has the protocol)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         done = False
+        part, url = upstream, decode.url
         try:
-            async for line in _lines(upstream):
-                await response.write(line)
-                if line.startswith(b"data: [DONE]"):
+            while True:
+                try:
+                    moved = await self._relay_part(part, response)
+                finally:
+                    if part is not upstream:  # the caller closes the first part
+                        part.release()
+                if moved is None:
                     done = True
-        except (aiohttp.ClientError, TimeoutError, OSError) as error:
-            log.warning("decode %s failed mid-stream: %r", decode.url, error)
-            decode.mark(False, f"failed mid-stream: {error!r}")
+                    break
+                url = str(moved.get("target", "")).rstrip("/")
+                part = await self._attach(url, moved)
+                self.migrations_followed.inc()
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as error:
+            log.warning("instance %s failed mid-stream: %r", url, error)
+            for instance in self.decode.instances:
+                if instance.url == url:
+                    instance.mark(False, f"failed mid-stream: {error!r}")
         if not done:
             self.requests.labels(outcome="decode_failed").inc()
-            message = f"decode instance {decode.url} failed mid-stream; the answer is incomplete"
+            message = f"decode instance {url} failed mid-stream; the answer is incomplete"
             event = json.dumps(error_body(message, "upstream_error"))
             with contextlib.suppress(ConnectionError):
                 await response.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
@@ -328,6 +355,44 @@ class Router:
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response
+
+    async def _relay_part(
+        self, part: aiohttp.ClientResponse, response: web.StreamResponse
+    ) -> dict[str, Any] | None:
+        """Forward one instance's events; returns the migrated event's data if the part ended
+        with one, None at [DONE]. Raises ValueError if the part ends with neither."""
+        migrated = False
+        async for line in _lines(part):
+            if line.startswith(b"event: " + MIGRATED_EVENT.encode()):
+                migrated = True
+                continue
+            if migrated:
+                if line.startswith(b"data: "):
+                    moved = json.loads(line[6:])
+                    if not isinstance(moved, dict):
+                        raise ValueError(f"{MIGRATED_EVENT} event data is not an object")
+                    return moved
+                continue
+            await response.write(line)
+            if line.startswith(b"data: [DONE]"):
+                return None
+        raise ValueError("the stream ended without [DONE]")
+
+    async def _attach(self, url: str, moved: dict[str, Any]) -> aiohttp.ClientResponse:
+        """Open the rest of a migrated request's stream on its target."""
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.config.connect_timeout_s,
+            sock_read=self.config.stream_timeout_s,
+        )
+        body = {"request_id": moved.get("request_id"), "resume": moved.get("resume")}
+        part = await self.session.post(f"{url}{ATTACH_PATH}", json=body, timeout=timeout)
+        if part.status != 200:
+            detail = await part.read()
+            part.release()
+            raise ValueError(f"attach to {url} answered {part.status}: {detail[:300]!r}")
+        return part
 
 
 async def _lines(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

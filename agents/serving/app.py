@@ -33,11 +33,13 @@ from tessera.agents.engine.request import SamplingParams
 from tessera.agents.engine.serving_loop import QueueFullError, ServingLoop
 from tessera.agents.engine.warmup import WarmUpReport
 from tessera.agents.instance_stats import INSTANCE_STATS_PATH
+from tessera.agents.router import MIGRATED_EVENT
 from tessera.agents.serving.generation import (
     Delta,
     EngineFailureError,
     Generation,
     GenerationTimeoutError,
+    StreamMeta,
 )
 from tessera.agents.serving.metrics import ServingMetrics
 from tessera.agents.serving.protocol import (
@@ -102,6 +104,10 @@ class Served:
     created: int = field(default_factory=lambda: int(time.time()))
     load_error: str | None = None
     prefill: PrefillHook | None = None
+    draining: bool = False
+    """Set by POST /internal/drain (migration.py): /ready answers 503 and no request is taken."""
+    streams: dict[str, Generation] = field(default_factory=dict)
+    """Streamed requests being served, by engine request id: what a migration can move."""
     warmup: WarmUpReport | None = None
     """What the engine's warm-up prepared, shown on /ready."""
 
@@ -166,6 +172,8 @@ def build_app(served: Served) -> FastAPI:
     async def ready() -> JSONResponse:
         if not served.ready:
             raise ApiError(503, served.load_error or "loading weights", kind="unavailable")
+        if served.draining:
+            raise ApiError(503, "draining: requests move to other instances", kind="unavailable")
         warmup = dataclasses.asdict(served.warmup) if served.warmup else None
         return JSONResponse({"status": "ready", "warmup": warmup})
 
@@ -214,6 +222,10 @@ def build_app(served: Served) -> FastAPI:
 def _ready(served: Served, body: SamplingFields) -> tuple[ServingLoop, ServingTokenizer]:
     if served.loop is None or served.tokenizer is None:
         raise ApiError(503, "the model is still loading; poll /ready", kind="unavailable")
+    if served.draining:
+        raise ApiError(
+            503, "this instance is draining; send requests elsewhere", kind="unavailable"
+        )
     if body.model is not None and body.model != served.model_name:
         raise ApiError(
             404,
@@ -357,34 +369,65 @@ def _event_stream(
 ) -> StreamingResponse:
     """Server-sent events: (chat: a first chunk with the role), one chunk per delta, an
     optional usage chunk, then [DONE]. An error after the stream began is an error chunk."""
+    meta = StreamMeta(rid, created, chat, body.return_token_ids, body.include_usage)
+    events = sse_events(generation, request, served, meta, opening=chat)
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
+async def sse_events(
+    generation: Generation, request: Request, served: Served, meta: StreamMeta, opening: bool
+) -> AsyncIterator[str]:
+    """The events of one stream, here from its start (`opening`: the chat role chunk) or from
+    where a migration left it (migration.py). A stream whose request migrates away ends with
+    the `tessera.migrated` event (no usage, no [DONE]): the router continues it there."""
     name = served.model_name
+    generation.stream = meta
+    served.streams[generation.request_id] = generation
+    try:
+        if opening:
+            yield _sse(stream_chunk(True, meta.id, meta.created, name, "", role="assistant"))
+        async for delta in generation.deltas(request):
+            # A token may add no text (a special token, a character still incomplete, text held
+            # back for a stop string); with return_token_ids its id is sent all the same.
+            with_ids = meta.return_token_ids and bool(delta.token_ids)
+            if delta.text or delta.finish_reason is not None or with_ids:
+                token_ids = delta.token_ids if meta.return_token_ids else None
+                chunk = stream_chunk(
+                    meta.chat,
+                    meta.id,
+                    meta.created,
+                    name,
+                    delta.text,
+                    delta.finish_reason,
+                    token_ids,
+                )
+                yield _sse(chunk)
+        if generation.migrated is not None:
+            yield migrated_event(generation)
+            return
+        if meta.include_usage:
+            usage = stream_chunk(meta.chat, meta.id, meta.created, name, None)
+            usage["usage"] = _usage(generation).model_dump()
+            yield _sse(usage)
+    except (GenerationTimeoutError, EngineFailureError) as error:
+        kind_name = "timeout" if isinstance(error, GenerationTimeoutError) else "server_error"
+        yield _sse({"error": {"message": str(error), "type": kind_name, "param": None}})
+    finally:
+        served.streams.pop(generation.request_id, None)
+        generation.close()
+    yield "data: [DONE]\n\n"
 
-    async def events() -> AsyncIterator[str]:
-        try:
-            if chat:
-                yield _sse(stream_chunk(True, rid, created, name, "", role="assistant"))
-            async for delta in generation.deltas(request):
-                # A token may add no text (a special token, a character still incomplete, text
-                # held back for a stop string); with return_token_ids its id is sent all the same.
-                with_ids = body.return_token_ids and bool(delta.token_ids)
-                if delta.text or delta.finish_reason is not None or with_ids:
-                    token_ids = delta.token_ids if body.return_token_ids else None
-                    chunk = stream_chunk(
-                        chat, rid, created, name, delta.text, delta.finish_reason, token_ids
-                    )
-                    yield _sse(chunk)
-            if body.include_usage:
-                usage = stream_chunk(chat, rid, created, name, None)
-                usage["usage"] = _usage(generation).model_dump()
-                yield _sse(usage)
-        except (GenerationTimeoutError, EngineFailureError) as error:
-            kind_name = "timeout" if isinstance(error, GenerationTimeoutError) else "server_error"
-            yield _sse({"error": {"message": str(error), "type": kind_name, "param": None}})
-        finally:
-            generation.close()
-        yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+def migrated_event(generation: Generation) -> str:
+    """The control event that ends a migrated stream's part here: where it went, and what the
+    target's stream needs to go on without a repeated or a missing character."""
+    where = dict(generation.migrated or {})
+    where["resume"] = {
+        "num_output_tokens": len(generation.output.token_ids),
+        "emitted_chars": generation.output.emitted,
+        "completion_tokens": generation.completion_tokens,
+    }
+    return f"event: {MIGRATED_EVENT}\ndata: {json.dumps(where, separators=(',', ':'))}\n\n"
 
 
 def _sse(payload: dict[str, Any]) -> str:

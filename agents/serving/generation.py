@@ -5,6 +5,9 @@ request's asyncio queue (`call_soon_threadsafe`), the handler iterates `deltas()
 them into one JSON body or a stream of server-sent events. The request is aborted, freeing its
 KV, when the client disconnects, when a stop string is seen, or when the handler leaves early
 for any reason (`close`).
+
+A streamed generation can also end by migration (agents/serving/migration.py): `end_migrated`
+ends `deltas()` after the tokens the source produced, and the stream says where it went.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from starlette.requests import Request
 from tessera.agents.engine.kv_transfer import KVPackage
@@ -30,6 +35,8 @@ from tessera.agents.serving.tokenizer import ServingTokenizer
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
+_PROCESS = uuid.uuid4().hex[:12]
+"""In request ids, so that a request migrated here never takes the id of one made here."""
 
 
 class GenerationTimeoutError(RuntimeError):
@@ -46,6 +53,17 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None
     """"stop" or "length" on the last delta."""
+
+
+@dataclass(frozen=True)
+class StreamMeta:
+    """What a stream's chunks carry besides text: the same on every server it passes through."""
+
+    id: str
+    created: int
+    chat: bool
+    return_token_ids: bool
+    include_usage: bool
 
 
 class EventHandoff:
@@ -100,17 +118,26 @@ class Generation:
         stop: list[str],
         timeout_s: float | None,
         package: KVPackage | None = None,
+        adopt: bool = False,
     ) -> None:
         """With a `package` (decode role) the request continues from KV computed elsewhere:
-        its tokens so far are the first delta, and it enters the engine as an import."""
+        its tokens so far are the first delta, and it enters the engine as an import. With
+        `adopt` nothing is submitted: a migration imports the request with `self.sink` and
+        resolves `admitted` (agents/serving/migration.py)."""
         self.loop = loop
         self.metrics = metrics
-        self.request_id = package.request_id if package else f"req-{next(_ids)}"
+        self.request_id = package.request_id if package else f"req-{_PROCESS}-{next(_ids)}"
         self.prompt_token_ids = prompt_token_ids
         self.output = OutputText(tokenizer, stop)
         self.completion_tokens = 0
         self.finished = False
         self.started_s = time.monotonic()
+        self.stop = list(stop)
+        self.timeout_s = timeout_s
+        self.stream: StreamMeta | None = None
+        """Set while a server-sent event stream serves it (only those can migrate)."""
+        self.migrated: dict[str, Any] | None = None
+        """Where it went, once migrated (`end_migrated`)."""
         self._queue: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
         handoff = EventHandoff.of(asyncio.get_running_loop())
         queue = self._queue
@@ -118,6 +145,11 @@ class Generation:
         def sink(event: TokenEvent) -> None:
             handoff.put(queue, event)
 
+        self.sink = sink
+        if adopt:
+            self.request_id = ""
+            self.admitted: Future[str] = Future()
+            return
         if package is not None:
             self.admitted = loop.submit_import(package, sink, timeout_s=timeout_s)
             first = TokenEvent(self.request_id, list(package.output_token_ids), False)
@@ -191,9 +223,15 @@ class Generation:
             self.loop.abort(self.request_id)
             self._queue.put_nowait(None)
 
+    def end_migrated(self, where: dict[str, Any]) -> None:
+        """The request continues on another server: `deltas()` ends once it has handed out
+        the tokens produced here (they are queued before this), and nothing is aborted."""
+        self.migrated = where
+        self._queue.put_nowait(None)
+
     def close(self) -> None:
-        """Abort the request unless it finished (idempotent)."""
-        if not self.finished:
+        """Abort the request unless it finished or migrated (idempotent)."""
+        if not self.finished and self.migrated is None:
             self.finished = True
             self.metrics.reject("aborted")
             self.loop.abort(self.request_id)

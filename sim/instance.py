@@ -12,8 +12,9 @@ cache, forming each iteration's batch with the engine's own policy
   had generated) when memory allows; a decode-role instance sends it back to the prefill pool.
 - Roles: colocated (prefill and decode), prefill (hands a request off after its first token;
   keeps its KV blocks until the transfer out completes), decode (receives requests with their
-  KV, reserving blocks before the transfer starts). An attention-offloaded decode replica is a
-  decode instance whose performance model is policies.attention_offload's.
+  KV, reserving blocks before the transfer starts); the hand-off between them is
+  sim/handoff.py's. An attention-offloaded decode replica is a decode instance whose performance
+  model is policies.attention_offload's.
 
 Runs of identical decode iterations are one event (see stepcost.DecodeCurve); an arrival ends a
 run at the end of the iteration in progress, as a real scheduler would admit it there.
@@ -252,7 +253,7 @@ class Instance:
             self.incoming.popleft()
             self.used_blocks += need
             self._check_blocks()
-            self.sim.start_transfer(request, self, need, now)
+            self.sim.handoff.start_transfer(request, self, need, now)
         self._publish()
 
     def _set_blocks(self, request: Request, blocks: int) -> None:
@@ -277,7 +278,7 @@ class Instance:
         victim.preemptions += 1
         self.sim.preemptions += 1
         if self.role is PoolRole.DECODE:
-            self.sim.reprefill(victim, now)
+            self.sim.handoff.reprefill(victim, now)
         else:
             self.waiting.appendleft(victim)
             self.pending_prefill_tokens += victim.target
@@ -463,7 +464,7 @@ class Instance:
             keep = set(map(id, handoff))
             self.running = [r for r in self.running if id(r) not in keep]
             for r in handoff:
-                self.sim.prefilled(r, self, now)
+                self.sim.handoff.prefilled(r, self, now)
         self._check_blocks()
         if finished:
             remaining: list[Request] = []

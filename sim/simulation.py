@@ -4,7 +4,8 @@ The simulator owns time and events only. Where requests go is decided by
 `tessera.policies.dispatch`, what runs where by the Plan (from `tessera.policies.placement` or
 a baseline), and how long an iteration takes by the performance models in `tessera.policies`.
 Arrivals are read from sorted arrays rather than queued as events; every other event (an
-iteration or a run of decode iterations ending, a KV transfer landing) sits in one heap ordered
+iteration or a run of decode iterations ending, a KV transfer landing: sim/handoff.py holds a
+disaggregated request's way from prefill to decode) sits in one heap ordered
 by (time, sequence number), so ties resolve in the order events were pushed and a run is
 deterministic.
 """
@@ -33,6 +34,7 @@ from tessera.policies.dispatch import (
 from tessera.policies.perfmodel import ReplicaPerformance
 from tessera.policies.power_model import class_power_model
 from tessera.sim.cluster import Cluster
+from tessera.sim.handoff import KvHandoff
 from tessera.sim.instance import Instance, Request
 from tessera.sim.metrics import PowerTrack, RunResult, assemble_result
 from tessera.sim.stepcost import PerformanceModel, StepCost
@@ -106,29 +108,6 @@ class _Deployment:
     pools: list[_Pool] = field(default_factory=list)
 
 
-class _TransferDone:
-    """The event of a KV cache arriving at its decode instance."""
-
-    __slots__ = ("blocks", "request", "sim", "source", "target")
-
-    def __init__(
-        self, sim: Simulation, request: Request, source: Instance, target: Instance, blocks: int
-    ) -> None:
-        self.sim = sim
-        self.request = request
-        self.source = source
-        self.target = target
-        self.blocks = blocks
-
-    def step_end(self, now: float, version: int) -> None:
-        request = self.request
-        self.source.release(request, now)
-        request.blocks = self.blocks
-        if request.first_token_s < 0:
-            request.first_token_s = now
-        self.target.receive(request, now)
-
-
 def _power_levels(
     perf: PerformanceModel, cap_w: float | None, devices: int
 ) -> tuple[float, float, float]:
@@ -172,6 +151,8 @@ class Simulation:
         self.now = 0.0
         self.preemptions = 0
         self.links = KvLinks(cluster.kv_link_gbps)
+        self.handoff = KvHandoff(self)
+        """Prefill -> decode: dispatch, KV transfer, arrival (sim/handoff.py)."""
         self._merge(workloads)
         span = max((w.duration_s for w in workloads), default=1.0)
         self.bin_s = self.config.power_bin_s or max(1e-3, span / 200)
@@ -349,29 +330,6 @@ class Simulation:
         except NoEligibleInstanceError:
             self.rejected[rid] = True
             return
-        instance.enqueue(request, now)
-
-    def prefilled(self, request: Request, source: Instance, now: float) -> None:
-        """A prefill instance produced a request's first token: send it to a decode instance."""
-        deployment = self.deployments[request.deployment]
-        assert deployment.decode is not None
-        target = self._dispatch(deployment.decode, deployment.setup, request.kv)
-        request.home = source
-        target.offer_transfer(request, now)
-
-    def start_transfer(self, request: Request, target: Instance, blocks: int, now: float) -> None:
-        source = request.home
-        assert source is not None
-        perf = source.cost.perf
-        assert isinstance(perf, ReplicaPerformance)
-        _, end = self.links.book(source, target, request.kv, now, perf)
-        self.transfer_s[request.rid] += end - now
-        self.push_event(end, _TransferDone(self, request, source, target, blocks), 0)
-
-    def reprefill(self, request: Request, now: float) -> None:
-        """A decode instance preempted a request: recompute its KV on the prefill pool."""
-        deployment = self.deployments[request.deployment]
-        instance = self._dispatch(deployment.entry, deployment.setup, request.target)
         instance.enqueue(request, now)
 
     def finish(self, request: Request, now: float) -> None:

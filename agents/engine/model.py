@@ -72,7 +72,7 @@ class LlamaModel:
         """
         cfg = self.config
         heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q_size, kv_size = cfg.q_size, cfg.kv_size
+        q_size = cfg.q_size
         tokens = input_ids.shape[0]
         hidden = F.embedding(input_ids, self.weights.embed)
         residual: torch.Tensor | None = None
@@ -85,7 +85,7 @@ class LlamaModel:
                 k_cache, v_cache, heads, kv_heads, head_dim,
             )  # fmt: skip
             q = qkv[:, :q_size].view(tokens, heads, head_dim)
-            attn = self._attention(q, qkv, meta, k_cache, v_cache, q_size, kv_size)
+            attn = attend(q, qkv, meta, k_cache, v_cache, cfg, self.scale)
             hidden = row_parallel_linear(attn.reshape(tokens, q_size), layer.o, self.group)
             x, residual = ops.rms_norm(
                 hidden, layer.post_attention_norm, cfg.rms_norm_eps, residual
@@ -94,30 +94,6 @@ class LlamaModel:
                 ops.silu_and_mul(F.linear(x, layer.gate_up)), layer.down, self.group
             )
         out, _ = ops.rms_norm(hidden, self.weights.final_norm, cfg.rms_norm_eps, residual)
-        return out
-
-    def _attention(
-        self,
-        q: torch.Tensor,
-        qkv: torch.Tensor,
-        meta: AttentionMetadata,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        q_size: int,
-        kv_size: int,
-    ) -> torch.Tensor:
-        num_decode = meta.num_decode_tokens
-        if not meta.prefill_spans:
-            return decode_attention(q, k_cache, v_cache, meta, self.scale)
-        cfg = self.config
-        out = torch.empty_like(q)
-        if num_decode:
-            out[:num_decode] = decode_attention(q[:num_decode], k_cache, v_cache, meta, self.scale)
-        for span in paged_prefill_attention(q, out, meta, k_cache, v_cache, self.scale):
-            rows = slice(span.start, span.start + span.num_tokens)
-            k = qkv[rows, q_size : q_size + kv_size].view(-1, cfg.num_key_value_heads, cfg.head_dim)
-            v = qkv[rows, q_size + kv_size :].view(-1, cfg.num_key_value_heads, cfg.head_dim)
-            out[rows] = prefill_attention(q[rows], k, v, span, k_cache, v_cache, self.scale)
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -131,3 +107,35 @@ class LlamaModel:
             return local
         gathered = self.group.gather_vocab(local, self.config.vocab_size)
         return local if gathered is None else gathered
+
+
+def attend(
+    q: torch.Tensor,
+    qkv: torch.Tensor,
+    meta: AttentionMetadata,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    config: LlamaConfig,
+    scale: float,
+) -> torch.Tensor:
+    """One layer's attention for a flattened batch whose K/V are already in the cache.
+
+    q: [N, heads, D]; qkv: the layer's [N, q | k | v] projections (a first prefill chunk
+    attends over its fresh K/V from there). A function, not a method, because an attention
+    worker (attention_worker.py) runs it over the KV it holds for a model it does not hold.
+    """
+    num_decode = meta.num_decode_tokens
+    if not meta.prefill_spans:
+        return decode_attention(q, k_cache, v_cache, meta, scale)
+    q_size, kv_size = config.q_size, config.kv_size
+    out = torch.empty_like(q)
+    if num_decode:
+        out[:num_decode] = decode_attention(q[:num_decode], k_cache, v_cache, meta, scale)
+    for span in paged_prefill_attention(q, out, meta, k_cache, v_cache, scale):
+        rows = slice(span.start, span.start + span.num_tokens)
+        k = qkv[rows, q_size : q_size + kv_size].view(
+            -1, config.num_key_value_heads, config.head_dim
+        )
+        v = qkv[rows, q_size + kv_size :].view(-1, config.num_key_value_heads, config.head_dim)
+        out[rows] = prefill_attention(q[rows], k, v, span, k_cache, v_cache, scale)
+    return out

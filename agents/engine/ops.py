@@ -81,6 +81,24 @@ def rope_and_cache(
             num_q_heads, num_kv_heads, head_dim,
         )  # fmt: skip
         return
+    k, v = rope(qkv, positions, cos, sin, num_q_heads, num_kv_heads, head_dim)
+    write_kv(k, v, slot_mapping, k_cache, v_cache)
+
+
+def rope(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate Q and K inside `qkv` in place (torch); returns the (K, V) views [N, KVH, D].
+
+    Apart from the cache write so that an attention-offloaded model (attention_offload.py),
+    whose cache lives on a worker, rotates exactly as the colocated model does.
+    """
     tokens = qkv.shape[0]
     q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
     q = qkv[:, :q_size].view(tokens, num_q_heads, head_dim)
@@ -93,8 +111,20 @@ def rope_and_cache(
         x1, x2 = x[..., :half].float(), x[..., half:].float()
         rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
         x.copy_(rotated.to(x.dtype))
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    return k, v
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> None:
+    """Store K and V [N, KVH, D] at their slots of one layer's cache."""
+    kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,15 @@ class OutputText:
         self._synced: list[int] | None = self.token_ids
         """The token list the window describes (a new list, e.g. a resumed output: re-read)."""
 
+    def resume(self, token_ids: list[int], emitted: int) -> None:
+        """Continue another server's output (a migrated request): its tokens so far, of whose
+        text it showed the first `emitted` characters; the next delta starts there."""
+        self.token_ids = list(token_ids)
+        self.text = self.tokenizer.decode(self.token_ids).rstrip("\ufffd")
+        if not 0 <= emitted <= len(self.text):
+            raise ValueError(f"emitted_chars {emitted} is outside the text's 0..{len(self.text)}")
+        self.emitted = emitted
+
     def push(self, token_ids: list[int], final: bool = False) -> str:
         """Add tokens; return the text that may be shown now. Sets `stopped` on a stop string."""
         if self.stopped:

@@ -339,6 +339,41 @@ class EngineSpec(ApiModel):
         return VLLM_IMAGE if self.kind is EngineKind.VLLM else TESSERA_IMAGE
 
 
+class AutoscalingSpec(ApiModel):
+    """The closed loop: observed load re-plans the pools' replicas (operator/autoscaler.py).
+
+    Telemetry (request rate and output lengths the serving instances report through the node
+    agents) feeds the re-planner every `intervalSeconds`: pools grow at once when the observed
+    rate needs it and shrink only after `scaleDownDelaySeconds` of utilisation below
+    `scaleDownUtilization`. A replica taken away drains first: its pod's preStop hook asks the
+    server to migrate its running requests to other replicas within `drainDeadlineSeconds`.
+    """
+
+    enabled: bool = Field(default=False, description="Re-plan replicas from observed load.")
+    interval_seconds: float = Field(
+        default=30.0, ge=1, le=3600, description="Seconds between two re-planning rounds."
+    )
+    window_seconds: float = Field(
+        default=120.0, ge=1, le=86400, description="Telemetry window the load is measured over."
+    )
+    scale_down_delay_seconds: float = Field(
+        default=300.0, ge=0, le=86400, description="Least time since the last change to shrink."
+    )
+    scale_down_utilization: float = Field(
+        default=0.6,
+        gt=0,
+        le=1,
+        description="Shrink only when the pools would stay below this busy fraction.",
+    )
+    drain_deadline_seconds: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        description="Longest a replica being removed spends migrating its requests away; its "
+        "pod's terminationGracePeriodSeconds is this plus a margin.",
+    )
+
+
 class ModelDeploymentSpec(ApiModel):
     """What the user declares."""
 
@@ -371,6 +406,10 @@ class ModelDeploymentSpec(ApiModel):
         default=None, description="Kubernetes PriorityClass for the pods."
     )
     engine: EngineSpec = Field(default_factory=EngineSpec, description="Serving container.")
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=AutoscalingSpec,
+        description="Scale pools from observed load (off by default: the plan follows traffic).",
+    )
 
     @model_validator(mode="after")
     def _vllm_is_colocated(self) -> ModelDeploymentSpec:
@@ -464,6 +503,26 @@ class Plan(ApiModel):
         return devices
 
 
+class AutoscalingStatus(ApiModel):
+    """What the closed loop observed and decided in its last round."""
+
+    observed_request_rate_per_second: float | None = Field(
+        default=None, ge=0, description="Requests/s the serving instances took in the window."
+    )
+    observed_mean_output_tokens: float | None = Field(
+        default=None, ge=0, description="Mean output tokens of the requests finished in it."
+    )
+    instances: int = Field(default=0, ge=0, description="Serving instances that reported.")
+    last_round_time: str | None = Field(default=None, description="When the last round ran.")
+    last_scale_time: str | None = Field(
+        default=None, description="When the loop last changed the plan (hysteresis starts here)."
+    )
+    replicas: dict[str, int] = Field(
+        default_factory=dict, description="Replicas per pool after the last round."
+    )
+    reason: str = Field(default="", description="Why the last round kept or changed the plan.")
+
+
 class ModelDeploymentStatus(ApiModel):
     """What the operator reports."""
 
@@ -476,6 +535,9 @@ class ModelDeploymentStatus(ApiModel):
     plan: Plan | None = Field(default=None, description="The plan in force.")
     ready_replicas: int = Field(default=0, ge=0, description="Ready replicas across all pools.")
     endpoint: str | None = Field(default=None, description="In-cluster URL of the service.")
+    autoscaling: AutoscalingStatus | None = Field(
+        default=None, description="The closed loop's last round (autoscaling.enabled only)."
+    )
 
 
 class ModelDeployment(CustomResource):

@@ -12,6 +12,8 @@
 - PowerBudget -> a control loop per budget in `power_controller` (imported at the end of this
   module, so that importing the handlers registers it).
 - RebalancePolicy -> a round loop per policy in `rebalance_controller` (registered the same way).
+- ModelDeployment with `autoscaling.enabled` -> the closed loop in `autoscaler` (telemetry ->
+  `policies.replan` -> replicas), registered the same way.
 
 Status is written through the API under a per-deployment lock shared by the reconcile and the
 readiness handler, so the last writer has always read the newest children.
@@ -329,4 +331,4 @@ def on_child_event(
 
 
 # Importing them registers their handlers.
-from tessera.operator import power_controller, rebalance_controller  # noqa: E402,F401
+from tessera.operator import autoscaler, power_controller, rebalance_controller  # noqa: E402,F401

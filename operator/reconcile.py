@@ -16,6 +16,8 @@ Choices a user can observe:
 - Name conflict: a child's name is held by another ModelDeployment's child (or by an object
   Tessera does not manage): Degraded=True, reason NameConflict, naming both; nothing is applied
   and what runs keeps running, as for an infeasible spec (see `apply`).
+- Autoscaling (`spec.autoscaling.enabled`): the closed loop (`autoscaler`) sizes the pools; a
+  reconcile keeps the replica counts of the plan in force while the planned layout is the same.
 - Deletion: every child has an owner reference to the ModelDeployment, so Kubernetes' garbage
   collector removes the children; the operator adds no finalizer (nothing outside the cluster
   must be released).
@@ -40,7 +42,9 @@ from tessera.api.model_deployment import ModelDeploymentSpec, Plan
 from tessera.operator import apply, inventory, render
 from tessera.operator.plan_scoring import PlanScorer
 from tessera.operator.status import Outcome, Rollout, build_status, outcome_of
+from tessera.policies.capacity import ClassOffer
 from tessera.policies.placement import InfeasiblePlanError, plan_deployment
+from tessera.policies.replan import layout_of
 
 MODEL_DEPLOYMENTS = "modeldeployments"
 ACCELERATOR_CLASSES = "acceleratorclasses"
@@ -197,6 +201,19 @@ class ClusterReader:
         return plans
 
 
+def planning_inputs(
+    kube: Kube, owner_uid: str | None
+) -> tuple[dict[str, AcceleratorClassSpec], list[ClassOffer]]:
+    """The accelerator classes, and the offers a deployment is planned on (capacity left by
+    the other deployments' plans): the reconcile's and the autoscaler's inputs."""
+    reader = ClusterReader(kube)
+    classes = reader.accelerator_classes()
+    offers = inventory.build_offers(
+        classes, reader.capacity(classes), reader.other_plans(owner_uid)
+    )
+    return classes, offers
+
+
 def rollout_of_existing(kube: Kube, owner: render.Owner) -> Rollout | None:
     """The rollout of a deployment's existing workloads (None when it has none)."""
     children = kube.applier.list_children(owner.namespace, render.children_selector(owner))
@@ -254,16 +271,19 @@ def reconcile(
     except ValidationError as error:
         return keep_previous(Outcome.INVALID_SPEC, describe_spec_error(error))
 
-    reader = ClusterReader(kube)
-    classes = reader.accelerator_classes()
-    offers = inventory.build_offers(
-        classes, reader.capacity(classes), reader.other_plans(owner.uid)
-    )
+    classes, offers = planning_inputs(kube, owner.uid)
     try:
         evaluator = scorer.evaluator(classes) if scorer is not None else None
         plan = plan_deployment(spec, offers, evaluator)
     except InfeasiblePlanError as error:
         return keep_previous(Outcome.INFEASIBLE, str(error))
+    if (
+        spec.autoscaling.enabled
+        and previous_plan is not None
+        and layout_of(previous_plan) == layout_of(plan)
+    ):
+        # The closed loop (operator/autoscaler.py) sizes the pools from observed load.
+        plan = previous_plan
 
     changed = previous_plan is None or previous_plan.to_wire() != plan.to_wire()
     if is_dry_run(meta):

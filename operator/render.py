@@ -14,6 +14,11 @@ One apps/v1 Deployment per pool, named `<md>-<pool>`, and Services:
   default prefill instance. They disappear when the plan stops being disaggregated.
 
 
+- `<md>-colocated` (headless, colocated plans with `autoscaling.enabled`): the migration peers
+  a draining colocated pod finds by DNS. Every colocated and decode pod of `tessera serve` has a
+  preStop hook, `tessera drain`, that migrates its running requests to its peers before the pod
+  goes (scale-down, rollout), with a grace period above the drain deadline.
+
 Every object carries an owner reference to the ModelDeployment (so Kubernetes' garbage collector
 removes it with its owner), the Tessera labels, and a hash of its own content: the same inputs
 always render byte-identical objects, so re-applying an unchanged plan is a no-op.
@@ -71,6 +76,14 @@ each replica probes every engine pod itself, so they need no shared state."""
 ROUTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
 """An aiohttp proxy: little CPU, no accelerator; no CPU limit (throttling would add latency to
 every token it relays)."""
+
+DRAIN_COMMAND = ("tessera", "drain")
+"""The preStop hook's command (agents/serving/drain_hook.py), in the same image."""
+DRAIN_GRACE_MARGIN_S = 15
+"""terminationGracePeriodSeconds beyond the drain deadline: the drain call's own timeout, the
+server's shutdown after it, and the kubelet's SIGTERM after the hook."""
+POD_IP_ENV = "POD_IP"
+"""The pod's own IP (downward API): a drain leaves it out of its peers."""
 
 _DNS_LABEL_MAX = 63
 
@@ -331,6 +344,17 @@ def render_deployment(
     if spec.engine.kind is EngineKind.VLLM:
         as_vllm(container, owner, spec, pool)
     pod_spec: dict[str, Any] = {"containers": [container]}
+    drain = drain_command(owner, spec, plan, pool)
+    if drain is not None:
+        # Scale-down and rollouts drain: the preStop hook migrates the running requests away
+        # (the pod turns unready at once); the kubelet waits for it up to the grace period.
+        container["lifecycle"] = {"preStop": {"exec": {"command": drain}}}
+        container.setdefault("env", []).append(
+            {"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+        )
+        pod_spec["terminationGracePeriodSeconds"] = (
+            spec.autoscaling.drain_deadline_seconds + DRAIN_GRACE_MARGIN_S
+        )
     affinity = node_affinity(class_spec)
     if affinity is not None:
         pod_spec["affinity"] = affinity
@@ -354,6 +378,55 @@ def render_deployment(
         },
     }
     return with_config_hash(deployment)
+
+
+def colocated_service_name(owner: Owner) -> str:
+    return dns_label(f"{owner.name}-colocated")
+
+
+def peers_service_name(owner: Owner, plan: Plan, pool: PoolPlan) -> str | None:
+    """The headless Service whose name resolves to a pool's migration peers: the decode
+    Service of a disaggregated plan, `<md>-colocated` where `has_colocated_peers_service` renders
+    it; None when there is none (a drain then only waits for its requests to finish)."""
+    if pool.role is PoolRole.DECODE and is_disaggregated(plan):
+        return decode_service_name(owner)
+    if pool.role is PoolRole.COLOCATED:
+        return colocated_service_name(owner)
+    return None
+
+
+def has_colocated_peers_service(spec: ModelDeploymentSpec, plan: Plan) -> bool:
+    """A colocated plan of `tessera serve` pods under the closed loop gets a headless Service of
+    its colocated pods, for drains to find migration peers by DNS."""
+    return (
+        spec.autoscaling.enabled
+        and spec.engine.kind is EngineKind.TESSERA
+        and any(p.role is PoolRole.COLOCATED for p in plan.pools)
+    )
+
+
+def drain_command(
+    owner: Owner, spec: ModelDeploymentSpec, plan: Plan, pool: PoolPlan
+) -> list[str] | None:
+    """The preStop hook of a pool's pods: `tessera drain` (agents/serving/drain_hook.py) asks
+    the local server to migrate its running requests to its peers within the deadline. Only
+    `tessera serve` pods that stream answers (colocated, decode) drain."""
+    if spec.engine.kind is not EngineKind.TESSERA or pool.role not in (
+        PoolRole.COLOCATED,
+        PoolRole.DECODE,
+    ):
+        return None
+    command = [
+        *DRAIN_COMMAND,
+        f"--port={spec.engine.port}",
+        f"--deadline-s={spec.autoscaling.drain_deadline_seconds}",
+    ]
+    peers = peers_service_name(owner, plan, pool)
+    if peers is not None and (
+        pool.role is PoolRole.DECODE or has_colocated_peers_service(spec, plan)
+    ):
+        command.append(f"--peers={peers}.{owner.namespace}.svc:{spec.engine.port}")
+    return command
 
 
 def _service(
@@ -382,8 +455,9 @@ def _service(
 
 
 def render_services(owner: Owner, spec: ModelDeploymentSpec, plan: Plan) -> list[dict[str, Any]]:
-    """The entry Service (the router's pods in a disaggregated plan, else the entry pools), and
-    the headless prefill and decode Services of a disaggregated plan."""
+    """The entry Service (the router's pods in a disaggregated plan, else the entry pools), the
+    headless prefill and decode Services of a disaggregated plan, and the headless colocated
+    Service of an autoscaled colocated plan (drain peers)."""
     deployment = label_value(owner.name)
     entry_pods = ROUTER_ROLE if is_disaggregated(plan) else entry_role(plan).value
     entry = {DEPLOYMENT_LABEL: deployment, ROLE_LABEL: entry_pods}
@@ -395,6 +469,10 @@ def render_services(owner: Owner, spec: ModelDeploymentSpec, plan: Plan) -> list
         ):
             selector = {DEPLOYMENT_LABEL: deployment, ROLE_LABEL: role.value}
             services.append(_service(owner, name, selector, spec.engine.port, headless=True))
+    if has_colocated_peers_service(spec, plan):
+        colocated = {DEPLOYMENT_LABEL: deployment, ROLE_LABEL: PoolRole.COLOCATED.value}
+        name = colocated_service_name(owner)
+        services.append(_service(owner, name, colocated, spec.engine.port, headless=True))
     return services
 
 

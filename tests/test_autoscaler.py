@@ -1,0 +1,299 @@
+"""The closed loop (operator/autoscaler.py): telemetry counters -> observed load, and against the
+real API server: a rising observed rate scales the pool up at once, a falling one scales it down
+only after the hysteresis delay, through the apply path (the Deployment's replicas change on the
+server); the rendered serving pods carry the drain preStop hook.
+
+Telemetry is handed to the controller as the collector's snapshot type, built by the test (as an
+agent would report the instances' counters); the clock is the test's, so that the hysteresis
+delay passes without waiting for it.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
+    Cluster,
+    Namespace,
+    cluster_fixture,
+    namespace_fixture,
+)
+from tessera.api.common import GROUP, VERSION, utc_now
+from tessera.api.model_deployment import ModelDeploymentSpec, Plan, PoolRole
+from tessera.operator import render
+from tessera.operator.autoscaler import AutoscaleController, LoadWindow
+from tessera.operator.collector import (
+    AgentEndpoint,
+    AgentStatus,
+    AgentView,
+    FleetSnapshot,
+    InstanceTelemetry,
+)
+from tessera.operator.reconcile import Kube, reconcile
+
+
+def instance(
+    name: str, completed: int, tokens: int = 0, queued: int = 0, model: str = "chat"
+) -> InstanceTelemetry:
+    return InstanceTelemetry(
+        instance_id=name,
+        model=model,
+        role="colocated",
+        device_uuids=(),
+        queue_length=queued,
+        running_batch=0,
+        kv_blocks_used=0,
+        kv_blocks_free=0,
+        tokens_per_s=0.0,
+        ttft_samples_s=(),
+        tpot_samples_s=(),
+        requests_completed_total=completed,
+        tokens_generated_total=tokens,
+    )
+
+
+def snapshot(
+    *instances: InstanceTelemetry, status: AgentStatus = AgentStatus.FRESH
+) -> FleetSnapshot:
+    view = AgentView(
+        endpoint=AgentEndpoint("agent-0", "127.0.0.1:1"),
+        status=status,
+        node_name="node-0",
+        agent_version="test",
+        schema_version=1,
+        sequence=1,
+        age_s=0.0,
+        devices=(),
+        instances=tuple(instances),
+        device_errors={},
+        reconnects=0,
+        last_error=None,
+    )
+    return FleetSnapshot(agents={"agent-0": view})
+
+
+# ---- the window -----------------------------------------------------------------------------
+
+
+def test_the_rate_counts_finished_requests_and_the_growth_of_the_queue() -> None:
+    window = LoadWindow(window_s=60.0)
+    window.add(0.0, [instance("a", 100, 10_000), instance("b", 50, 5_000, queued=2)])
+    assert window.observed() == (None, 0)  # one sample each: no rate yet
+    window.add(10.0, [instance("a", 150, 15_000), instance("b", 70, 7_000, queued=12)])
+    observed, measured = window.observed()
+    assert measured == 2
+    assert observed is not None
+    # a: 50 finished in 10 s; b: 20 finished and 10 more waiting -> 3 req/s offered.
+    assert observed.request_rate_per_second == pytest.approx(5.0 + 3.0)
+    assert observed.mean_output_tokens == pytest.approx(7_000 / 70)
+    assert observed.mean_prompt_tokens is None
+
+
+def test_a_restarted_instance_counts_from_zero_and_old_samples_leave_the_window() -> None:
+    window = LoadWindow(window_s=30.0)
+    window.add(0.0, [instance("a", 1000, 99_000)])
+    window.add(10.0, [instance("a", 40, 4_000)])  # restarted: counters began again
+    observed, _ = window.observed()
+    assert observed is not None and observed.request_rate_per_second == pytest.approx(4.0)
+    window.add(100.0, [instance("a", 60, 6_000)])
+    assert window.observed() == (None, 0)  # the earlier samples are older than the window
+
+
+# ---- rendering ------------------------------------------------------------------------------
+
+
+def test_serving_pods_drain_through_a_pre_stop_hook_bounded_by_the_grace_period() -> None:
+    from test_operator_units import OWNER, classes, plan_for, spec_of, validate_kubernetes
+
+    spec = spec_of(
+        servingMode="colocated", autoscaling={"enabled": True, "drainDeadlineSeconds": 40}
+    )
+    plan = plan_for(spec)
+    children = render.render_children(OWNER, spec, plan, classes())
+    for child in children:
+        validate_kubernetes(child)
+    [pod] = [c["spec"]["template"]["spec"] for c in children if c["kind"] == "Deployment"]
+    [container] = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["tessera", "drain"]
+    assert "--deadline-s=40" in command
+    assert f"--peers=chat-colocated.{OWNER.namespace}.svc:{spec.engine.port}" in command
+    assert pod["terminationGracePeriodSeconds"] > 40
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in (
+        container["env"]
+    )
+    [peers] = [c for c in children if c["metadata"]["name"] == "chat-colocated"]
+    assert peers["spec"]["clusterIP"] == "None"
+    assert peers["spec"]["selector"]["tessera.dev/role"] == "colocated"
+
+    disaggregated = spec_of(servingMode="disaggregated")
+    split = plan_for(disaggregated)
+    by_role = {
+        c["metadata"]["labels"].get("tessera.dev/role"): c["spec"]["template"]["spec"]
+        for c in render.render_children(OWNER, disaggregated, split, classes())
+        if c["kind"] == "Deployment"
+    }
+    decode = by_role[PoolRole.DECODE.value]["containers"][0]["lifecycle"]["preStop"]
+    assert f"--peers=chat-decode.{OWNER.namespace}.svc:8000" in decode["exec"]["command"]
+    assert "lifecycle" not in by_role[PoolRole.PREFILL.value]["containers"][0]
+
+
+# ---- against the API server -----------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = utc_now()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class Traffic:
+    """Two instances whose completion counters advance at a chosen total rate."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.rate = 0.0
+        self.completed = 0.0
+        self.at = clock.now
+
+    def __call__(self) -> FleetSnapshot:
+        elapsed = (self.clock.now - self.at).total_seconds()
+        self.completed += self.rate * elapsed
+        self.at = self.clock.now
+        half = int(self.completed / 2)
+        return snapshot(instance("chat-0", half, half * 200), instance("chat-1", half, half * 200))
+
+
+def replicas_on_server(cluster: Cluster, namespace: str) -> int:
+    [deployment] = [
+        d
+        for d in cluster.deployments(namespace, "tessera.dev/deployment=chat")
+        if d["metadata"]["labels"].get("tessera.dev/role") == "colocated"
+    ]
+    replicas: int = deployment["spec"]["replicas"]
+    return replicas
+
+
+def test_observed_rate_scales_the_pool_up_at_once_and_down_after_the_delay(
+    cluster: Cluster, namespace: Namespace
+) -> None:
+    namespace.create_classes("h100")
+    document = namespace.chat_deployment(
+        servingMode="colocated",
+        autoscaling={
+            "enabled": True,
+            "intervalSeconds": 30,
+            "windowSeconds": 60,
+            "scaleDownDelaySeconds": 300,
+        },
+    )
+    document["spec"]["traffic"]["requestRatePerSecond"] = 5.0
+    cluster.create_md(namespace.name, document)
+    kube = Kube(cluster.api_client)
+    body = cluster.get_md(namespace.name, "chat")
+    assert body is not None
+    first = reconcile(kube, body, utc_now())
+    cluster.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace.name, "modeldeployments", "chat", {"status": first.status},
+        _content_type="application/merge-patch+json",
+    )  # fmt: skip
+    initial = replicas_on_server(cluster, namespace.name)
+
+    clock = Clock()
+    traffic = Traffic(clock)
+    lock = threading.Lock()
+    controller = AutoscaleController(namespace.name, "chat", kube, traffic, lambda: lock, clock)
+
+    def round_at(rate: float, seconds: float = 30.0) -> dict[str, Any]:
+        traffic.rate = rate
+        clock.advance(seconds)
+        assert controller.round() == 30
+        md = cluster.get_md(namespace.name, "chat")
+        assert md is not None
+        status: dict[str, Any] = md["status"]
+        return status
+
+    status = round_at(5.0)
+    assert status["autoscaling"]["reason"].startswith("no telemetry")
+    status = round_at(5.0)
+    assert status["autoscaling"]["observedRequestRatePerSecond"] == pytest.approx(5.0, rel=0.05)
+    assert replicas_on_server(cluster, namespace.name) == initial
+
+    status = round_at(60.0)  # a spike: up in this round
+    grown = replicas_on_server(cluster, namespace.name)
+    assert grown > initial, status["autoscaling"]
+    assert status["autoscaling"]["reason"].startswith("scale up")
+    assert Plan.model_validate(status["plan"]).pools[0].replicas == grown
+    assert status["autoscaling"]["replicas"] == {status["plan"]["pools"][0]["name"]: grown}
+    scaled_at = status["autoscaling"]["lastScaleTime"]
+
+    for _ in range(4):  # the load falls, but the delay has not passed: nothing shrinks
+        status = round_at(3.0)
+        assert replicas_on_server(cluster, namespace.name) == grown
+    assert "deferred" in status["autoscaling"]["reason"]
+    assert status["autoscaling"]["lastScaleTime"] == scaled_at
+
+    since_scale = 4 * 30
+    while since_scale + 30 < 300:
+        status = round_at(3.0)
+        since_scale += 30
+        assert replicas_on_server(cluster, namespace.name) == grown, status["autoscaling"]
+    status = round_at(3.0)  # 300 s since the scale-up: the delay has passed
+    shrunk = replicas_on_server(cluster, namespace.name)
+    assert shrunk < grown, status["autoscaling"]
+    assert status["autoscaling"]["reason"].startswith("scale down")
+
+    # The Deployment on the server keeps the drain hook of the rendered pods.
+    [deployment] = [
+        d
+        for d in cluster.deployments(namespace.name, "tessera.dev/deployment=chat")
+        if d["metadata"]["labels"].get("tessera.dev/role") == "colocated"
+    ]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][:2] == [
+        "tessera",
+        "drain",
+    ]
+    assert (
+        pod["terminationGracePeriodSeconds"]
+        > ModelDeploymentSpec.model_validate(body["spec"]).autoscaling.drain_deadline_seconds
+    )
+    # A reconcile now (e.g. after a spec edit) keeps the loop's replica count.
+    again = reconcile(kube, cluster.get_md(namespace.name, "chat") or {}, utc_now())
+    assert again.status["plan"]["pools"][0]["replicas"] == shrunk
+    assert replicas_on_server(cluster, namespace.name) == shrunk
+
+
+def test_no_telemetry_never_scales(cluster: Cluster, namespace: Namespace) -> None:
+    namespace.create_classes("h100")
+    document = namespace.chat_deployment(servingMode="colocated", autoscaling={"enabled": True})
+    cluster.create_md(namespace.name, document)
+    kube = Kube(cluster.api_client)
+    body = cluster.get_md(namespace.name, "chat")
+    assert body is not None
+    first = reconcile(kube, body, utc_now())
+    cluster.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace.name, "modeldeployments", "chat", {"status": first.status},
+        _content_type="application/merge-patch+json",
+    )  # fmt: skip
+    initial = replicas_on_server(cluster, namespace.name)
+    clock = Clock()
+    stale = lambda: snapshot(instance("chat-0", 10), status=AgentStatus.STALE)  # noqa: E731
+    lock = threading.Lock()
+    controller = AutoscaleController(namespace.name, "chat", kube, stale, lambda: lock, clock)
+    for _ in range(3):
+        clock.advance(1000)
+        controller.round()
+    md = cluster.get_md(namespace.name, "chat")
+    assert md is not None
+    assert md["status"]["autoscaling"]["reason"].startswith("no telemetry")
+    assert md["status"]["autoscaling"]["instances"] == 0
+    assert replicas_on_server(cluster, namespace.name) == initial

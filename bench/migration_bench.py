@@ -183,6 +183,8 @@ def build(args: argparse.Namespace) -> tuple[ServingLoop, ServingLoop, LlamaConf
         cuda_graph_batch_sizes=(1, 2, 4),
     )
     engines = [Engine(config, weights, engine_config) for _ in range(2)]
+    for engine in engines:  # graphs captured and kernels compiled before anything is timed
+        engine.warm_up()
     loops = (ServingLoop(engines[0]), ServingLoop(engines[1]))
     for loop in loops:
         loop.start()

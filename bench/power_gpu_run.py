@@ -750,6 +750,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--budget-fractions must each be in (0, 1)")
     if not 0 < args.min_power_fraction <= 1:
         parser.error("--min-power-fraction must be in (0, 1]")
+    if any(not math.isfinite(w) or w <= 0 for w in args.limits):
+        parser.error("--limits must be watts > 0 (below the device's minimum: its minimum)")
+    for name in ("interval_s", "phase_s", "controller_s"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds > 0")
+    if not math.isfinite(args.warmup_s) or args.warmup_s < 0:
+        parser.error("--warmup-s must be a finite number of seconds >= 0")
+    if args.lock_mhz < 0:
+        parser.error("--lock-mhz must be >= 0 (0: no clock-lock phase)")
     started = time.perf_counter()
 
     def on_sigterm(signum: int, frame: object) -> None:

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.contexts is None:
         args.contexts = "64,256,1024" if args.smoke else "1024,4096,16384,32768"
     if args.repeats is None:
-        args.repeats = 2 if args.smoke else 3
+        args.repeats = 2
     if args.max_new_tokens is None:
         args.max_new_tokens = 512 if args.smoke else 6000
     if args.repeats < 1 or args.max_new_tokens < 64:

@@ -454,6 +454,13 @@ class PoolPlan(ApiModel):
         "sized. Absent (attention pools, plans written before it was recorded): the engine's "
         "default.",
     )
+    attention_for: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Attention pools only: the decode pool whose attention (and KV cache) this "
+        "pool serves (Lamina's attention offload); each of its replicas serves one replica of "
+        "that pool.",
+    )
 
     def scheduler(self, max_context_tokens: int) -> SchedulerConfig:
         """The engine scheduler this pool records, in vLLM's terms (the one translation from
@@ -489,6 +496,27 @@ class Plan(ApiModel):
         description="Fraction of requests that met the SLO in a short simulation of the plan.",
     )
     rationale: str = Field(description="Why this plan: the binding constraint and the choice.")
+
+    @model_validator(mode="after")
+    def _attention_pools_name_their_decode_pool(self) -> Plan:
+        decode = {p.name for p in self.pools if p.role is PoolRole.DECODE}
+        for pool in self.pools:
+            if pool.role is not PoolRole.ATTENTION:
+                if pool.attention_for is not None:
+                    raise ValueError(
+                        f"pools[{pool.name}].attentionFor: only attention pools serve another "
+                        f"pool (this one is {pool.role.value})"
+                    )
+            elif pool.attention_for not in decode:
+                raise ValueError(
+                    f"pools[{pool.name}].attentionFor: {pool.attention_for!r} must name a decode "
+                    f"pool of this plan ({', '.join(sorted(decode)) or 'none'})"
+                )
+        return self
+
+    def attention_pool_for(self, decode_pool: str) -> PoolPlan | None:
+        """The attention pool serving `decode_pool`, if its attention is offloaded."""
+        return next((p for p in self.pools if p.attention_for == decode_pool), None)
 
     @property
     def accelerators(self) -> int:

@@ -13,7 +13,6 @@ One apps/v1 Deployment per pool, named `<md>-<pool>`, and Services:
   pod added by a scale-up is found without a restart; decode pods name `<md>-prefill` as their
   default prefill instance. They disappear when the plan stops being disaggregated.
 
-
 - `<md>-colocated` (headless, colocated plans with `autoscaling.enabled`): the migration peers
   a draining colocated pod finds by DNS. Every colocated and decode pod of `tessera serve` has a
   preStop hook, `tessera drain`, that migrates its running requests to its peers before the pod
@@ -76,6 +75,9 @@ each replica probes every engine pod itself, so they need no shared state."""
 ROUTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
 """An aiohttp proxy: little CPU, no accelerator; no CPU limit (throttling would add latency to
 every token it relays)."""
+
+ATTENTION_PORT_NAME = "attention"
+"""An attention pool's session port (decode replicas connect to it; `--kv-port`)."""
 
 DRAIN_COMMAND = ("tessera", "drain")
 """The preStop hook's command (agents/serving/drain_hook.py), in the same image."""
@@ -162,6 +164,16 @@ def is_disaggregated(plan: Plan) -> bool:
     return {PoolRole.PREFILL, PoolRole.DECODE} <= roles
 
 
+def attention_service_name(owner: Owner, attention_pool: PoolPlan) -> str:
+    """`<md>-<attention pool>`: the headless Service of an attention pool's workers."""
+    return dns_label(f"{owner.name}-{attention_pool.name}")
+
+
+def attention_port(spec: ModelDeploymentSpec) -> int:
+    """Where attention workers take sessions: `tessera serve`'s --kv-port default."""
+    return spec.engine.port + 1
+
+
 def endpoint_url(owner: Owner, spec: ModelDeploymentSpec) -> str:
     """In-cluster URL of the entry Service."""
     return f"http://{service_name(owner)}.{owner.namespace}.svc:{spec.engine.port}"
@@ -225,6 +237,14 @@ def engine_args(owner: Owner, spec: ModelDeploymentSpec, plan: Plan, pool: PoolP
             f"--prefill-service={prefill_service_name(owner)}.{owner.namespace}.svc:"
             f"{spec.engine.port}"
         )
+    attention = plan.attention_pool_for(pool.name)
+    if attention is not None:  # Lamina: this pool's KV and attention live on that pool
+        args.append(
+            f"--attention-service={attention_service_name(owner, attention)}.{owner.namespace}"
+            f".svc:{attention_port(spec)}"
+        )
+    if pool.role is PoolRole.ATTENTION:
+        args.append(f"--kv-port={attention_port(spec)}")
     return args + scheduler_args(spec, pool) + list(spec.engine.extra_args)
 
 
@@ -341,6 +361,10 @@ def render_deployment(
             "failureThreshold": 6,
         },
     }
+    if pool.role is PoolRole.ATTENTION:
+        container["ports"].append(
+            {"name": ATTENTION_PORT_NAME, "containerPort": attention_port(spec), "protocol": "TCP"}
+        )
     if spec.engine.kind is EngineKind.VLLM:
         as_vllm(container, owner, spec, pool)
     pod_spec: dict[str, Any] = {"containers": [container]}
@@ -567,4 +591,31 @@ def render_children(
     if is_disaggregated(plan):
         children.append(render_router(owner, spec))
     children.extend(render_services(owner, spec, plan))
+    children.extend(render_attention_services(owner, spec, plan))
     return children
+
+
+def render_attention_services(
+    owner: Owner, spec: ModelDeploymentSpec, plan: Plan
+) -> list[dict[str, Any]]:
+    """A headless Service per attention pool, on its session port: the name its decode pool's
+    pods are given (`--attention-service`); each decode replica claims one idle worker."""
+    services = []
+    for pool in plan.pools:
+        if pool.role is not PoolRole.ATTENTION:
+            continue
+        selector = {DEPLOYMENT_LABEL: label_value(owner.name), POOL_LABEL: label_value(pool.name)}
+        service = _service(
+            owner, attention_service_name(owner, pool), selector, attention_port(spec), True
+        )
+        service["spec"]["ports"] = [
+            {
+                "name": ATTENTION_PORT_NAME,
+                "port": attention_port(spec),
+                "targetPort": ATTENTION_PORT_NAME,
+                "protocol": "TCP",
+            }
+        ]
+        del service["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+        services.append(with_config_hash(service))
+    return services

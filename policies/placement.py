@@ -338,6 +338,8 @@ def _offloaded_sizings(
                 for devices in ATTENTION_DEVICES:
                     if memory.free_accelerators is not None and devices > memory.free_accelerators:
                         break
+                    if devices > memory.spec.accelerators_per_node:
+                        break  # one replica's attention devices share a node (a host: one)
                     performance = OffloadedDecodePerformance(
                         arch, compute.spec, tp, memory.spec, devices
                     )
@@ -589,6 +591,7 @@ def to_plan(candidate: Candidate, spec: ModelDeploymentSpec) -> Plan:
                     tensor_parallel=sizing.attention_devices,
                     replicas=replicas,
                     predicted_load=None,
+                    attention_for=pools[-1].name,
                 )
             )
     rationale = (

@@ -81,6 +81,15 @@ def pool(role: PoolRole, accelerator: str, replicas: int, tp: int = 1) -> PoolPl
 
 
 def plan(*pools: PoolPlan) -> Plan:
+    """A plan of `pools`; an attention pool serves the decode pool before it unless it names
+    one (`attentionFor`)."""
+    linked: list[PoolPlan] = []
+    for each in pools:
+        decode = [p.name for p in linked if p.role is PoolRole.DECODE]
+        if each.role is PoolRole.ATTENTION and each.attention_for is None and decode:
+            each = each.model_copy(update={"attention_for": decode[-1]})
+        linked.append(each)
+    pools = tuple(linked)
     roles = {p.role for p in pools}
     mode = (
         ServingMode.ATTENTION_OFFLOAD

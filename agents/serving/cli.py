@@ -23,7 +23,8 @@ from urllib.parse import urlparse
 import click
 
 ROLES = ("colocated", "prefill", "decode", "attention")
-SERVED_ROLES = ("colocated", "prefill", "decode")
+SERVED_ROLES = ("colocated", "prefill", "decode", "attention")
+ATTENTION_CLIENT_ROLES = ("colocated", "decode")
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "fp8", "bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 LOCAL_SCHEMES = ("", "file")
@@ -91,10 +92,17 @@ def check_serve_extra() -> None:
 @click.option("--enable-chunked-prefill/--no-enable-chunked-prefill", default=True)
 @click.option("--prefill-service", default=None, help="host:port of the prefill pool (decode).")
 @click.option(
+    "--attention-service",
+    default=None,
+    help="host:port of the attention pool that holds this replica's KV and runs its attention "
+    "(attention offload; decode or colocated role).",
+)
+@click.option(
     "--kv-port",
     type=click.IntRange(1, 65535),
     default=None,
-    help="Prefill role: TCP port of the KV channels (default: --port + 1).",
+    help="Prefill role: TCP port of the KV channels; attention role: where decode replicas "
+    "open their attention session (default: --port + 1).",
 )
 @click.option(
     "--fault-corrupt-kv-every",
@@ -102,6 +110,28 @@ def check_serve_extra() -> None:
     default=0,
     hidden=True,
     help="TEST HOOK (prefill role): flip one bit in every Nth KV package sent; 0: never.",
+)
+@click.option(
+    "--migration-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Colocated and decode roles: TCP port of incoming live migrations (0: any free port, "
+    "published on GET /internal/migration).",
+)
+@click.option(
+    "--migration-attach-timeout-s",
+    type=click.FloatRange(0.1, 600),
+    default=15.0,
+    show_default=True,
+    help="A request migrated here that the router does not attach to in this time is aborted.",
+)
+@click.option(
+    "--migration-test-faults",
+    is_flag=True,
+    default=False,
+    hidden=True,
+    help="TEST HOOK: POST /internal/migrate takes a test_fault.",
 )
 @click.option("--block-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--num-kv-blocks", type=click.IntRange(min=1), default=None)
@@ -137,9 +167,13 @@ def serve_command(**flags: Any) -> None:
     config = build_config(flags)
     import logging
 
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if config.role == "attention":
+        from tessera.agents.serving.attention import run_attention
+
+        raise SystemExit(run_attention(config))
     from tessera.agents.serving.server import run
 
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     raise SystemExit(run(config))
 
 
@@ -152,6 +186,19 @@ def build_config(flags: dict[str, Any]) -> Any:
     kv_port = flags["kv_port"] or flags["port"] + 1
     if kv_port > 65535 or kv_port == flags["port"]:
         fail(f"--kv-port {kv_port}: must be in 1..65535 and differ from --port")
+    attention_service = flags["attention_service"]
+    if attention_service is not None:
+        if flags["role"] not in ATTENTION_CLIENT_ROLES:
+            fail(
+                f"--attention-service: the {flags['role']} role runs no attention of its own to "
+                f"offload; give it with --role {' or '.join(ATTENTION_CLIENT_ROLES)}"
+            )
+        check_host_port("--attention-service", attention_service)
+        if flags["tensor_parallel_size"] > 1:
+            fail(
+                f"--attention-service: offloaded attention runs at --tensor-parallel-size 1, "
+                f"not {flags['tensor_parallel_size']}"
+            )
     dtype = DTYPE_ALIASES.get(flags["dtype"], flags["dtype"])
     if dtype == "fp8":
         fail("--dtype fp8: not supported by the Tessera engine; bf16, fp16 or fp32")
@@ -196,8 +243,19 @@ def build_config(flags: dict[str, Any]) -> Any:
         tensor_parallel_size=flags["tensor_parallel_size"],
         kv_port=kv_port,
         prefill_service=flags["prefill_service"],
+        attention_service=attention_service,
         fault_corrupt_kv_every=flags["fault_corrupt_kv_every"],
+        migration_port=flags["migration_port"],
+        migration_test_faults=flags["migration_test_faults"],
+        migration_attach_timeout_s=flags["migration_attach_timeout_s"],
     )
+
+
+def check_host_port(flag: str, value: str) -> None:
+    """`host:port` with a port in 1..65535 (the form the operator renders)."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        fail(f"{flag} {value!r}: give host:port with a port in 1..65535")
 
 
 def check_tensor_parallel(size: int, folder: Path, device: str | None, role: str) -> None:

@@ -56,8 +56,17 @@ class ServeConfig:
     """Prefill role: where decode instances open KV channels."""
     prefill_service: str | None = None
     """Decode role: the prefill instance (host:port of its HTTP) when a request names none."""
+    attention_service: str | None = None
+    """Attention offload: host:port of the attention worker holding this replica's KV."""
     fault_corrupt_kv_every: int = 0
     """Prefill role, test hook only: corrupt every Nth KV package sent (0: never)."""
+    migration_port: int = 0
+    """Colocated and decode roles: where live migrations come in (0: any free port, published
+    on GET /internal/migration)."""
+    migration_test_faults: bool = False
+    """Test hook only: POST /internal/migrate takes a `test_fault`."""
+    migration_attach_timeout_s: float = 15.0
+    """A request migrated here that no client attaches to in this time is aborted."""
 
 
 def load(
@@ -96,6 +105,12 @@ def build_engine(
                 config.tensor_parallel_size,
                 on_death=on_engine_death,
             ),
+        )
+    if config.attention_service:
+        from tessera.agents.engine.attention_offload import offloaded_engine_from_service
+
+        return offloaded_engine_from_service(
+            config.weights, config.attention_service, engine_config
         )
     return Engine.from_pretrained(config.weights, engine_config)
 
@@ -158,6 +173,23 @@ def run(config: ServeConfig) -> int:
             config.prefill_service,
             config.fault_corrupt_kv_every,
             timeout,
+            device=config.device,
+        )
+    if (
+        config.role in ("colocated", "decode")
+        and config.tensor_parallel_size == 1
+        and config.attention_service is None
+    ):
+        from tessera.agents.serving.migration import attach_migration
+
+        attach_migration(
+            app,
+            served,
+            config.host,
+            config.migration_port,
+            config.migration_test_faults,
+            config.request_timeout_s or 600.0,
+            config.migration_attach_timeout_s,
         )
     server = uvicorn.Server(
         uvicorn.Config(

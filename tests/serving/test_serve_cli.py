@@ -139,7 +139,11 @@ def test_bad_local_weights_roles_and_lengths_are_named(tiny_model: Path, tmp_pat
     cases = [
         (["--model=m", f"--weights-uri={tmp_path}"], "no config.json"),
         (["--model=m"], "--weights-uri: not given"),
-        ([f"--model={tiny_model}", "--role=attention"], "--role attention"),
+        (
+            [f"--model={tiny_model}", "--role=attention", "--attention-service=a:1"],
+            "--attention-service: the attention role",
+        ),
+        ([f"--model={tiny_model}", "--attention-service=a:0"], "--attention-service 'a:0'"),
         (
             [f"--model={tiny_model}", "--role=decode", "--fault-corrupt-kv-every=2"],
             "--fault-corrupt-kv-every: a test hook of the prefill role only",

@@ -1,0 +1,119 @@
+"""Host memory as an attention device: its class, its predictions, the planner and simulator.
+
+The laws: KV beyond HBM fits in host memory; the offloaded step is bound by the host's
+attention bandwidth (twice the bandwidth, about half the attention time) and never faster than
+its slowest stage; the planner can place an offloaded decode pool's attention on the host
+class and links the pools; the simulator's step cost of that plan is the prediction's.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sim_samples import CLASSES, cluster, deployment, simulate, workload
+from tessera.api.model_deployment import PoolRole, ServingMode
+from tessera.policies.capacity import ClassOffer
+from tessera.policies.host_memory import (
+    host_calibration,
+    host_memory_class,
+    is_host_memory,
+    largest_fitting_batch,
+    predict_decode,
+    predict_offloaded_decode,
+)
+from tessera.policies.placement import plan_deployment
+
+ARCH = deployment().spec.model.architecture.model_copy(update={"max_context_tokens": 8192})
+H100 = CLASSES["h100"]
+CONTEXT = 4096
+
+
+def host(bandwidth_gbps: float = 200.0, link_gbps: float = 20.0) -> object:
+    return host_memory_class(
+        name="h100-node",
+        memory_gib=1536,
+        dram_bandwidth_gbps=bandwidth_gbps,
+        link_gbps=link_gbps,
+        cpu_bf16_tflops=50,
+        cost_per_hour=0.3,
+    )
+
+
+CALIBRATION = host_calibration(attention_efficiency=0.5, exchange_latency_s=50e-6)
+
+
+def test_a_host_class_is_a_cpu_class_the_planner_recognises() -> None:
+    spec = host()
+    assert is_host_memory(spec) and spec.kind == "CPU" and spec.resource_name == "cpu"
+    assert not is_host_memory(H100) and not is_host_memory(CLASSES["cpu-spr"])
+
+
+def test_a_batch_whose_kv_does_not_fit_in_hbm_fits_in_host_memory() -> None:
+    fit = largest_fitting_batch(ARCH, H100, CONTEXT)
+    big = 4 * fit
+    assert not predict_decode(ARCH, H100, big, CONTEXT).fits
+    assert predict_decode(ARCH, H100, fit, CONTEXT).fits
+    offload = predict_offloaded_decode(
+        ARCH, H100, host(), big, CONTEXT, memory_calibration=CALIBRATION
+    )
+    assert offload.fits and offload.kv_capacity_tokens >= big * (CONTEXT + 1)
+
+
+def test_attention_bandwidth_bounds_the_offloaded_step() -> None:
+    slow = predict_offloaded_decode(
+        ARCH, H100, host(100), 256, CONTEXT, memory_calibration=CALIBRATION
+    )
+    fast = predict_offloaded_decode(
+        ARCH, H100, host(200), 256, CONTEXT, memory_calibration=CALIBRATION
+    )
+    assert fast.attention_s == pytest.approx(slow.attention_s / 2, rel=1e-9)
+    for p in (slow, fast):
+        assert p.step_s >= max(p.linear_s, p.attention_s, p.transfer_s)
+        assert p.step_s <= p.linear_s + p.attention_s + p.transfer_s + 0.01
+    kv_bytes = 256 * (CONTEXT + 1) * ARCH.kv_bytes_per_token
+    assert slow.attention_s == pytest.approx(kv_bytes / (100e9 * 0.5), rel=1e-9)
+    # Per layer, the exchange carries q, k, v out and the output back for every sequence.
+    assert slow.per_layer_exchange_s(ARCH.num_layers) > CALIBRATION.allreduce_latency_s
+
+
+def test_the_planner_places_offloaded_attention_on_host_memory_and_the_sim_agrees() -> None:
+    base = deployment().spec
+    hardware = base.hardware.model_copy(update={"accelerator_classes": ["h100", "host-h100"]})
+    slo = base.slo.model_copy(update={"tpot_ms": 200.0})  # a throughput-minded SLO
+    spec = base.model_copy(
+        update={"serving_mode": ServingMode.ATTENTION_OFFLOAD, "hardware": hardware, "slo": slo}
+    )
+    offers = [ClassOffer("h100", H100), ClassOffer("host-h100", host())]
+    # Left to choose, the planner keeps the KV in HBM: host DRAM is too slow to win here.
+    auto = plan_deployment(spec.model_copy(update={"serving_mode": ServingMode.AUTO}), offers)
+    assert {p.accelerator_class for p in auto.pools} == {"h100"}
+    # Told to offload, and the DRAM coming with the node (a two-socket host's 600 GB/s at no
+    # extra cost), it puts the attention in host memory, one host per decode replica.
+    memory = host(bandwidth_gbps=600.0).model_copy(update={"cost_per_hour": 0.0})
+    offers = [ClassOffer("h100", H100), ClassOffer("host-h100", memory)]
+    the_plan = plan_deployment(spec, offers)
+    attention = next(p for p in the_plan.pools if p.role is PoolRole.ATTENTION)
+    decode = next(p for p in the_plan.pools if p.role is PoolRole.DECODE)
+    assert attention.accelerator_class == "host-h100"
+    assert attention.tensor_parallel == 1 and attention.replicas == decode.replicas
+    assert attention.attention_for == decode.name
+    # One lone request: its decode in the simulator takes the prediction's steps.
+    arch = spec.model.architecture
+    lone = workload([0.0], [1000], [40])
+    nodes = {"h100": 1, "host-h100": 1}
+    _, result = simulate(
+        the_plan, lone, cluster(nodes, classes={"h100": H100, "host-h100": memory})
+    )
+    steps = [
+        predict_offloaded_decode(
+            arch,
+            H100,
+            memory,
+            1,
+            1000 + i,
+            compute_tp=decode.tensor_parallel,
+            attention_devices=attention.tensor_parallel,
+        ).step_s
+        for i in range(39)
+    ]
+    decode_s = result.e2e_s[0] - result.ttft_s[0]  # the first token includes the KV transfer
+    assert decode_s == pytest.approx(sum(steps), rel=1e-6)

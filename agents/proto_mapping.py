@@ -15,6 +15,7 @@ absent field reads back as None, never as the message's zero default.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,22 +94,13 @@ def reading_to_proto(reading: DeviceReading, info: DeviceInfo | None) -> agent_p
     return message
 
 
+_INSTANCE_FIELDS = tuple(f.name for f in dataclasses.fields(InstanceStats))
+"""`InstanceStats` carries exactly `InstanceSample`'s fields, by the same names (checked by
+tests/test_agent_proto.py), so each direction maps them by name; tuples are repeated fields."""
+
+
 def instance_to_proto(stats: InstanceStats) -> agent_pb2.InstanceSample:
-    return agent_pb2.InstanceSample(
-        instance_id=stats.instance_id,
-        model=stats.model,
-        role=stats.role,
-        device_uuids=list(stats.device_uuids),
-        queue_length=stats.queue_length,
-        running_batch=stats.running_batch,
-        kv_blocks_used=stats.kv_blocks_used,
-        kv_blocks_free=stats.kv_blocks_free,
-        tokens_per_s=stats.tokens_per_s,
-        ttft_samples_s=list(stats.ttft_samples_s),
-        tpot_samples_s=list(stats.tpot_samples_s),
-        requests_completed_total=stats.requests_completed_total,
-        tokens_generated_total=stats.tokens_generated_total,
-    )
+    return agent_pb2.InstanceSample(**{name: getattr(stats, name) for name in _INSTANCE_FIELDS})
 
 
 def power_limit_response(
@@ -194,18 +186,12 @@ def instance_from_proto(
 ) -> InstanceStats:
     """The instance a sample describes. The latency samples are the message's unless given
     (the collector passes its window of recent samples, gathered over many messages)."""
-    return InstanceStats(
-        instance_id=sample.instance_id,
-        model=sample.model,
-        role=sample.role,
-        device_uuids=tuple(sample.device_uuids),
-        queue_length=sample.queue_length,
-        running_batch=sample.running_batch,
-        kv_blocks_used=sample.kv_blocks_used,
-        kv_blocks_free=sample.kv_blocks_free,
-        tokens_per_s=sample.tokens_per_s,
-        ttft_samples_s=tuple(sample.ttft_samples_s) if ttft_samples_s is None else ttft_samples_s,
-        tpot_samples_s=tuple(sample.tpot_samples_s) if tpot_samples_s is None else tpot_samples_s,
-        requests_completed_total=sample.requests_completed_total,
-        tokens_generated_total=sample.tokens_generated_total,
-    )
+    values: dict[str, Any] = {}
+    for name in _INSTANCE_FIELDS:
+        value = getattr(sample, name)
+        values[name] = value if isinstance(value, str | int | float) else tuple(value)
+    if ttft_samples_s is not None:
+        values["ttft_samples_s"] = ttft_samples_s
+    if tpot_samples_s is not None:
+        values["tpot_samples_s"] = tpot_samples_s
+    return InstanceStats(**values)

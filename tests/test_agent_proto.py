@@ -51,3 +51,24 @@ def test_unmeasured_fields_are_absent_not_zero() -> None:
     assert not sample.HasField("temperature_c")
     sample.temperature_c = 0.0
     assert sample.HasField("temperature_c")
+
+
+def test_instance_stats_carry_exactly_the_instance_samples_fields_both_ways() -> None:
+    # proto_mapping maps instances by field name: a field added on one side only must fail here.
+    from dataclasses import fields
+
+    from tessera.agents.instance_stats import InstanceStats
+    from tessera.agents.proto_mapping import instance_from_proto, instance_to_proto
+
+    assert {f.name for f in fields(InstanceStats)} == set(
+        agent_pb2.InstanceSample.DESCRIPTOR.fields_by_name
+    )
+    stats = InstanceStats(
+        "i-1", "team/chat", "decode", ("GPU-a", "GPU-b"), 3, 7, 40, 60, 123.5, (0.1, 0.2), (0.01,),
+        9, 1000,
+    )  # fmt: skip
+    message = agent_pb2.InstanceSample.FromString(instance_to_proto(stats).SerializeToString())
+    assert instance_from_proto(message) == stats
+    window = instance_from_proto(message, (0.3,), (0.02, 0.03))
+    assert (window.ttft_samples_s, window.tpot_samples_s) == ((0.3,), (0.02, 0.03))
+    assert window.queue_length == 3 and window.device_uuids == ("GPU-a", "GPU-b")

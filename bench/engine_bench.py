@@ -14,6 +14,8 @@ that policies/efficiency.py reads.
 
     python bench/engine_bench.py --out bench/results/engine_bench_h100.json \\
         --calibration policies/calibration/h100.yaml
+    python bench/engine_bench.py --from-results bench/results/engine_bench_h200.json \\
+        --calibration policies/calibration/h200.yaml      # from a run's JSON, on any machine
 """
 
 from __future__ import annotations
@@ -548,6 +550,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/engine_bench.json"))
     parser.add_argument("--calibration", type=Path, default=None)
+    parser.add_argument(
+        "--from-results",
+        type=Path,
+        default=None,
+        help="write --calibration from an earlier run's JSON (no GPU needed), e.g. "
+        "../shared/data/h200/engine_bench_h200.json",
+    )
     parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--contexts", default="1024,4096")
     parser.add_argument("--prefill-tokens", type=int, default=4096)
@@ -555,6 +564,19 @@ def main() -> int:
         "--profile", action="store_true", help="also break decode steps down by kernel class"
     )
     args = parser.parse_args()
+    if args.from_results is not None:
+        if args.calibration is None:
+            print("--from-results writes --calibration: give both", file=sys.stderr)
+            return 2
+        results = json.loads(args.from_results.read_text())
+        command = (
+            f"{results['command']} (calibration written from its JSON by "
+            f"python bench/engine_bench.py --from-results {args.from_results} "
+            f"--calibration {args.calibration})"
+        )
+        write_calibration(args.calibration, results, command)
+        print(f"wrote {args.calibration} from {args.from_results}")
+        return 0
     if not torch.cuda.is_available():
         print("engine_bench needs a CUDA device", file=sys.stderr)
         return 2

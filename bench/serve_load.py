@@ -1,120 +1,395 @@
-"""Load on a running `tessera serve`: closed-loop streaming clients, and the bare serving loop.
+"""Load on `tessera serve`: TPOT through streaming HTTP against the bare serving loop, and an
+open-loop load generator.
 
-    python bench/serve_load.py --url http://127.0.0.1:8000 --clients 1 16 --requests 64 \
-        --max-tokens 64 [--weights /path/to/hf-folder] [--out results.json]
+    python bench/serve_load.py --out DIR              # GPU: Llama-3-8B shape, random bf16 weights
+    python bench/serve_load.py --smoke --out DIR      # CPU: a tiny model, under a minute
+    python bench/serve_load.py --url http://HOST:8000 --clients 1 16 --request-rates 2 8
 
-Each of `--clients` concurrent clients streams completions back to back (fixed prompt and
-output lengths, `ignore_eos`) until `--requests` have finished. Per request it records the
-time to the first token, the mean time per output token after it, and the status (429s are
-counted, not retried). With `--weights` the same requests also run through the engine's
-`ServingLoop` in this process, without HTTP, so the table shows what HTTP and streaming add
-to TPOT. Prints a table and writes JSON; it asserts nothing.
+Self-hosted (no --url), the engine is built in this process (random weights made on the device,
+no checkpoint on disk, a word-level tokenizer covering the vocabulary) and served by the real
+`tessera serve` code: `start_serving` (warm-up, serving loop) and `build_app` under uvicorn on a
+loopback port. Then:
+
+1. HTTP overhead. At each batch of --clients, that many closed-loop clients complete
+   --requests completions of --prompt-tokens / --max-tokens tokens (`ignore_eos`): first
+   submitted straight to the server's own `ServingLoop` from threads here (the bare loop: no
+   HTTP, no detokenisation), then streamed over HTTP with `return_token_ids` from a child
+   process (its own interpreter: the client's parsing does not share the server's GIL). A
+   request's TPOT is (last token - first token) / (tokens - 1), at each token's arrival; the
+   table compares the medians. The issue's bar: HTTP within 5% at batch 1 and 64.
+2. Load generator (--request-rates). Neither `aiperf` nor `guidellm` is carried to the GPU
+   machine (with their dependencies they exceed what a run may carry), so this follows vLLM's
+   benchmark client (`vllm bench serve`, random dataset): Poisson arrivals at each rate,
+   prompt and output lengths uniform in [(1 - r) L, (1 + r) L] (--range-ratio), streaming,
+   and the same report: request and output-token throughput, TTFT, TPOT, ITL (the gaps between
+   chunks) and E2E latency, mean / median / p99.
+3. Kernel variants compiled while serving, after the warm-up (`Engine.warm_up`): Triton's JIT
+   caches are counted before and after the runs; anything other than 0 is a stall the warm-up
+   missed.
+
+Prints tables and writes DIR/serve_load.json after each part. Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import itertools
 import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
+import checkout_layout  # noqa: F401  (makes `tessera` importable from a bare checkout)
+
+HERE = Path(__file__).resolve()
+TINY = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 
 @dataclass
-class RunResult:
+class Sample:
+    """One request as its client saw it."""
+
+    sent_s: float
+    token_s: list[float] = field(default_factory=list)
+    """Arrival time of every output token (the tokens of one chunk share its time)."""
+    rejected: bool = False
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_s[0] - self.sent_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        n = len(self.token_s)
+        return (self.token_s[-1] - self.token_s[0]) / (n - 1) if n > 1 else None
+
+    @property
+    def e2e_s(self) -> float:
+        return self.token_s[-1] - self.sent_s
+
+    def itl_s(self) -> list[float]:
+        """Gaps between successive chunks."""
+        times = sorted(set(self.token_s))
+        return [b - a for a, b in itertools.pairwise(times)]
+
+
+@dataclass
+class Run:
     path: str
-    clients: int
-    requests: int
-    rejected: int
-    wall_s: float
-    output_tokens: int
-    ttft_s: list[float] = field(default_factory=list)
-    tpot_s: list[float] = field(default_factory=list)
+    """"loop" (the bare ServingLoop) or "http"."""
+    kind: str
+    """"closed" (--clients back to back) or "poisson" (open loop at a rate)."""
+    load: float
+    """Clients (closed) or requests per second (poisson)."""
+    wall_s: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
 
-    def row(self) -> dict[str, Any]:
-        def pct(values: list[float], q: float) -> float:
-            if not values:
-                return float("nan")
-            ordered = sorted(values)
-            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
-
+    def report(self) -> dict[str, Any]:
+        done = [s for s in self.samples if not s.rejected and s.token_s]
+        tpots = [t for s in done if (t := s.tpot_s) is not None]
+        itls = [gap for s in done for gap in s.itl_s()]
+        tokens = sum(len(s.token_s) for s in done)
         return {
             "path": self.path,
-            "clients": self.clients,
-            "req/s": round(self.requests / self.wall_s, 2),
-            "tok/s": round(self.output_tokens / self.wall_s, 1),
-            "429s": self.rejected,
-            "ttft p50 ms": round(pct(self.ttft_s, 0.5), 2),
-            "ttft p99 ms": round(pct(self.ttft_s, 0.99), 2),
-            "tpot p50 ms": round(pct(self.tpot_s, 0.5), 3),
-            "tpot p99 ms": round(pct(self.tpot_s, 0.99), 3),
+            "kind": self.kind,
+            "load": self.load,
+            "completed": len(done),
+            "rejected": sum(s.rejected for s in self.samples),
+            "wall_s": round(self.wall_s, 3),
+            "request_throughput_per_s": round(len(done) / self.wall_s, 3) if self.wall_s else 0,
+            "output_tokens_per_s": round(tokens / self.wall_s, 1) if self.wall_s else 0,
+            **summary("ttft", [s.ttft_s for s in done]),
+            **summary("tpot", tpots),
+            **summary("itl", itls),
+            **summary("e2e", [s.e2e_s for s in done]),
         }
 
 
-def prompt_ids(length: int, index: int) -> list[int]:
-    return [3 + (index * 7 + i) % 90 for i in range(length)]
+def summary(name: str, values_s: list[float]) -> dict[str, float | None]:
+    """mean / median / p99 in milliseconds, as vLLM's benchmark client reports them."""
+    if not values_s:
+        return {f"{name}_mean_ms": None, f"{name}_median_ms": None, f"{name}_p99_ms": None}
+    ordered = sorted(values_s)
+    p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+    return {
+        f"{name}_mean_ms": round(statistics.fmean(values_s) * 1e3, 3),
+        f"{name}_median_ms": round(statistics.median(values_s) * 1e3, 3),
+        f"{name}_p99_ms": round(p99 * 1e3, 3),
+    }
 
 
-async def http_run(
-    url: str, clients: int, total: int, prompt_len: int, max_tokens: int
-) -> RunResult:
-    result = RunResult("http", clients, 0, 0, 0.0, 0)
+def requests_for(args: argparse.Namespace, clients: int) -> int:
+    """--requests, else two rounds of the batch and at least 8 (TPOT medians need a few)."""
+    return int(args.requests) or max(8, 2 * clients)
+
+
+def prompt_ids(length: int, index: int, vocab: int) -> list[int]:
+    """A distinct prompt per request (no two share a prefix), ids clear of special tokens."""
+    span = vocab - 10
+    return [10 + (index * 7919 + i * 31) % span for i in range(length)]
+
+
+# ---- the client (any process) ------------------------------------------------------------
+
+
+async def stream_one(session: Any, url: str, body: dict[str, Any]) -> Sample:
+    sample = Sample(time.perf_counter())
+    async with session.post(f"{url}/v1/completions", json=body) as response:
+        if response.status == 429:
+            await response.read()
+            sample.rejected = True
+            return sample
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
+        async for line in response.content:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            choices = chunk.get("choices") or []
+            ids = choices[0].get("token_ids") if choices else None
+            if ids:
+                now = time.perf_counter()
+                sample.token_s.extend([now] * len(ids))
+    return sample
+
+
+def request_body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+        "temperature": 0,
+    }
+
+
+async def http_closed(args: argparse.Namespace, clients: int, vocab: int) -> Run:
+    import aiohttp
+
+    run = Run("http", "closed", clients)
+    total = requests_for(args, clients)
     issued = 0
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(session: Any) -> None:
         nonlocal issued
         while issued < total:
             index = issued
             issued += 1
-            body = {
-                "prompt": prompt_ids(prompt_len, index),
-                "max_tokens": max_tokens,
-                "ignore_eos": True,
-                "stream": True,
-                "return_token_ids": True,
-            }
-            sent = time.perf_counter()
-            stamps: list[float] = []
-            async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
-                if response.status_code == 429:
-                    result.rejected += 1
-                    await response.aread()
-                    continue
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    tokens = json.loads(line[6:])["choices"][0].get("token_ids") or []
-                    stamps.extend([time.perf_counter()] * len(tokens))
-            result.requests += 1
-            result.output_tokens += len(stamps)
-            result.ttft_s.append(stamps[0] - sent)
-            if len(stamps) > 1:
-                result.tpot_s.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+            body = request_body(prompt_ids(args.prompt_tokens, index, vocab), args.max_tokens)
+            run.samples.append(await stream_one(session, args.url, body))
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=1800)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         started = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        result.wall_s = time.perf_counter() - started
-    return result
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        run.wall_s = time.perf_counter() - started
+    return run
 
 
-def loop_run(weights: str, clients: int, total: int, prompt_len: int, max_tokens: int) -> RunResult:
-    """The same requests through the engine's ServingLoop on its thread, no HTTP."""
-    from tessera.agents.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig
-    from tessera.agents.engine.serving_loop import ServingLoop, TokenEvent
+def poisson_requests(
+    args: argparse.Namespace, rate: float, vocab: int
+) -> list[tuple[float, list[int], int]]:
+    """(arrival offset, prompt, max_tokens) of each request: vLLM's random dataset."""
+    import numpy as np
 
-    engine = Engine.from_pretrained(
-        weights, EngineConfig(scheduler=SchedulerConfig(max_num_seqs=max(clients, 1)))
+    rng = np.random.default_rng([args.seed, int(rate * 1000)])
+    gaps = rng.exponential(1.0 / rate, args.num_prompts)
+    arrivals = np.cumsum(gaps) - gaps[0]
+    r = args.range_ratio
+    prompts = rng.integers(
+        max(1, int(args.prompt_tokens * (1 - r))), int(args.prompt_tokens * (1 + r)) + 1,
+        args.num_prompts,
+    )  # fmt: skip
+    outputs = rng.integers(
+        max(1, int(args.max_tokens * (1 - r))), int(args.max_tokens * (1 + r)) + 1,
+        args.num_prompts,
+    )  # fmt: skip
+    return [
+        (float(arrivals[i]), prompt_ids(int(prompts[i]), 10_000 + i, vocab), int(outputs[i]))
+        for i in range(args.num_prompts)
+    ]
+
+
+async def http_poisson(args: argparse.Namespace, rate: float, vocab: int) -> Run:
+    import aiohttp
+
+    run = Run("http", "poisson", rate)
+    requests = poisson_requests(args, rate, vocab)
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=1800)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.perf_counter()
+
+        async def one(offset: float, prompt: list[int], max_tokens: int) -> None:
+            await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
+            run.samples.append(
+                await stream_one(session, args.url, request_body(prompt, max_tokens))
+            )
+
+        await asyncio.gather(*(one(*request) for request in requests))
+        run.wall_s = time.perf_counter() - started
+    return run
+
+
+def client_main(args: argparse.Namespace) -> list[Run]:
+    """The --url mode: closed-loop clients, then Poisson rates, against a running server."""
+    vocab = args.vocab_size
+    runs: list[Run] = []
+    for clients in args.clients:
+        runs.append(asyncio.run(http_closed(args, clients, vocab)))
+        print(f"http closed {clients}: {json.dumps(runs[-1].report())}", flush=True)
+    for rate in args.request_rates:
+        runs.append(asyncio.run(http_poisson(args, rate, vocab)))
+        print(f"http poisson {rate}/s: {json.dumps(runs[-1].report())}", flush=True)
+    return runs
+
+
+# ---- self-hosted: the engine and the server in this process ------------------------------
+
+
+def word_level_tokenizer(folder: Path, vocab: int) -> None:
+    """A tokenizer.json with one word per id, the first three special (<unk>, <s>, </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    words.update({f"w{i}": i for i in range(3, vocab)})
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@dataclass
+class Hosted:
+    url: str
+    served: Any
+    stop: Any
+    vocab: int
+    warmup: dict[str, Any]
+
+
+def host(args: argparse.Namespace, folder: Path) -> Hosted:
+    """Random weights on the device, warmed up and served over HTTP on a loopback port."""
+    import socket
+
+    import torch
+    import uvicorn
+    from tessera.agents.engine import Engine, EngineConfig, LlamaConfig, SchedulerConfig
+    from tessera.agents.engine.weights import random_llama_weights
+    from tessera.agents.serving.app import Served, build_app
+    from tessera.agents.serving.metrics import ServingMetrics
+    from tessera.agents.serving.server import ServeConfig, start_serving
+    from tessera.agents.serving.tokenizer import ServingTokenizer
+
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.smoke:
+        config = LlamaConfig.from_dict({**TINY, "max_position_embeddings": args.max_model_len})
+    else:
+        config = replace(LlamaConfig.llama3_8b(), max_position_embeddings=args.max_model_len)
+    word_level_tokenizer(folder, config.vocab_size)
+    print(f"weights: {device} {dtype}, {config.num_hidden_layers} layers", flush=True)
+    weights = random_llama_weights(config, device, dtype, seed=0)
+    scheduler = SchedulerConfig(
+        max_num_seqs=max(args.clients), max_num_batched_tokens=args.max_num_batched_tokens
     )
-    loop = ServingLoop(engine, max_waiting=total + 1)
-    loop.start()
-    result = RunResult("loop", clients, 0, 0, 0.0, 0)
+    engine_config = EngineConfig(
+        device=device,
+        dtype=dtype,
+        max_model_len=args.max_model_len,
+        scheduler=scheduler,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        num_kv_blocks=None if device == "cuda" else 2048,
+    )
+    engine = Engine(config, weights, engine_config)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve_config = ServeConfig(
+        weights=folder,
+        model_name="bench",
+        instance_id="bench",
+        host="127.0.0.1",
+        port=port,
+        max_model_len=args.max_model_len,
+        pool="bench",
+        role="colocated",
+        dtype=None,
+        device=device,
+        scheduler=scheduler,
+        block_size=16,
+        num_kv_blocks=None,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        max_waiting_requests=100_000,
+        request_timeout_s=None,
+        seed=0,
+        log_level="warning",
+    )
+    served = Served(
+        model_name="bench",
+        max_model_len=args.max_model_len,
+        metrics=ServingMetrics("bench", "bench", "colocated"),
+    )
+    started = time.perf_counter()
+    start_serving(engine, ServingTokenizer.from_folder(folder), serve_config, served)
+    warmup = asdict(served.warmup) | {"startup_s": round(time.perf_counter() - started, 2)}
+    print(f"warm-up: {warmup}", flush=True)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_app(served), host="127.0.0.1", port=port, log_level="warning", access_log=False
+        )
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)  # polling uvicorn's started flag, with the deadline above
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(30)
+        served.loop.stop()
+
+    return Hosted(f"http://127.0.0.1:{port}", served, stop, config.vocab_size, warmup)
+
+
+def loop_closed(args: argparse.Namespace, hosted: Hosted, clients: int) -> Run:
+    """The same requests straight into the server's ServingLoop, from threads here."""
+    from tessera.agents.engine import SamplingParams
+    from tessera.agents.engine.serving_loop import TokenEvent
+
+    loop = hosted.served.loop
+    run = Run("loop", "closed", clients)
+    total = requests_for(args, clients)
     lock = threading.Lock()
     issued = 0
 
@@ -126,26 +401,24 @@ def loop_run(weights: str, clients: int, total: int, prompt_len: int, max_tokens
                     return
                 index = issued
                 issued += 1
-            stamps: list[float] = []
+            sample = Sample(time.perf_counter())
             done = threading.Event()
 
             def sink(
-                event: TokenEvent, stamps: list[float] = stamps, done: threading.Event = done
+                event: TokenEvent, sample: Sample = sample, done: threading.Event = done
             ) -> None:
-                stamps.extend([time.perf_counter()] * len(event.token_ids))
+                now = time.perf_counter()
+                sample.token_s.extend([now] * len(event.token_ids))
                 if event.finished:
                     done.set()
 
-            params = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
-            sent = time.perf_counter()
-            loop.submit(prompt_ids(prompt_len, index), params, sink).result()
-            done.wait()
+            params = SamplingParams(max_new_tokens=args.max_tokens, ignore_eos=True)
+            prompt = prompt_ids(args.prompt_tokens, index, hosted.vocab)
+            loop.submit(prompt, params, sink).result()
+            if not done.wait(1800):
+                raise RuntimeError("a bare-loop request did not finish in 30 minutes")
             with lock:
-                result.requests += 1
-                result.output_tokens += len(stamps)
-                result.ttft_s.append(stamps[0] - sent)
-                if len(stamps) > 1:
-                    result.tpot_s.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+                run.samples.append(sample)
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -153,42 +426,177 @@ def loop_run(weights: str, clients: int, total: int, prompt_len: int, max_tokens
         thread.start()
     for thread in threads:
         thread.join()
-    result.wall_s = time.perf_counter() - started
-    loop.stop()
-    return result
+    run.wall_s = time.perf_counter() - started
+    return run
+
+
+def child_client(
+    args: argparse.Namespace, hosted: Hosted, out: Path, rates: bool
+) -> list[dict[str, Any]]:
+    """The HTTP client in its own interpreter; its per-run reports."""
+    command = [
+        sys.executable,
+        str(HERE),
+        f"--url={hosted.url}",
+        f"--vocab-size={hosted.vocab}",
+        f"--requests={args.requests}",
+        f"--prompt-tokens={args.prompt_tokens}",
+        f"--max-tokens={args.max_tokens}",
+        f"--num-prompts={args.num_prompts}",
+        f"--range-ratio={args.range_ratio}",
+        f"--seed={args.seed}",
+        f"--client-out={out}",
+        "--clients",
+        *([] if rates else [str(c) for c in args.clients]),
+        "--request-rates",
+        *([str(r) for r in args.request_rates] if rates else []),
+    ]
+    done = subprocess.run(command, timeout=1800, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the HTTP client exited {done.returncode}")
+    reports: list[dict[str, Any]] = json.loads(out.read_text())["reports"]
+    return reports
+
+
+def compiled() -> dict[str, int] | None:
+    from tessera.agents.engine import ops
+
+    if not ops.triton_available():
+        return None
+    counts: dict[str, int] = ops.triton_kernels().compiled_variants()
+    return counts
+
+
+def overhead_rows(loop_runs: list[Run], http: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for run in loop_runs:
+        bare = run.report()
+        match = next(r for r in http if r["kind"] == "closed" and r["load"] == run.load)
+        loop_tpot, http_tpot = bare["tpot_median_ms"], match["tpot_median_ms"]
+        ratio = http_tpot / loop_tpot if loop_tpot and http_tpot else None
+        rows.append(
+            {
+                "batch": int(run.load),
+                "loop_tpot_median_ms": loop_tpot,
+                "http_tpot_median_ms": http_tpot,
+                "http_over_loop": round(ratio, 4) if ratio else None,
+                "within_5pct": ratio is not None and ratio <= 1.05,
+                "loop_ttft_median_ms": bare["ttft_median_ms"],
+                "http_ttft_median_ms": match["ttft_median_ms"],
+                "loop_tok_per_s": bare["output_tokens_per_s"],
+                "http_tok_per_s": match["output_tokens_per_s"],
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    header = list(rows[0])
+    print("  ".join(f"{h:>20}" for h in header))
+    for row in rows:
+        print("  ".join(f"{row[h]!s:>20}" for h in header))
+
+
+def self_hosted(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "serve_load.json"
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "args": vars(args),
+    }
+
+    def save() -> None:
+        path.write_text(json.dumps(results, indent=2, default=str))
+
+    with tempfile.TemporaryDirectory() as scratch:
+        hosted = host(args, Path(scratch))
+        results["warmup"] = hosted.warmup
+        results["compiled_after_warmup"] = before = compiled()
+        save()
+        try:
+            loop_runs = []
+            for clients in args.clients:
+                loop_runs.append(loop_closed(args, hosted, clients))
+                print(f"loop closed {clients}: {json.dumps(loop_runs[-1].report())}", flush=True)
+            results["loop"] = [run.report() for run in loop_runs]
+            save()
+            http = child_client(args, hosted, Path(scratch) / "closed.json", rates=False)
+            results["http"] = http
+            results["overhead"] = overhead_rows(loop_runs, http)
+            save()
+            if args.request_rates:
+                results["load_generator"] = child_client(
+                    args, hosted, Path(scratch) / "rates.json", rates=True
+                )
+                save()
+            after = compiled()
+            results["compiled_after_serving"] = after
+            if before is not None and after is not None:
+                results["compiled_while_serving"] = {k: after[k] - before[k] for k in after}
+            save()
+        finally:
+            hosted.stop()
+    print("\nHTTP overhead (closed loop, TPOT medians):")
+    print_table(results["overhead"])
+    if results.get("load_generator"):
+        print("\nload generator (Poisson arrivals, vLLM benchmark client's metrics):")
+        keys = ["load", "completed", "request_throughput_per_s", "output_tokens_per_s"]
+        keys += [f"{m}_{s}_ms" for m in ("ttft", "tpot", "itl", "e2e") for s in ("median", "p99")]
+        print_table([{k: r[k] for k in keys} for r in results["load_generator"]])
+    print(f"\nkernel variants compiled while serving: {results.get('compiled_while_serving')}")
+    print(f"wrote {path}")
+    return results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--url", required=True, help="base URL of a running tessera serve")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--weights", help="also run the bare ServingLoop on this HF folder")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--url", help="a running tessera serve (else: serve one here)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, a tiny model, small counts")
+    parser.add_argument("--out", default="bench/results/serve_load", help="self-hosted: folder")
+    parser.add_argument("--clients", type=int, nargs="*", default=None)
+    parser.add_argument(
+        "--requests", type=int, default=0, help="per closed-loop batch (0: 2 rounds, >= 8)"
+    )
+    parser.add_argument("--prompt-tokens", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--request-rates", type=float, nargs="*", default=None)
+    parser.add_argument("--num-prompts", type=int, default=None, help="per Poisson rate")
+    parser.add_argument("--range-ratio", type=float, default=0.5)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.5)
+    parser.add_argument("--vocab-size", type=int, default=128256, help="--url: ids to draw")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--client-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    results: list[RunResult] = []
-    for clients in args.clients:
-        results.append(
-            asyncio.run(
-                http_run(args.url, clients, args.requests, args.prompt_tokens, args.max_tokens)
-            )
-        )
-        if args.weights:
-            results.append(
-                loop_run(args.weights, clients, args.requests, args.prompt_tokens, args.max_tokens)
-            )
-    rows = [r.row() for r in results]
-    header = list(rows[0])
-    print("  ".join(f"{h:>12}" for h in header))
-    for row in rows:
-        print("  ".join(f"{row[h]!s:>12}" for h in header))
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(
-                {"args": vars(args), "rows": rows, "runs": [asdict(r) for r in results]}, handle
-            )
+    small = args.smoke
+    defaults = {
+        "clients": [1, 4] if small else [1, 64],
+        "prompt_tokens": 16 if small else 1024,
+        "max_tokens": 24 if small else 256,
+        "request_rates": [20.0] if small else [4.0, 16.0],
+        "num_prompts": 16 if small else 64,
+        "max_model_len": 256 if small else 4096,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.url:
+        runs = client_main(args)
+        if args.client_out:
+            Path(args.client_out).write_text(json.dumps({"reports": [r.report() for r in runs]}))
+        else:
+            print_table([r.report() for r in runs])
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    self_hosted(args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ sampled length.
     python bench/serving_validation.py engine --out DIR  # GPU: serve them (needs torch, numpy)
     python bench/serving_validation.py report DIR/*.json # CPU: simulate the same requests, compare
 
+`--class h200` (examples/experiments/h200-class.yaml, calibrated by policies/calibration/
+h200.yaml) runs the same against the H200 the GPU side is measured on; its plan is
+bench/results/serving_validation_plan_h200.json.
+
 `prepare` writes what the GPU side needs (model shape, KV capacity, SLOs, every request's
 arrival time and lengths) to bench/results/serving_validation_plan.json, so the GPU machine
 runs the engine alone, without pydantic or the simulator.
@@ -68,9 +72,22 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DEPLOYMENT = ROOT / "examples/experiments/distserve-13b-a100.yaml"
-DEFAULT_CLASSES = ROOT / "examples/accelerator-classes.yaml"
+DEFAULT_CLASSES = [
+    ROOT / "examples/accelerator-classes.yaml",
+    ROOT / "examples/experiments/h200-class.yaml",
+]
+"""The example fleet's classes, and the H200 the GPU side of this bench is run on."""
 RESULTS = ROOT / "bench/results"
 DEFAULT_PLAN = RESULTS / "serving_validation_plan.json"
+
+
+def default_plan(class_name: str) -> Path:
+    """Where `prepare` writes, and `engine` reads, the plan for a class (h100's kept its name)."""
+    if class_name == "h100":
+        return DEFAULT_PLAN
+    return RESULTS / f"serving_validation_plan_{class_name}.json"
+
+
 RATE_FRACTIONS = (0.7, 0.9, 1.1, 1.3)
 """Engine rates, as fractions of the simulator's goodput for the mode: they bracket it."""
 BLOCK_SIZE = 16
@@ -180,14 +197,14 @@ def attainment(mode: Mode, slo: Slo, ttft_s: np.ndarray, tpot_s: np.ndarray) -> 
 
 
 def load_inputs(
-    deployment_path: Path, classes_path: Path, class_name: str
+    deployment_path: Path, classes_paths: Sequence[Path], class_name: str
 ) -> tuple[ModelDeploymentSpec, AcceleratorClassSpec]:
     from tessera.api.accelerator_class import AcceleratorClass
     from tessera.api.loader import load_kind
     from tessera.api.model_deployment import ModelDeployment
 
     (deployment,) = load_kind([deployment_path], ModelDeployment)
-    classes = {c.metadata.name: c.spec for c in load_kind([classes_path], AcceleratorClass)}
+    classes = {c.metadata.name: c.spec for c in load_kind(list(classes_paths), AcceleratorClass)}
     return deployment.spec, classes[class_name]
 
 
@@ -638,7 +655,7 @@ def percentile_ms(values: np.ndarray, q: float) -> float | None:
     return round(value * 1e3, 1) if math.isfinite(value) else None
 
 
-def compare_mode(record: dict[str, Any], classes: Path) -> dict[str, Any]:
+def compare_mode(record: dict[str, Any], classes: Sequence[Path]) -> dict[str, Any]:
     """Engine and simulator, point by point, for one mode's engine record."""
     mode = Mode(record["mode"])
     class_name = record["accelerator_class"]
@@ -738,10 +755,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("command", choices=["prepare", "engine", "report"])
     parser.add_argument("files", nargs="*", help="report: the engine's JSON files")
     parser.add_argument("--deployment", type=Path, default=DEFAULT_DEPLOYMENT)
-    parser.add_argument("--classes", type=Path, default=DEFAULT_CLASSES)
+    parser.add_argument("--classes", type=Path, nargs="+", default=DEFAULT_CLASSES)
     parser.add_argument("--class", dest="accelerator_class", default="h100")
     parser.add_argument("--modes", nargs="+", default=[m.value for m in Mode])
-    parser.add_argument("--plan", default=str(DEFAULT_PLAN), help="engine: prepare's output")
+    parser.add_argument(
+        "--plan", default=None, help="engine: prepare's output (default: the --class's plan)"
+    )
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
     parser.add_argument("--drain", type=float, default=15.0, help="seconds allowed after")
     parser.add_argument("--warmup", type=float, default=4.0, help="seconds served untimed")
@@ -756,9 +775,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.deployment = args.deployment.resolve()
     if args.command == "prepare":
-        args.out = args.out or str(DEFAULT_PLAN)
+        args.out = args.out or str(default_plan(args.accelerator_class))
         run_prepare(args)
     elif args.command == "engine":
+        args.plan = args.plan or str(default_plan(args.accelerator_class))
         args.out = args.out or str(RESULTS / "serving_validation")
         run_engine(args)
     else:

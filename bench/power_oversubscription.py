@@ -16,7 +16,16 @@ is the reference; N passes when
 The result is the largest passing N/M, the table of every N, and per-priority attainment (who
 paid for the oversubscription). Prints a table; writes JSON under bench/results/power/.
 
+Thresholds matter more than anything else here (bench/results/power/*.log): with the spec's
+default emergencyAbove of 1.0, any round whose mean draw is over the budget sends every device,
+the high tier's too, to its floor, and on these bursty traces a 2-s mean goes from 0.9 to over
+1.0 of the budget in one round, past the 5% band of graded capping. `--emergency-above 1.2`
+leaves the bursts to graded capping (lowest tier first, in slowdown bands) and keeps the floor
+for a runaway; no breach lasts longer than the reaction time either way.
+
     .venv/bin/python bench/power_oversubscription.py            # M=8, N=8..16, 4-min windows
+    .venv/bin/python bench/power_oversubscription.py --emergency-above 1.2 \
+        --out bench/results/power/power_oversubscription_emergency1.2.json
     .venv/bin/python bench/power_oversubscription.py --quick    # fewer points, shorter windows
 """
 

@@ -441,6 +441,7 @@ def main() -> int:
     )
     # The best plan without offload: the largest batch whose full-depth KV fits in free HBM.
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # the offloaded phase's cached blocks are free memory too
         free = torch.cuda.mem_get_info(device)[0]
         full_weight_bytes = (full.num_hidden_layers - layers) * sum(
             t.numel() * t.element_size() for t in vars(weights.layers[0]).values()

@@ -45,6 +45,7 @@ from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.engine import Engine, EngineConfig
 from tessera.agents.engine.kv_cache import BlockAllocator, PagedKVCache
 from tessera.agents.engine.model import LlamaModel
+from tessera.agents.engine.warmup import WarmUpReport
 from tessera.agents.engine.weights import LlamaWeights, load_llama_weights
 
 DEFAULT_SUB_BATCHES = 2
@@ -379,6 +380,17 @@ class OffloadedLlamaModel(LlamaModel):
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+class OffloadedEngine(Engine):
+    """An Engine whose attention runs on a worker: nothing of the device's attention to warm."""
+
+    def warm_up(self) -> WarmUpReport:
+        """No decode graphs and no device attention kernels to compile: those are what the
+        colocated warm-up launches (warmup.py), and here they would only send every reachable
+        (batch, context) variant through the worker. The dense kernels compile on the short
+        warm-up generation the server runs after this."""
+        return WarmUpReport((), 0, 0, 0.0)
+
+
 def offloaded_engine(
     config: LlamaConfig,
     weights: LlamaWeights,
@@ -396,7 +408,7 @@ def offloaded_engine(
     )
     max_len = ec.max_model_len or config.max_position_embeddings
     model = OffloadedLlamaModel(config, weights, client, max_len, sub_batches)
-    return Engine(config, weights, ec, model=model, kv_cache=RemoteKVCache(config, client))
+    return OffloadedEngine(config, weights, ec, model=model, kv_cache=RemoteKVCache(config, client))
 
 
 def offloaded_engine_from_pretrained(

@@ -1,0 +1,58 @@
+"""`tessera serve --role attention` and `--attention-service` as real processes (CPU): a server
+whose KV and attention live in an attention pod serves the local engine's greedy tokens over
+HTTP, and the attention pod answers its probes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx2 as httpx
+import torch
+from conftest import SERVED_NAME, ServerProcess, start_server, stop_server
+from ports import free_port
+from tessera.agents.engine import Engine, EngineConfig, SamplingParams
+
+
+def greedy(server: ServerProcess, prompt: list[int], max_tokens: int) -> list[int]:
+    response = httpx.post(
+        f"{server.base_url}/v1/completions",
+        json={
+            "model": SERVED_NAME,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "return_token_ids": True,
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    token_ids: list[int] = response.json()["choices"][0]["token_ids"]
+    return token_ids
+
+
+def test_a_server_with_offloaded_attention_serves_the_local_greedy_tokens(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    engine = Engine.from_pretrained(tiny_model, EngineConfig(device="cpu", dtype=torch.float32))
+    prompts = [[1, 17, 42, 99, 7, 123, 56], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    expected = [c.output_token_ids for c in engine.generate(prompts, params)]
+    session_port = free_port()
+    worker = start_server(
+        tiny_model, tmp_path / "attention.log", "--role=attention", f"--kv-port={session_port}"
+    )
+    try:
+        assert httpx.get(f"{worker.base_url}/health", timeout=5).status_code == 200
+        server = start_server(
+            tiny_model,
+            tmp_path / "decode.log",
+            f"--attention-service=127.0.0.1:{session_port}",
+        )
+        try:
+            got = [greedy(server, prompt, 12) for prompt in prompts]
+        finally:
+            stop_server(server)
+        assert got == expected
+        assert "attention session from" in worker.log.read_text()
+    finally:
+        stop_server(worker)

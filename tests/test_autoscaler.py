@@ -11,16 +11,22 @@ delay passes without waiting for it.
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from agent_support import start_sim_agent
 from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     Cluster,
     Namespace,
+    OperatorThread,
     cluster_fixture,
     namespace_fixture,
+    wait_for,
 )
+from prometheus_client import CollectorRegistry
+from tessera.agents.instance_stats import InstanceStats
 from tessera.api.common import GROUP, VERSION, utc_now
 from tessera.api.model_deployment import ModelDeploymentSpec, Plan, PoolRole
 from tessera.operator import render
@@ -29,8 +35,10 @@ from tessera.operator.collector import (
     AgentEndpoint,
     AgentStatus,
     AgentView,
+    Collector,
     FleetSnapshot,
     InstanceTelemetry,
+    static_discovery,
 )
 from tessera.operator.reconcile import Kube, reconcile
 
@@ -297,3 +305,95 @@ def test_no_telemetry_never_scales(cluster: Cluster, namespace: Namespace) -> No
     assert md["status"]["autoscaling"]["reason"].startswith("no telemetry")
     assert md["status"]["autoscaling"]["instances"] == 0
     assert replicas_on_server(cluster, namespace.name) == initial
+
+
+# ---- the daemon in the operator -------------------------------------------------------------
+
+
+RATE = "observedRequestRatePerSecond"
+
+
+class CountingEngine:
+    """An `InstanceStatsSource` whose two instances finish requests at `rate` per second of real
+    time (cumulative counters, as an engine reports them)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.rate = 0.0
+        self.completed = 0.0
+        self.at = time.monotonic()
+        self.lock = threading.Lock()
+
+    def set_rate(self, rate: float) -> None:
+        with self.lock:
+            self._advance()
+            self.rate = rate
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        self.completed += self.rate * (now - self.at)
+        self.at = now
+
+    def instance_stats(self) -> list[InstanceStats]:
+        with self.lock:
+            self._advance()
+            half = int(self.completed / 2)
+        return [
+            InstanceStats(f"engine-{i}", self.model, "colocated", (), 0, 0, 0, 0, 0.0, (), (),
+                          half, half * 200)
+            for i in range(2)
+        ]  # fmt: skip
+
+
+def test_the_operator_runs_the_loop_for_an_autoscaled_deployment(
+    cluster: Cluster, namespace: Namespace
+) -> None:
+    """The registered kopf daemon, fed by a real agent's telemetry stream: a rising rate grows
+    the pool's Deployment on the server."""
+    namespace.create_classes("h100")
+    document = namespace.chat_deployment(
+        servingMode="colocated",
+        autoscaling={"enabled": True, "intervalSeconds": 1, "windowSeconds": 4},
+    )
+    document["spec"]["traffic"]["requestRatePerSecond"] = 5.0
+    engine = CountingEngine("chat")
+    engine.set_rate(5.0)
+    agent = start_sim_agent("node-a", sources=[engine])
+    collector = Collector(
+        static_discovery([AgentEndpoint("agent-a", f"127.0.0.1:{agent.port}", "node-a")]),
+        stale_after_s=2.0,
+        backoff_max_s=0.5,
+    )
+    operator = OperatorThread(
+        cluster, namespace.name, agents=collector, metrics_registry=CollectorRegistry()
+    )
+    try:
+        operator.start()
+        cluster.create_md(namespace.name, document)
+
+        def status() -> dict[str, Any] | None:
+            md = cluster.get_md(namespace.name, "chat")
+            return (md or {}).get("status")
+
+        def observed() -> dict[str, Any] | None:
+            current = status() or {}
+            return current if (current.get("autoscaling") or {}).get(RATE) else None
+
+        first = wait_for(observed, "the loop to observe the engine's rate")
+        assert 0 < first["autoscaling"][RATE] < 20  # ~5 req/s, from a window of 1-s samples
+        initial = replicas_on_server(cluster, namespace.name)
+        engine.set_rate(80.0)
+        grown = wait_for(
+            lambda: (n := replicas_on_server(cluster, namespace.name)) > initial and n,
+            "the rising rate to grow the pool",
+        )
+        wait_for(  # the status follows the apply
+            lambda: Plan.model_validate((status() or {})["plan"]).pools[0].replicas >= grown,
+            "status.plan to record the grown pool",
+        )
+        assert any(e.get("reason") == "Scaled" for e in cluster.events(namespace.name, "chat")), (
+            "a Scaled event is posted"
+        )
+    finally:
+        operator.stop()
+        agent.stop()

@@ -17,6 +17,12 @@ One apps/v1 Deployment per pool, named `<md>-<pool>`, and Services:
   a draining colocated pod finds by DNS. Every colocated and decode pod of `tessera serve` has a
   preStop hook, `tessera drain`, that migrates its running requests to its peers before the pod
   goes (scale-down, rollout), with a grace period above the drain deadline.
+- `<md>-<attention pool>` (headless, attention-offload plans): the workers of an attention pool
+  (`tessera serve --role attention`, holding the KV and running the attention of the decode
+  pool the plan's `attentionFor` names); its decode pods get `--attention-service` and each
+  claims an idle worker. A host-memory attention pool (policies/host_memory.py) has neither
+  pods nor Service of its own: host DRAM is reachable only from its host, so its worker is a
+  container of every decode pod, reached on 127.0.0.1.
 
 Every object carries an owner reference to the ModelDeployment (so Kubernetes' garbage collector
 removes it with its owner), the Tessera labels, and a hash of its own content: the same inputs
@@ -41,6 +47,7 @@ from tessera.api.model_deployment import (
     PoolPlan,
     PoolRole,
 )
+from tessera.policies.host_memory import is_host_memory
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "tessera"
@@ -78,6 +85,13 @@ every token it relays)."""
 
 ATTENTION_PORT_NAME = "attention"
 """An attention pool's session port (decode replicas connect to it; `--kv-port`)."""
+ATTENTION_CONTAINER = "attention"
+"""A host-memory attention worker's container, beside the engine in each decode pod."""
+ATTENTION_PROBE_PORT_NAME = "attention-http"
+SIDECAR_PROBE_OFFSET, SIDECAR_SESSION_OFFSET = 2, 3
+"""A sidecar worker's probe and session ports, `engine.port` + these: the pod's network
+namespace is shared with the engine, which holds `engine.port` (and a prefill or migration
+port), so the sidecar takes its own."""
 
 DRAIN_COMMAND = ("tessera", "drain")
 """The preStop hook's command (agents/serving/drain_hook.py), in the same image."""
@@ -174,6 +188,60 @@ def attention_port(spec: ModelDeploymentSpec) -> int:
     return spec.engine.port + 1
 
 
+def sidecar_session_port(spec: ModelDeploymentSpec) -> int:
+    return spec.engine.port + SIDECAR_SESSION_OFFSET
+
+
+def sidecar_attention_pool(
+    plan: Plan, pool: PoolPlan, classes: Mapping[str, AcceleratorClassSpec]
+) -> tuple[PoolPlan, AcceleratorClassSpec] | None:
+    """The attention pool serving `pool` when its class is host memory: its worker must sit on
+    the decode replica's own host, so it runs as a container of the decode pod (one worker per
+    replica, reached on 127.0.0.1) rather than as pods of its own."""
+    attention = plan.attention_pool_for(pool.name)
+    if attention is None:
+        return None
+    class_spec = classes.get(attention.accelerator_class)
+    if class_spec is None or not is_host_memory(class_spec):
+        return None
+    return attention, class_spec
+
+
+def attention_sidecar(
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    plan: Plan,
+    attention: PoolPlan,
+    class_spec: AcceleratorClassSpec,
+) -> dict[str, Any]:
+    """The attention worker's container in a decode pod (`tessera serve --role attention`)."""
+    probe_port = spec.engine.port + SIDECAR_PROBE_OFFSET
+    return {
+        "name": ATTENTION_CONTAINER,
+        "image": spec.engine.container_image,
+        "command": list(ENGINE_COMMAND),
+        "args": engine_args(owner, spec, plan, attention, sidecar_attention=True),
+        "ports": [
+            {"name": ATTENTION_PROBE_PORT_NAME, "containerPort": probe_port, "protocol": "TCP"},
+            {
+                "name": ATTENTION_PORT_NAME,
+                "containerPort": sidecar_session_port(spec),
+                "protocol": "TCP",
+            },
+        ],
+        "resources": resources_for(class_spec, attention.tensor_parallel),
+        "readinessProbe": {
+            "httpGet": {"path": READY_PATH, "port": ATTENTION_PROBE_PORT_NAME},
+            "periodSeconds": 5,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": HEALTH_PATH, "port": ATTENTION_PROBE_PORT_NAME},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+    }
+
+
 def endpoint_url(owner: Owner, spec: ModelDeploymentSpec) -> str:
     """In-cluster URL of the entry Service."""
     return f"http://{service_name(owner)}.{owner.namespace}.svc:{spec.engine.port}"
@@ -216,14 +284,25 @@ def with_config_hash(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def engine_args(owner: Owner, spec: ModelDeploymentSpec, plan: Plan, pool: PoolPlan) -> list[str]:
+def engine_args(
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    plan: Plan,
+    pool: PoolPlan,
+    *,
+    sidecar_attention: bool = False,
+) -> list[str]:
     """Arguments of the Tessera engine for one pool's replicas; `spec.engine.extraArgs` last,
-    so that a user's own flag overrides one rendered here."""
+    so that a user's own flag overrides one rendered here. `sidecar_attention`: the attention
+    worker runs in the decode pod (a host-memory class): the decode engine reaches it on
+    127.0.0.1, and the worker's own ports are the sidecar's."""
+    sidecar_worker = sidecar_attention and pool.role is PoolRole.ATTENTION
+    port = spec.engine.port + (SIDECAR_PROBE_OFFSET if sidecar_worker else 0)
     args = [
         f"--model={spec.model.name}",
         f"--role={pool.role.value}",
         f"--tensor-parallel-size={pool.tensor_parallel}",
-        f"--port={spec.engine.port}",
+        f"--port={port}",
         f"--dtype={spec.model.architecture.dtype.value}",
         f"--max-model-len={spec.model.architecture.max_context_tokens}",
         f"--served-model-name={owner.name}",
@@ -238,13 +317,16 @@ def engine_args(owner: Owner, spec: ModelDeploymentSpec, plan: Plan, pool: PoolP
             f"{spec.engine.port}"
         )
     attention = plan.attention_pool_for(pool.name)
-    if attention is not None:  # Lamina: this pool's KV and attention live on that pool
+    if attention is not None and sidecar_attention:
+        args.append(f"--attention-service=127.0.0.1:{sidecar_session_port(spec)}")
+    elif attention is not None:  # Lamina: this pool's KV and attention live on that pool
         args.append(
             f"--attention-service={attention_service_name(owner, attention)}.{owner.namespace}"
             f".svc:{attention_port(spec)}"
         )
     if pool.role is PoolRole.ATTENTION:
-        args.append(f"--kv-port={attention_port(spec)}")
+        session = sidecar_session_port(spec) if sidecar_worker else attention_port(spec)
+        args.append(f"--kv-port={session}")
     return args + scheduler_args(spec, pool) + list(spec.engine.extra_args)
 
 
@@ -337,8 +419,10 @@ def render_deployment(
     plan: Plan,
     pool: PoolPlan,
     class_spec: AcceleratorClassSpec,
+    sidecar: tuple[PoolPlan, AcceleratorClassSpec] | None = None,
 ) -> dict[str, Any]:
-    """The apps/v1 Deployment of one pool."""
+    """The apps/v1 Deployment of one pool; `sidecar`: the host-memory attention pool whose
+    worker runs in each of its pods (`sidecar_attention_pool`)."""
     labels = pool_labels(owner, pool)
     selector = {
         DEPLOYMENT_LABEL: labels[DEPLOYMENT_LABEL],
@@ -348,7 +432,7 @@ def render_deployment(
         "name": ENGINE_CONTAINER,
         "image": spec.engine.container_image,
         "command": list(ENGINE_COMMAND),
-        "args": engine_args(owner, spec, plan, pool),
+        "args": engine_args(owner, spec, plan, pool, sidecar_attention=sidecar is not None),
         "ports": [{"name": PORT_NAME, "containerPort": spec.engine.port, "protocol": "TCP"}],
         "resources": resources_for(class_spec, pool.tensor_parallel),
         "readinessProbe": {
@@ -368,6 +452,8 @@ def render_deployment(
     if spec.engine.kind is EngineKind.VLLM:
         as_vllm(container, owner, spec, pool)
     pod_spec: dict[str, Any] = {"containers": [container]}
+    if sidecar is not None:
+        pod_spec["containers"].append(attention_sidecar(owner, spec, plan, *sidecar))
     drain = drain_command(owner, spec, plan, pool)
     if drain is not None:
         # Scale-down and rollouts drain: the preStop hook migrates the running requests away
@@ -587,22 +673,32 @@ def render_children(
                 f"pool {pool.name} runs on AcceleratorClass {pool.accelerator_class}, "
                 f"which is not defined (have: {', '.join(sorted(classes)) or 'none'})"
             )
-        children.append(render_deployment(owner, spec, plan, pool, class_spec))
+        if pool.role is PoolRole.ATTENTION and is_host_memory(class_spec):
+            continue  # its workers run in its decode pool's pods (sidecar_attention_pool)
+        sidecar = sidecar_attention_pool(plan, pool, classes)
+        children.append(render_deployment(owner, spec, plan, pool, class_spec, sidecar))
     if is_disaggregated(plan):
         children.append(render_router(owner, spec))
     children.extend(render_services(owner, spec, plan))
-    children.extend(render_attention_services(owner, spec, plan))
+    children.extend(render_attention_services(owner, spec, plan, classes))
     return children
 
 
 def render_attention_services(
-    owner: Owner, spec: ModelDeploymentSpec, plan: Plan
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    plan: Plan,
+    classes: Mapping[str, AcceleratorClassSpec],
 ) -> list[dict[str, Any]]:
-    """A headless Service per attention pool, on its session port: the name its decode pool's
-    pods are given (`--attention-service`); each decode replica claims one idle worker."""
+    """A headless Service per attention pool of its own pods, on its session port: the name its
+    decode pool's pods are given (`--attention-service`); each decode replica claims one idle
+    worker. Host-memory pools have none: their workers are sidecars."""
     services = []
     for pool in plan.pools:
         if pool.role is not PoolRole.ATTENTION:
+            continue
+        class_spec = classes.get(pool.accelerator_class)
+        if class_spec is not None and is_host_memory(class_spec):
             continue
         selector = {DEPLOYMENT_LABEL: label_value(owner.name), POOL_LABEL: label_value(pool.name)}
         service = _service(

@@ -126,3 +126,50 @@ def test_an_attention_pool_must_name_a_decode_pool_of_its_plan(
 ) -> None:
     with pytest.raises(ValidationError, match=re.escape(message)):
         Plan(mode="attention-offload", pools=pools, cost_per_hour=0, power_w=0, rationale="t")
+
+
+def test_host_memory_attention_runs_beside_the_engine_in_each_decode_pod() -> None:
+    """A host's DRAM is only reachable from its own pods: the worker is a sidecar of every
+    decode pod (one per replica, on 127.0.0.1), with no Deployment or Service of its own."""
+    from tessera.policies.host_memory import host_memory_class
+
+    spec = offload_spec()
+    host = host_memory_class(
+        name="node", memory_gib=1024, dram_bandwidth_gbps=300, link_gbps=20, cpu_bf16_tflops=20
+    )
+    all_classes = {**classes(), "host": host}
+    decode = PoolPlan(
+        name="decode-h100", role=PoolRole.DECODE, accelerator_class="h100",
+        tensor_parallel=1, replicas=3,
+    )  # fmt: skip
+    attention = PoolPlan(
+        name="attention-host", role=PoolRole.ATTENTION, accelerator_class="host",
+        tensor_parallel=1, replicas=3, attention_for="decode-h100",
+    )  # fmt: skip
+    prefill = decode.model_copy(update={"name": "prefill-h100", "role": PoolRole.PREFILL})
+    plan = Plan(
+        mode="attention-offload",
+        pools=[prefill, decode, attention],
+        cost_per_hour=0,
+        power_w=0,
+        rationale="t",
+    )
+    children = render.render_children(OWNER, spec, plan, all_classes)
+    for child in children:
+        kubernetes_validate.validate(child, KUBERNETES_VERSION, strict=True)
+    names = {c["metadata"]["name"] for c in children}
+    assert render.workload_name(OWNER, attention) not in names
+    assert render.attention_service_name(OWNER, attention) not in names
+    pod = next(c for c in children if c["metadata"]["name"] == render.workload_name(OWNER, decode))[
+        "spec"
+    ]["template"]["spec"]
+    engine, worker = pod["containers"]
+    assert worker["name"] == render.ATTENTION_CONTAINER
+    engine_args, worker_args = parsed(engine["args"]), parsed(worker["args"])
+    assert worker_args["role"] == "attention"
+    assert engine_args["attention_service"] == f"127.0.0.1:{worker_args['kv_port']}"
+    ports = [p["containerPort"] for c in pod["containers"] for p in c["ports"]]
+    assert len(set(ports)) == len(ports)  # one network namespace: no port taken twice
+    assert {worker_args["port"], worker_args["kv_port"]} <= set(ports)
+    assert engine_args["port"] not in (worker_args["port"], worker_args["kv_port"])
+    assert worker["resources"]["requests"] == {"cpu": "1"}

@@ -339,9 +339,14 @@ class Control:
     """Control of the one device: the agent's RPCs over mutual TLS, or the backend in-process
     where no agent could be started. Records a refused control once and skips it after."""
 
-    def __init__(self, client: Any, backend: Any, uuid: str, min_mhz: int) -> None:
+    def __init__(
+        self, client: Any, backend: Any, uuid: str, min_mhz: int, observe_only: bool = False
+    ) -> None:
         self.client, self.backend, self.uuid, self.min_mhz = client, backend, uuid, min_mhz
-        self.refused: dict[str, str] = {}
+        # --observe-only: every control counts as refused up front, so nothing is ever sent
+        self.refused: dict[str, str] = (
+            {kind: OBSERVE_ONLY for kind in ("limit", "clocks")} if observe_only else {}
+        )
         self.in_force = FREE
         self.calls: list[dict[str, Any]] = []
 
@@ -393,6 +398,9 @@ class Control:
         except Exception as error:  # a backend error, in-process
             return f"{type(error).__name__}: {error}"
         return None
+
+
+OBSERVE_ONLY = "not sent (--observe-only)"
 
 
 def make_certs(folder: Path) -> dict[str, Path]:
@@ -728,6 +736,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "every device to its floor at once",
     )
     parser.add_argument("--interval-s", type=float, default=1.0, help="controlIntervalSeconds")
+    parser.add_argument(
+        "--observe-only",
+        action="store_true",
+        help="send no control and reset nothing: telemetry, load and the controller's decisions "
+        "only (for a GPU whose power limit and clocks must be left as found)",
+    )
     parser.add_argument("--phase-s", type=float, default=None, help="per fixed phase (12)")
     parser.add_argument("--controller-s", type=float, default=None, help="per budget (15)")
     parser.add_argument("--warmup-s", type=float, default=None, help="(10)")
@@ -804,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         agent, client, channel, how = start_agent(backend, folder)
         say(f"control: {how}")
         run.document["control_path"] = how
-        control = Control(client, backend, uuid, info.sm_clock_min_mhz or 0)
+        control = Control(client, backend, uuid, info.sm_clock_min_mhz or 0, args.observe_only)
         if agent is None:  # still the decision path and the device, without the gRPC hop
             telemetry = BackendTelemetry(backend, uuid, 250)
         else:
@@ -829,10 +843,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if load is not None:
             load.stop()
         restore: dict[str, Any] = {}
-        for what, call in (
-            ("agent reset_clocks", lambda: client.reset_clocks(uuid) if client else None),
-            ("agent reset_power_limit", lambda: client.reset_power_limit(uuid) if client else None),
-        ):
+        resets = (
+            ()
+            if args.observe_only
+            else (
+                ("agent reset_clocks", lambda: client.reset_clocks(uuid) if client else None),
+                (
+                    "agent reset_power_limit",
+                    lambda: client.reset_power_limit(uuid) if client else None,
+                ),
+                ("backend reset_sm_clocks", lambda: backend.reset_sm_clocks(uuid)),
+                ("backend reset_power_limit", lambda: backend.reset_power_limit(uuid)),
+            )
+        )
+        for what, call in resets[:2]:
             try:
                 call()
             except Exception as error:  # report and go on restoring
@@ -842,10 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             telemetry.close()
         if agent is not None:
             agent.stop(grace_s=0)  # resets whatever it set
-        for what, call in (
-            ("backend reset_sm_clocks", lambda: backend.reset_sm_clocks(uuid)),
-            ("backend reset_power_limit", lambda: backend.reset_power_limit(uuid)),
-        ):
+        for what, call in resets[2:]:
             try:
                 call()
             except Exception as error:

@@ -22,6 +22,7 @@ request is not moved again for `cooldown_s`, so that a changing load does not bo
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -200,9 +201,11 @@ class SimulatedMigrator:
         self.costs = costs or MigrationCosts()
         self.interval_s = interval_s
         self.cooldown_s = cooldown_s
-        self.links = KvLinks(simulation.cluster.kv_link_gbps)
-        """Migrations' own counters; the interfaces' queues are the instances', shared with
-        prefill->decode transfers."""
+        self.links: KvLinks = dataclasses.replace(
+            simulation.links, transfers=0, busy_s=0.0, tokens=0
+        )
+        """The simulation's link settings with migrations' own counters; the interfaces' queues
+        are the instances', shared with prefill->decode transfers."""
         self.stats = MigrationStats()
         self.groups: list[list[Instance]] = []
         for deployment in simulation.deployments:

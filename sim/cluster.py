@@ -19,6 +19,7 @@ from tessera.api.common import ApiModel
 from tessera.api.loader import InvalidResourceError, describe_validation_error, parse_resource
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.efficiency import Calibration
+from tessera.sim.transfer import MeasuredTransport
 
 
 class SimulatedClusterMeta(ApiModel):
@@ -46,6 +47,14 @@ class SimulatedCluster(ApiModel):
         description="Bandwidth of prefill-to-decode KV transfers, GB/s; default: the lower "
         "networkBandwidthGbps of the two classes.",
     )
+    kv_transport_measurement: str | None = Field(
+        default=None,
+        description="A bench/kv_transfer_bench.py JSON file (relative to this file): KV "
+        "transfers cost its fitted latency + bytes / bandwidth (wins over kvLinkGbps).",
+    )
+    kv_transport: str = Field(
+        default="tcp", description="Which measured transport of that file (tcp, cuda_ipc)."
+    )
 
 
 class ClusterError(ValueError):
@@ -63,6 +72,8 @@ class Cluster:
     kv_link_gbps: float | None = None
     calibrations: dict[str, Calibration] = field(default_factory=dict)
     """Per-class calibration overrides (tests use them to zero fixed overheads)."""
+    kv_transport: MeasuredTransport | None = None
+    """Measured KV transport (sim/transfer.py); every transfer costs what it measured."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.nodes) - set(self.classes))
@@ -113,6 +124,7 @@ class Cluster:
             dict(self.power_cap_w),
             self.kv_link_gbps,
             dict(self.calibrations),
+            self.kv_transport,
         )
 
 
@@ -126,6 +138,7 @@ def load_cluster(paths: Iterable[Path | str]) -> Cluster:
     classes: dict[str, AcceleratorClassSpec] = {}
     status_nodes: dict[str, int] = {}
     clusters: list[SimulatedCluster] = []
+    cluster_dirs: list[Path] = []
     names: list[str] = []
     for path in paths:
         path = Path(path)
@@ -139,6 +152,7 @@ def load_cluster(paths: Iterable[Path | str]) -> Cluster:
             if isinstance(document, dict) and document.get("kind") == "SimulatedCluster":
                 try:
                     clusters.append(SimulatedCluster.model_validate(document))
+                    cluster_dirs.append(path.parent)
                 except ValidationError as error:
                     raise InvalidResourceError(
                         describe_validation_error(error, f"{where} SimulatedCluster")
@@ -155,12 +169,20 @@ def load_cluster(paths: Iterable[Path | str]) -> Cluster:
         raise ClusterError("the cluster files define no AcceleratorClass")
     if clusters:
         (spec,) = clusters
+        measured = None
+        if spec.kv_transport_measurement is not None:
+            file = cluster_dirs[0] / spec.kv_transport_measurement
+            try:
+                measured = MeasuredTransport.from_bench(file, spec.kv_transport)
+            except (OSError, ValueError, KeyError) as error:
+                raise ClusterError(f"kvTransportMeasurement {file}: {error}") from error
         return Cluster(
             spec.metadata.name,
             classes,
             dict(spec.nodes),
             dict(spec.power_cap_w),
             spec.kv_link_gbps,
+            kv_transport=measured,
         )
     if not status_nodes:
         raise ClusterError(

@@ -150,7 +150,7 @@ class Simulation:
         self.sequence = 0
         self.now = 0.0
         self.preemptions = 0
-        self.links = KvLinks(cluster.kv_link_gbps)
+        self.links = KvLinks(cluster.kv_link_gbps, measured=cluster.kv_transport)
         self.handoff = KvHandoff(self)
         """Prefill -> decode: dispatch, KV transfer, arrival (sim/handoff.py)."""
         self._merge(workloads)

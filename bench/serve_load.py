@@ -412,7 +412,10 @@ def loop_closed(args: argparse.Namespace, hosted: Hosted, clients: int) -> Run:
                 if event.finished:
                     done.set()
 
-            params = SamplingParams(max_new_tokens=args.max_tokens, ignore_eos=True)
+            # greedy, as the HTTP requests ask (temperature 0)
+            params = SamplingParams(
+                max_new_tokens=args.max_tokens, ignore_eos=True, temperature=0.0
+            )
             prompt = prompt_ids(args.prompt_tokens, index, hosted.vocab)
             loop.submit(prompt, params, sink).result()
             if not done.wait(1800):

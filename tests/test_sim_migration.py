@@ -144,11 +144,11 @@ def test_bad_costs_name_the_field(tmp_path: Path) -> None:
 
 
 def stepped_load() -> Workload:
-    """1 req/s, then 40 req/s for 140 s, then 1 req/s again (Poisson, seeded); long answers, so
+    """1 req/s, then 25 req/s for 100 s, then 1 req/s again (Poisson, seeded); long answers, so
     that replicas drained when the load falls still hold requests."""
     rng = np.random.default_rng(3)
     times: list[float] = []
-    for start, end, rate in ((0, 60, 1.0), (60, 200, 40.0), (200, 400, 1.0)):
+    for start, end, rate in ((0, 40, 1.0), (40, 140, 25.0), (140, 300, 1.0)):
         t = float(start)
         while True:
             t += rng.exponential(1.0 / rate)
@@ -193,7 +193,7 @@ def test_the_pool_scales_up_with_the_rate_and_down_only_after_the_delay() -> Non
     simulation, scaler, _ = autoscaled(migration=False)
     counts = [(d.time_s, sum(d.replicas.values())) for d in scaler.decisions]
     peak_time, peak = max(counts, key=lambda c: c[1])
-    assert peak > 1 and 60 <= peak_time <= 220
+    assert peak > 1 and 40 <= peak_time <= 160
     ups = [d for d in scaler.decisions if d.changed and d.reason.startswith("scale up")]
     downs = [d for d in scaler.decisions if d.changed and d.reason.startswith("scale down")]
     assert ups and downs
@@ -210,7 +210,8 @@ def test_a_draining_replica_gets_no_new_request_and_migration_empties_it_sooner(
     _, moved, migrator = autoscaled(migration=True)
     assert migrator is not None and migrator.stats.by_reason.get("drain", 0) > 0
     assert plain.drained and moved.drained
-    assert max(moved.drain_s) <= max(plain.drain_s)
+    assert max(plain.drain_s) > 0, "the scenario must drain replicas that still hold requests"
+    assert max(moved.drain_s) < max(plain.drain_s)
     for scaler in (plain, moved):
         off = [r for r in scaler.replicas if r.state is ReplicaState.OFF]
         assert off and all(not r.instance.running for r in off)

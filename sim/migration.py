@@ -80,26 +80,31 @@ class MigrationCosts:
 
     @classmethod
     def from_json(cls, path: Path | str) -> MigrationCosts:
-        """Measured costs: `{"points": [{"context_tokens": N, "stall_ms": S,
-        "precopy_bytes": B, "precopy_s": T}, ...]}` (bench output; bytes and time optional) or
-        `{"stall_ms": {"1024": S, ...}, "precopy_gbps": G}`."""
+        """Measured costs: `bench/migration_bench.py`'s JSON (`{"rows": [{"context_tokens": N,
+        "stall_ms": S, "precopy_mib": M, "precopy_s": T}, ...]}`, repeats per context: the
+        median stall is taken), the same under `"points"` (with `precopy_bytes` or
+        `precopy_mib`), or `{"stall_ms": {"1024": S, ...}, "precopy_gbps": G}`."""
         data = json.loads(Path(path).read_text())
         if not isinstance(data, Mapping):
             raise ValueError(f"{path}: expected a JSON object")
         pairs: list[tuple[float, float]] = []
         gbps = data.get("precopy_gbps")
-        if isinstance(data.get("points"), list):
+        rows = data.get("rows", data.get("points"))
+        if isinstance(rows, list):
+            stalls: dict[float, list[float]] = {}
             rates = []
-            for point in data["points"]:
-                pairs.append((float(point["context_tokens"]), float(point["stall_ms"])))
-                if point.get("precopy_bytes") and point.get("precopy_s"):
-                    rates.append(float(point["precopy_bytes"]) / float(point["precopy_s"]) / 1e9)
+            for row in rows:
+                stalls.setdefault(float(row["context_tokens"]), []).append(float(row["stall_ms"]))
+                size = row.get("precopy_bytes") or float(row.get("precopy_mib") or 0) * 2**20
+                if size and row.get("precopy_s"):
+                    rates.append(float(size) / float(row["precopy_s"]) / 1e9)
+            pairs = [(context, float(np.median(values))) for context, values in stalls.items()]
             if gbps is None and rates:
                 gbps = float(np.median(rates))
         elif isinstance(data.get("stall_ms"), Mapping):
             pairs = [(float(k), float(v)) for k, v in data["stall_ms"].items()]
         else:
-            raise ValueError(f"{path}: needs 'points' (a list) or 'stall_ms' (an object)")
+            raise ValueError(f"{path}: needs 'rows' or 'points' (a list) or 'stall_ms' (an object)")
         pairs.sort()
         return cls(
             precopy_gbps=float(gbps) if gbps is not None else None,

@@ -134,6 +134,15 @@ def test_bad_costs_name_the_field(tmp_path: Path) -> None:
         MigrationCosts(precopy_gbps=0.0)
     with pytest.raises(ValueError, match="stall_context_tokens must increase"):
         MigrationCosts(stall_context_tokens=(2.0, 1.0), stall_ms=(1.0, 1.0))
+    bench = tmp_path / "migration_bench.json"  # bench/migration_bench.py's shape: repeats
+    rows = [
+        {"context_tokens": 1024, "stall_ms": ms, "precopy_mib": 128.0, "precopy_s": 0.01}
+        for ms in (10.0, 12.0, 30.0)
+    ]
+    bench.write_text(json.dumps({"rows": rows, "median_stall_ms_by_context": {"1024": 12.0}}))
+    from_bench = MigrationCosts.from_json(bench)
+    assert from_bench.stall_ms == (12.0,)
+    assert from_bench.precopy_gbps == pytest.approx(128 * 2**20 / 0.01 / 1e9)
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):

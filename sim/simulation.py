@@ -207,16 +207,12 @@ class Simulation:
     def _build(self, index: int, setup: DeploymentSetup) -> _Deployment:
         arch = setup.spec.model.architecture
         pools = setup.plan.pools
-        attention_for: dict[int, PoolPlan] = {}
-        for i, pool in enumerate(pools):
-            if pool.role is PoolRole.ATTENTION:
-                decode = [j for j in range(i) if pools[j].role is PoolRole.DECODE]
-                if not decode:
-                    raise SimulationSetupError(
-                        f"{setup.name}: attention pool {pool.name} has no decode pool before it "
-                        "to serve (an attention pool follows the decode pool it offloads)"
-                    )
-                attention_for[decode[-1]] = pool
+        # The plan names the decode pool each attention pool serves (`attentionFor`).
+        attention_for = {
+            i: attention
+            for i, pool in enumerate(pools)
+            if (attention := setup.plan.attention_pool_for(pool.name)) is not None
+        }
         entry: list[tuple[_Pool, StepCost, PoolRole]] = []
         decode_pools: list[tuple[_Pool, StepCost, PoolRole]] = []
         built: list[_Pool] = []

@@ -16,7 +16,7 @@ import pytest
 import torch
 from engine_helpers import process_running, random_prompts, wait_until, write_checkpoint
 from tessera.agents.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig
-from tessera.agents.engine.attention import AttentionMetadata
+from tessera.agents.engine.attention import AttentionMetadata, consecutive_first_blocks
 from tessera.agents.engine.attention_offload import (
     AttentionClient,
     connect,
@@ -159,3 +159,10 @@ def test_sub_batches_split_decode_rows_and_keep_prefill_steps_whole() -> None:
     assert sub_batch_cuts(decode, 5, 1) == [(0, 5)]
     single = AttentionMetadata(slot_mapping=torch.zeros(1, dtype=torch.long), num_decode_tokens=1)
     assert sub_batch_cuts(single, 1, 2) == [(0, 1)]
+
+
+def test_rows_of_consecutive_blocks_are_read_through_views_and_others_gathered() -> None:
+    tables = torch.tensor([[1, 2, 3, 0], [5, 7, 8, 0], [9, 10, 0, 0], [4, 0, 0, 0]])
+    # Block size 4: 9 tokens take 3 blocks, 5 take 2; padding past a row's blocks is ignored.
+    assert consecutive_first_blocks(tables, [9, 9, 5, 2], 4) == [1, None, 9, 4]
+    assert consecutive_first_blocks(tables[:, :1], [3, 3, 3, 3], 4) == [1, 5, 9, 4]

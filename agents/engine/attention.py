@@ -47,6 +47,10 @@ class AttentionMetadata:
     decode_max_context_len: int = 0
     """Bound on decode_context_lens; fixes the kernel's grid (a CUDA graph's capacity)."""
     decode_context_lens_host: list[int] | None = None
+    decode_first_blocks: list[int | None] | None = None
+    """The torch decode path's: per decode row, its first block id when its blocks are
+    consecutive (the cache is then read through a view), else None (gathered). Built by the
+    first layer and reused by the others, which read the same blocks."""
     prefill_spans: list[PrefillSpan] = field(default_factory=list)
     paged_prefill: PagedPrefillBatch | None = None
     """The later chunks' launch arguments, built by the first layer that needs them."""
@@ -248,11 +252,20 @@ def decode_attention(
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // kv_heads
     block_size = k_cache.shape[1]
+    firsts = meta.decode_first_blocks
+    if firsts is None:
+        firsts = consecutive_first_blocks(meta.decode_block_tables, lens, block_size)
+        meta.decode_first_blocks = firsts
     out = torch.empty_like(q)
     for i, context_len in enumerate(lens):
-        keys, values = _sequence_kv(
-            meta.decode_block_tables[i, : -(-context_len // block_size)], k_cache, v_cache
-        )
+        count, first = -(-context_len // block_size), firsts[i]
+        if first is not None:
+            keys = k_cache[first : first + count].flatten(0, 1)
+            values = v_cache[first : first + count].flatten(0, 1)
+        else:
+            index = meta.decode_block_tables[i, :count].long()
+            keys = k_cache.index_select(0, index).flatten(0, 1)
+            values = v_cache.index_select(0, index).flatten(0, 1)
         # Each KV head a "head" of one batch row, its `group` query heads as query rows:
         # grouped-query attention without copying K/V once per query head, through the 4-D
         # flash kernel (3-D inputs or enable_gqa take the math path), which reads the strided
@@ -267,18 +280,19 @@ def decode_attention(
     return out
 
 
-def _sequence_kv(
-    blocks: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence's K and V [blocks * block_size, KV heads, D]: views of the cache when its
-    blocks are consecutive (as a fresh allocator hands them out), a gather otherwise."""
-    first, count = int(blocks[0]), blocks.shape[0]
-    if count == 1 or bool((blocks.diff() == 1).all()):
-        return k_cache[first : first + count].flatten(0, 1), v_cache[first : first + count].flatten(
-            0, 1
-        )
-    index = blocks.long()
-    return (
-        k_cache.index_select(0, index).flatten(0, 1),
-        v_cache.index_select(0, index).flatten(0, 1),
-    )
+def consecutive_first_blocks(
+    tables: torch.Tensor, lens: list[int], block_size: int
+) -> list[int | None]:
+    """Per row of `tables` [B, W]: its first block id when the blocks covering `lens[i]` tokens
+    are consecutive ids (as a fresh allocator hands them out), else None. One vectorised pass
+    for the whole batch instead of a few small ops per sequence and layer."""
+    table = tables.long()
+    firsts: list[int] = table[:, 0].tolist()
+    if table.shape[1] == 1:
+        every: list[int | None] = list(firsts)
+        return every
+    counts = torch.tensor([-(-n // block_size) for n in lens], dtype=torch.long)
+    step_one = (table[:, 1:] - table[:, :-1]) == 1
+    beyond = torch.arange(table.shape[1] - 1)[None, :] >= (counts - 1)[:, None]
+    consecutive: list[bool] = (step_one | beyond).all(dim=1).tolist()
+    return [f if ok else None for f, ok in zip(firsts, consecutive, strict=True)]

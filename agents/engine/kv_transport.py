@@ -14,9 +14,11 @@ little-endian. The CRC catches damage to the framing itself at once (a flipped l
 otherwise read garbage for the rest of the stream); the package's own checksums are the
 end-to-end check. Lengths are bounded, so a corrupted length cannot allocate without limit.
 
-The interface is what another transport implements: same-host CUDA IPC would send memory
-handles in place of the block frames, NIXL/UCX a remote-memory descriptor; `KVChannel` and
-`KVTransport` are the seams, and the JSON messages stay on the TCP control stream.
+The interface is what another transport implements: same-host CUDA IPC
+(`kv_transport_cuda_ipc.py`) sends a memory handle in place of the block frames, NIXL/UCX would
+send a remote-memory descriptor; `KVChannel` and `KVTransport` are the seams, and the JSON
+messages stay on the TCP control stream. Each end describes itself with a `KVEndpoint` (host,
+device, the transports it runs) and `choose_transport` picks the fastest both can use.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class FrameKind(enum.IntEnum):
     PACKAGE_HEADER = 2
     BLOCK = 3
     PACKAGE_END = 4
+    CUDA_IPC_PACKAGE = 5
+    """A package's header and the CUDA IPC handle of its blocks (kv_transport_cuda_ipc.py)."""
 
 
 class KVTransportError(ConnectionError):
@@ -75,6 +79,12 @@ def flip_one_bit(data: bytes) -> bytes:
 
 class KVChannel(abc.ABC):
     """One transfer's connection: JSON messages and KV packages, both ways."""
+
+    def negotiate(self, requested: str | None) -> str:
+        """The transport the receiver asked for (in its request message), granted when this
+        channel can carry it; returns what packages will travel by. TCP frames are always
+        possible."""
+        return "tcp"
 
     @abc.abstractmethod
     async def send_message(self, message: dict[str, Any]) -> None: ...
@@ -122,6 +132,72 @@ class KVTransport(abc.ABC):
 
     @abc.abstractmethod
     async def listen(self, host: str, port: int, handler: ChannelHandler) -> KVListener: ...
+
+
+TRANSPORT_PREFERENCE = ("cuda_ipc", "tcp")
+"""Fastest first. NIXL/UCX would go before tcp: RDMA between hosts."""
+
+
+@dataclass(frozen=True)
+class KVEndpoint:
+    """What one end tells the other about itself (a prefill instance in its KV endpoint's
+    answer; a decode instance knows its own)."""
+
+    host_id: str
+    """The kernel's boot id: equal for two containers on one node, different across nodes."""
+    device: str
+    """The GPU's UUID, or "cpu"."""
+    transports: tuple[str, ...] = ("tcp",)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"host_id": self.host_id, "device": self.device, "transports": list(self.transports)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> KVEndpoint:
+        """The peer's description; a peer that sent none (an older server) speaks TCP only."""
+        if not isinstance(data, dict):
+            return cls(host_id="", device="unknown")
+        transports = data.get("transports")
+        names = (
+            tuple(t for t in transports if isinstance(t, str))
+            if isinstance(transports, list)
+            else ()
+        )
+        return cls(
+            str(data.get("host_id", "")), str(data.get("device", "unknown")), names or ("tcp",)
+        )
+
+
+def choose_transport(local: KVEndpoint, remote: KVEndpoint) -> str:
+    """The fastest transport both ends run: CUDA IPC only between two processes on the same
+    host and the same GPU (a handle means nothing in another machine's or GPU's memory); TCP
+    otherwise. Raises KVTransportError when they share none."""
+    for name in TRANSPORT_PREFERENCE:
+        if name not in local.transports or name not in remote.transports:
+            continue
+        if name == "cuda_ipc" and not (
+            local.host_id
+            and local.host_id == remote.host_id
+            and local.device not in ("cpu", "unknown")
+            and local.device == remote.device
+        ):
+            continue
+        return name
+    raise KVTransportError(
+        f"no KV transport in common: this end runs {', '.join(local.transports)}, "
+        f"the peer {', '.join(remote.transports)}"
+    )
+
+
+def host_id() -> str:
+    """The kernel's boot id (shared by every container of a node), else the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        import socket
+
+        return socket.gethostname()
 
 
 def decode_message(payload: bytes) -> dict[str, Any]:

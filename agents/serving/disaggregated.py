@@ -20,6 +20,12 @@ What can go wrong, and what happens:
 - The request ends at its first token on the prefill instance (EOS, max_tokens 1): nothing to
   transfer; the decode instance computes it (one token).
 
+Transport: the prefill instance's KV endpoint answers its `KVEndpoint` (host, GPU, transports)
+and the decode instance picks with `choose_transport`: CUDA IPC when both run on the same host
+and GPU (the blocks never leave the GPU's memory), TCP otherwise; it names its choice in the
+request message, and the prefill instance's channel grants it (`KVChannel.negotiate`). A handle
+the decode side cannot open falls back to TCP frames on the same channel.
+
 Test hook: `--fault-corrupt-kv-every N` makes a prefill instance flip one bit in every Nth
 package it sends, after the checksums were taken. It exists for the CI test that proves
 corruption is caught, and is never rendered by the operator.
@@ -49,10 +55,13 @@ from tessera.agents.engine.kv_transfer import KVPackage, KVTransferError
 from tessera.agents.engine.kv_transport import (
     FrameKind,
     KVChannel,
+    KVEndpoint,
     KVTransport,
     KVTransportError,
     TcpTransport,
+    choose_transport,
     decode_message,
+    host_id,
 )
 from tessera.agents.engine.request import SamplingParams
 from tessera.agents.engine.serving_loop import QueueFullError, ServingLoop, TokenEvent
@@ -63,7 +72,7 @@ from tessera.agents.serving.metrics import LABELS
 log = logging.getLogger(__name__)
 
 KV_TRANSPORT_PATH = "/tessera/v1/kv-transport"
-"""A prefill instance's KV endpoint: `{"transport": "tcp", "port": N}`."""
+"""A prefill instance's KV endpoint: `{"transport": name, "port": N, "endpoint": KVEndpoint}`."""
 CONNECT_TIMEOUT_S = 2.0
 
 
@@ -163,6 +172,7 @@ class PrefillService:
     async def handle(self, channel: KVChannel) -> None:
         try:
             request = await channel.receive_message()
+            channel.negotiate(request.get("kv_transport"))
             answer = await self._prefill(request)
         except KVTransportError as error:
             log.warning("KV channel failed before its prefill: %s", error)
@@ -218,10 +228,14 @@ class PrefillClient:
         transport: KVTransport,
         default_prefill: str | None,
         timeout_s: float,
+        local: KVEndpoint | None = None,
+        transports: Mapping[str, KVTransport] | None = None,
     ) -> None:
         self.metrics, self.transport, self.timeout_s = metrics, transport, timeout_s
         self.default_prefill = default_prefill
-        self._kv_ports: dict[str, int] = {}
+        self.local = local or KVEndpoint(host_id(), "cpu", (transport.name,))
+        self.transports = dict(transports or {transport.name: transport})
+        self._kv_ports: dict[str, tuple[int, KVEndpoint]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     async def __call__(
@@ -252,25 +266,35 @@ class PrefillClient:
             self.metrics.seconds.labels(**self.metrics.labels).observe(time.monotonic() - started)
         return package
 
-    async def _kv_address(self, base: str) -> str:
-        port = self._kv_ports.get(base)
-        if port is None:
+    async def _kv_address(self, base: str) -> tuple[str, KVTransport]:
+        """The prefill instance's KV address and the transport to reach it by."""
+        known = self._kv_ports.get(base)
+        if known is None:
             if self._session is None:
                 self._session = aiohttp.ClientSession()
             timeout = aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S)
             async with self._session.get(base + KV_TRANSPORT_PATH, timeout=timeout) as answer:
                 answer.raise_for_status()
-                port = int((await answer.json())["port"])
-            self._kv_ports[base] = port
-        return f"{urlparse(base).hostname}:{port}"
+                body = await answer.json()
+            known = (int(body["port"]), KVEndpoint.from_dict(body.get("endpoint")))
+            self._kv_ports[base] = known
+        port, remote = known
+        name = choose_transport(self.local, remote)
+        return f"{urlparse(base).hostname}:{port}", self.transports[name]
 
     async def _pull(self, base: str, prompt: list[int], params: SamplingParams) -> KVPackage | None:
-        channel = await self.transport.connect(await self._kv_address(base), CONNECT_TIMEOUT_S)
+        address, transport = await self._kv_address(base)
+        channel = await transport.connect(address, CONNECT_TIMEOUT_S)
         try:
             request_id = f"kv-{uuid.uuid4().hex}"
             sampling = params.to_dict()
             await channel.send_message(
-                {"request_id": request_id, "prompt_token_ids": prompt, "sampling": sampling}
+                {
+                    "request_id": request_id,
+                    "prompt_token_ids": prompt,
+                    "sampling": sampling,
+                    "kv_transport": transport.name,
+                }
             )
             kind, payload = await asyncio.wait_for(channel.receive(), self.timeout_s)
             if kind == FrameKind.MESSAGE:
@@ -292,12 +316,17 @@ def attach(
     prefill_service: str | None,
     corrupt_every: int,
     timeout_s: float,
+    device: str | None = None,
 ) -> None:
-    """Give a prefill or decode server its KV side (after `build_app`, before serving)."""
+    """Give a prefill or decode server its KV side (after `build_app`, before serving).
+    `device`: the engine's (None: cuda when present), for the same-GPU transport."""
     metrics = KVMetrics(served)
-    transport = TcpTransport(timeout_s=timeout_s)
+    endpoint, transports = local_transports(device, timeout_s)
+    transport = transports[endpoint.transports[0]]
     if role == "decode":
-        served.prefill = PrefillClient(metrics, transport, prefill_service, timeout_s)
+        served.prefill = PrefillClient(
+            metrics, transports["tcp"], prefill_service, timeout_s, endpoint, transports
+        )
         return
     service = PrefillService(served, metrics, corrupt_every)
     serve_app = app.router.lifespan_context
@@ -317,7 +346,7 @@ def attach(
 
     @app.get(KV_TRANSPORT_PATH)
     async def kv_transport() -> dict[str, Any]:
-        return {"transport": transport.name, "port": kv_port}
+        return {"transport": transport.name, "port": kv_port, "endpoint": endpoint.as_dict()}
 
     @app.middleware("http")
     async def no_client_requests(request: Request, call_next: RequestResponseEndpoint) -> Response:
@@ -330,3 +359,26 @@ def attach(
             body = {"error": {"message": message, "type": "invalid_request_error", "param": None}}
             return JSONResponse(body, status_code=400)
         return await call_next(request)
+
+
+def local_transports(
+    device: str | None, timeout_s: float
+) -> tuple[KVEndpoint, dict[str, KVTransport]]:
+    """This instance's KV endpoint and its transports by name, fastest first: CUDA IPC where
+    the engine runs on a GPU whose UUID is known, TCP always."""
+    import torch
+
+    tcp = TcpTransport(timeout_s=timeout_s)
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.device(name)
+    if cuda.type != "cuda" or not torch.cuda.is_available():
+        return KVEndpoint(host_id(), "cpu", ("tcp",)), {"tcp": tcp}
+    from tessera.agents.engine.kv_transport_cuda_ipc import CUDA_IPC, CudaIpcTransport
+
+    index = cuda.index if cuda.index is not None else torch.cuda.current_device()
+    uuid_of = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid_of is None:  # no way to tell two processes' GPUs apart: TCP only
+        return KVEndpoint(host_id(), "unknown", ("tcp",)), {"tcp": tcp}
+    ipc = CudaIpcTransport(torch.device("cuda", index), timeout_s)
+    endpoint = KVEndpoint(host_id(), str(uuid_of), (CUDA_IPC, "tcp"))
+    return endpoint, {CUDA_IPC: ipc, "tcp": tcp}

@@ -13,9 +13,9 @@ a channel per transfer as a decode instance does. Measured, on the decode side's
 - TTFT overhead vs colocated at 1k / 4k / 8k-token prompts, with random weights in both
   engines: colocated is the prefill engine's time to its first token (the decode engine gets
   only the answer); disaggregated adds the export, the transfer and the decode engine's
-  import_kv (the point from which a decode server streams). Over TCP the export is
-  `Engine.export_kv` (host copy and checksums, as the server does today); over CUDA IPC the
-  blocks are read on the device (`kv_cache.read_blocks`) and shared as they are.
+  import_kv (the point from which a decode server streams): `Engine.export_kv` as the prefill
+  server calls it, over TCP with a host copy and checksums, over CUDA IPC with `on_device`
+  (the blocks stay on the GPU and are shared as they are).
 
 The transfer rows are what `sim/transfer.py` fits (`MeasuredTransport.from_bench`) into a fixed
 latency and a bandwidth per transport.
@@ -201,26 +201,9 @@ class PrefillSide:
                 engine.pop_finished(request_id)
             await channel.send_message({"finished": True})
             return
-        if transport == "tcp":
-            package = engine.export_kv(request_id)
-        else:
-            seq = engine.requests[request_id]
-            used = engine.kv_cache.blocks_for_tokens(seq.num_computed_tokens)
-            blocks = engine.kv_cache.read_blocks(seq.block_ids[:used])
-            package = KVPackage(
-                request_id=request_id,
-                geometry=engine.kv_geometry,
-                prompt_token_ids=list(seq.prompt_token_ids),
-                output_token_ids=list(seq.output_token_ids),
-                num_computed_tokens=seq.num_computed_tokens,
-                sampling=seq.params.to_dict(),
-                blocks=blocks,
-                checksum_algorithm=UNCHECKED,
-                block_checksums=[],
-            )
+        # TCP: the host copy and a checksum per block; CUDA IPC: the blocks stay on the GPU.
+        package = engine.export_kv(request_id, on_device=transport != "tcp")
         await channel.send_package(package)
-        if transport != "tcp":
-            engine.abort(request_id)
         with contextlib.suppress(KeyError, ValueError):
             engine.pop_finished(request_id)
 

@@ -25,6 +25,7 @@ from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphRunner
 from tessera.agents.engine.kv_cache import OutOfKVBlocksError, PagedKVCache
 from tessera.agents.engine.kv_transfer import (
+    UNCHECKED,
     KVGeometry,
     KVPackage,
     KVTransferError,
@@ -428,10 +429,13 @@ class Engine:
             dtype=str(self.kv_cache.dtype).removeprefix("torch."),
         )
 
-    def export_kv(self, request_id: str) -> KVPackage:
+    def export_kv(self, request_id: str, on_device: bool = False) -> KVPackage:
         """Hand a parked or decoding request's KV blocks out; the request leaves this engine.
 
         Between steps only: a request is exportable once its prompt is fully computed.
+        `on_device`: the blocks stay on the cache's device and carry no checksums (UNCHECKED),
+        for a same-GPU transport (CUDA IPC): they never cross a wire, and hashing them would
+        copy them to the host, the cost that transport avoids.
         """
         seq = self._get(request_id)
         exportable = seq.state is RequestState.PARKED or (
@@ -443,15 +447,29 @@ class Engine:
                 f"{seq.num_pending_tokens} tokens pending; export after its prefill completes"
             )
         used = self.kv_cache.blocks_for_tokens(seq.num_computed_tokens)
-        package = KVPackage.build(
-            request_id=seq.request_id,
-            geometry=self.kv_geometry,
-            prompt_token_ids=seq.prompt_token_ids,
-            output_token_ids=seq.output_token_ids,
-            num_computed_tokens=seq.num_computed_tokens,
-            sampling=seq.params.to_dict(),
-            blocks=self.kv_cache.read_blocks(seq.block_ids[:used]),
-        )
+        blocks = self.kv_cache.read_blocks(seq.block_ids[:used])
+        if on_device:
+            package = KVPackage(
+                request_id=seq.request_id,
+                geometry=self.kv_geometry,
+                prompt_token_ids=list(seq.prompt_token_ids),
+                output_token_ids=list(seq.output_token_ids),
+                num_computed_tokens=seq.num_computed_tokens,
+                sampling=seq.params.to_dict(),
+                blocks=blocks,
+                checksum_algorithm=UNCHECKED,
+                block_checksums=[],
+            )
+        else:
+            package = KVPackage.build(
+                request_id=seq.request_id,
+                geometry=self.kv_geometry,
+                prompt_token_ids=seq.prompt_token_ids,
+                output_token_ids=seq.output_token_ids,
+                num_computed_tokens=seq.num_computed_tokens,
+                sampling=seq.params.to_dict(),
+                blocks=blocks,
+            )
         self.complete_export(request_id)
         return package
 

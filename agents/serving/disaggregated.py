@@ -23,8 +23,10 @@ What can go wrong, and what happens:
 Transport: the prefill instance's KV endpoint answers its `KVEndpoint` (host, GPU, transports)
 and the decode instance picks with `choose_transport`: CUDA IPC when both run on the same host
 and GPU (the blocks never leave the GPU's memory), TCP otherwise; it names its choice in the
-request message, and the prefill instance's channel grants it (`KVChannel.negotiate`). A handle
-the decode side cannot open falls back to TCP frames on the same channel.
+request message, and the prefill instance's channel grants it (`KVChannel.negotiate`); the
+prefill engine then exports the request's KV on the GPU without checksums (nothing to corrupt in
+transit) unless the corruption test hook is on. A handle the decode side cannot open falls back
+to TCP frames, checksummed, on the same channel.
 
 Test hook: `--fault-corrupt-kv-every N` makes a prefill instance flip one bit in every Nth
 package it sends, after the checksums were taken. It exists for the CI test that proves
@@ -97,8 +99,15 @@ class PrefillLoop(ServingLoop):
     for the next prompt while the package travels."""
 
     def submit_prefill(
-        self, prompt: list[int], params: SamplingParams, request_id: str, timeout_s: float
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        request_id: str,
+        timeout_s: float,
+        on_device: bool = False,
     ) -> Future[PrefillResult]:
+        """`on_device`: export the KV on the GPU without checksums (`Engine.export_kv`), for a
+        channel that shares it by CUDA IPC."""
         result: Future[PrefillResult] = Future()
 
         def sink(event: TokenEvent) -> None:
@@ -106,7 +115,7 @@ class PrefillLoop(ServingLoop):
                 return
             if event.parked:
                 try:
-                    package = self.engine.export_kv(event.request_id)
+                    package = self.engine.export_kv(event.request_id, on_device=on_device)
                 except Exception as error:  # still in the engine: the abort frees its KV
                     self.abort(event.request_id)
                     result.set_exception(error)
@@ -172,8 +181,10 @@ class PrefillService:
     async def handle(self, channel: KVChannel) -> None:
         try:
             request = await channel.receive_message()
-            channel.negotiate(request.get("kv_transport"))
-            answer = await self._prefill(request)
+            granted = channel.negotiate(request.get("kv_transport"))
+            # The test hook's damage must stay detectable: no unchecked packages under it.
+            on_device = granted == "cuda_ipc" and not self.corrupt_every
+            answer = await self._prefill(request, on_device)
         except KVTransportError as error:
             log.warning("KV channel failed before its prefill: %s", error)
             return
@@ -198,7 +209,7 @@ class PrefillService:
         with contextlib.suppress(KVTransportError):
             await channel.send_message({"error": message})
 
-    async def _prefill(self, request: dict[str, Any]) -> PrefillResult:
+    async def _prefill(self, request: dict[str, Any], on_device: bool = False) -> PrefillResult:
         loop = self.served.loop
         if not isinstance(loop, PrefillLoop):
             raise RuntimeError("the model is still loading")
@@ -209,7 +220,7 @@ class PrefillService:
         params = SamplingParams.from_dict(request.get("sampling") or {})
         timeout = self.served.request_timeout_s or 600.0
         try:
-            future = loop.submit_prefill(prompt, params, request_id, timeout)
+            future = loop.submit_prefill(prompt, params, request_id, timeout, on_device)
         except QueueFullError as error:
             raise RuntimeError(f"prefill instance busy: {error}") from error
         try:

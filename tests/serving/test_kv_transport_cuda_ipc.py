@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from engine_helpers import random_prompts, write_checkpoint
+from tessera.agents.engine import Engine, EngineConfig, EngineRole, SamplingParams
 from tessera.agents.engine.kv_transfer import (
     UNCHECKED,
     KVChecksumError,
@@ -224,6 +227,36 @@ def test_a_handle_naming_an_unknown_class_or_type_is_refused() -> None:
         7,
         None,
     )
+
+
+# --- the engine's device-resident export -------------------------------------------------------
+
+
+def test_an_on_device_export_continues_elsewhere_with_the_colocated_tokens(
+    tmp_path: Path,
+) -> None:
+    """What a prefill engine hands a CUDA IPC channel: blocks where its cache is, no checksums;
+    imported by a decode engine, the request gives the colocated engine's greedy tokens."""
+    write_checkpoint(tmp_path, seed=11)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    prompt = random_prompts([13], 128, seed=5)[0]
+
+    def engine(role: EngineRole) -> Engine:
+        config = EngineConfig(role=role, device="cpu", block_size=4, num_kv_blocks=64)
+        return Engine.from_pretrained(tmp_path, config)
+
+    (colocated,) = engine(EngineRole.COLOCATED).generate([prompt], params)
+    prefill = engine(EngineRole.PREFILL)
+    request_id = prefill.add_request(prompt, params)
+    prefill.run_until_idle()
+    package = prefill.export_kv(request_id, on_device=True)
+    assert package.checksum_algorithm == UNCHECKED and package.block_checksums == []
+    assert package.blocks.device == prefill.kv_cache.device
+    assert prefill.kv_cache.allocator.num_used == 0
+    decode = engine(EngineRole.DECODE)
+    decode.import_kv(package)
+    decode.run_until_idle()
+    assert decode.pop_finished(request_id).output_token_ids == colocated.output_token_ids
 
 
 # --- a real CUDA tensor across two processes -----------------------------------------------------

@@ -287,12 +287,67 @@ def word_level_tokenizer(folder: Path, vocab: int) -> None:
 
 
 @dataclass
+class StepTimes:
+    """The engine thread's `Engine.step` wall times, by phase ("loop", "http") and batch: how
+    much serving streams over HTTP slows the engine's own step (GIL contention with the event
+    loop), apart from what the client sees."""
+
+    phase: str = "warmup"
+    ms: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    period_ms: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    """From one step's start to the next one's: the step plus the loop thread's other work
+    (sinks, metrics, commands) and its waits for the GIL."""
+    _last_start: float = 0.0
+
+    def wrap(self, engine: Any) -> None:
+        step = engine.step
+
+        def timed() -> Any:
+            started = time.perf_counter()
+            outputs = step()
+            elapsed_ms = (time.perf_counter() - started) * 1e3
+            key = (self.phase, len(outputs))
+            self.ms.setdefault(key, []).append(elapsed_ms)
+            if self._last_start:
+                self.period_ms.setdefault(key, []).append((started - self._last_start) * 1e3)
+            self._last_start = started
+            return outputs
+
+        engine.step = timed
+
+    def rows(self, batches: list[int]) -> list[dict[str, Any]]:
+        """Median step time of the decode steps of each batch, bare loop against HTTP."""
+        rows = []
+        for batch in batches:
+            loop, http = self.ms.get(("loop", batch), []), self.ms.get(("http", batch), [])
+            if not loop or not http:
+                continue
+            loop_ms, http_ms = statistics.median(loop), statistics.median(http)
+            loop_period = statistics.median(self.period_ms.get(("loop", batch)) or [0.0])
+            http_period = statistics.median(self.period_ms.get(("http", batch)) or [0.0])
+            rows.append(
+                {
+                    "batch": batch,
+                    "loop_step_median_ms": round(loop_ms, 3),
+                    "http_step_median_ms": round(http_ms, 3),
+                    "step_inflation": round(http_ms / loop_ms, 4),
+                    "loop_period_median_ms": round(loop_period, 3),
+                    "http_period_median_ms": round(http_period, 3),
+                    "loop_steps": len(loop),
+                    "http_steps": len(http),
+                }
+            )
+        return rows
+
+
+@dataclass
 class Hosted:
     url: str
     served: Any
     stop: Any
     vocab: int
     warmup: dict[str, Any]
+    steps: StepTimes
 
 
 def host(args: argparse.Namespace, folder: Path) -> Hosted:
@@ -361,6 +416,8 @@ def host(args: argparse.Namespace, folder: Path) -> Hosted:
     start_serving(engine, ServingTokenizer.from_folder(folder), serve_config, served)
     warmup = asdict(served.warmup) | {"startup_s": round(time.perf_counter() - started, 2)}
     print(f"warm-up: {warmup}", flush=True)
+    steps = StepTimes()
+    steps.wrap(engine)
     server = uvicorn.Server(
         uvicorn.Config(
             build_app(served), host="127.0.0.1", port=port, log_level="warning", access_log=False
@@ -379,7 +436,7 @@ def host(args: argparse.Namespace, folder: Path) -> Hosted:
         thread.join(30)
         served.loop.stop()
 
-    return Hosted(f"http://127.0.0.1:{port}", served, stop, config.vocab_size, warmup)
+    return Hosted(f"http://127.0.0.1:{port}", served, stop, config.vocab_size, warmup, steps)
 
 
 def loop_closed(args: argparse.Namespace, hosted: Hosted, clients: int) -> Run:
@@ -525,14 +582,18 @@ def self_hosted(args: argparse.Namespace) -> dict[str, Any]:
         save()
         try:
             loop_runs = []
+            hosted.steps.phase = "loop"
             for clients in args.clients:
                 loop_runs.append(loop_closed(args, hosted, clients))
                 print(f"loop closed {clients}: {json.dumps(loop_runs[-1].report())}", flush=True)
             results["loop"] = [run.report() for run in loop_runs]
             save()
+            hosted.steps.phase = "http"
             http = child_client(args, hosted, Path(scratch) / "closed.json", rates=False)
+            hosted.steps.phase = "rates"
             results["http"] = http
             results["overhead"] = overhead_rows(loop_runs, http)
+            results["engine_step"] = hosted.steps.rows(args.clients)
             save()
             if args.request_rates:
                 results["load_generator"] = child_client(
@@ -548,6 +609,8 @@ def self_hosted(args: argparse.Namespace) -> dict[str, Any]:
             hosted.stop()
     print("\nHTTP overhead (closed loop, TPOT medians):")
     print_table(results["overhead"])
+    print("\nengine thread's step time (Engine.step, decode steps of the full batch):")
+    print_table(results["engine_step"])
     if results.get("load_generator"):
         print("\nload generator (Poisson arrivals, vLLM benchmark client's metrics):")
         keys = ["load", "completed", "request_throughput_per_s", "output_tokens_per_s"]

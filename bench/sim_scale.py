@@ -146,6 +146,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     console = Console(width=110)
+    load_before = os.getloadavg()
     spec = llama3_70b_chat()
     trace = load_trace(args.trace, "azure-conv")
     rows: list[dict[str, Any]] = []
@@ -191,6 +192,11 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(),
+            # Wall times are only comparable between runs on an equally idle machine.
+            "load_average_1m_before_after": [
+                round(load_before[0], 2),
+                round(os.getloadavg()[0], 2),
+            ],
         },
         "trace": str(args.trace),
         "model": spec.model.name,

@@ -358,7 +358,10 @@ class Instance:
         steps = 1
         growth: int | None = None
         if self.fast_forward and not single:
-            steps = min(r.output - r.generated for r in decoding)
+            steps = decoding[0].output - decoding[0].generated
+            for r in decoding:  # min(), as a loop: this runs for every run of decodes
+                if r.output - r.generated < steps:
+                    steps = r.output - r.generated
             if steps > 1:
                 free = self.free_blocks
                 growth = self._new_blocks(decoding, steps)

@@ -3,11 +3,12 @@
 A transport opens *channels* (one per transfer) between a decode instance, which connects, and a
 prefill instance, which listens. On a channel both sides exchange small JSON messages (the
 prefill request, an answer without KV, an error) and KV packages. A package travels block by
-block: one frame with the package's checksummed header (`KVPackage.to_bytes`'s prefix), one
-frame per block in order, then an end frame; the receiver rebuilds the wire bytes and parses
-them with `KVPackage.from_bytes`, which verifies the header's and every block's checksum. So a
-package corrupted anywhere between the sender's export and the receiver's import is refused
-with a KVChecksumError, never imported.
+block: one frame with the package's checksummed header (`KVPackage.header_bytes`), one frame
+per block in order (written straight from the blocks' host memory), then an end frame; the
+receiver joins the blocks into one buffer and parses it with `KVPackage.from_parts` (the blocks
+become a view of that buffer, no further copy), which verifies the header's and every block's
+checksum. So a package corrupted anywhere between the sender's export and the receiver's import
+is refused with a KVChecksumError, never imported.
 
 Frame: kind (u8), index (u32), payload length (u64), CRC-32 of the payload (u32), payload, all
 little-endian. The CRC catches damage to the framing itself at once (a flipped length would
@@ -35,8 +36,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from tessera.agents.engine.kv_transfer import (
-    _LENGTH,
-    MAGIC,
     KVChecksumError,
     KVPackage,
     KVTransferError,
@@ -68,7 +67,7 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def flip_one_bit(data: bytes) -> bytes:
+def flip_one_bit(data: bytes | bytearray | memoryview) -> bytes:
     """`data` with its middle byte's lowest bit flipped: the fault-injection hook's damage."""
     if not data:
         return data
@@ -218,8 +217,18 @@ class TcpChannel(KVChannel):
     ) -> None:
         self.reader, self.writer, self.timeout_s = reader, writer, timeout_s
 
-    async def _write(self, kind: FrameKind, payload: bytes, index: int = 0) -> None:
-        self.writer.write(FRAME.pack(kind, index, len(payload), zlib.crc32(payload)))
+    async def _write(
+        self,
+        kind: FrameKind,
+        payload: bytes | bytearray | memoryview,
+        index: int = 0,
+        crc: int | None = None,
+    ) -> None:
+        """One frame; `crc`, when the caller already has the payload's CRC-32 (a block of a
+        crc32 package), saves hashing it again. A memoryview payload is written as is (the
+        stream copies only what the socket does not take at once)."""
+        crc = zlib.crc32(payload) if crc is None else crc
+        self.writer.write(FRAME.pack(kind, index, len(payload), crc))
         self.writer.write(payload)
         try:
             await asyncio.wait_for(self.writer.drain(), self.timeout_s)
@@ -258,18 +267,20 @@ class TcpChannel(KVChannel):
         return decode_message(payload)
 
     async def send_package(self, package: KVPackage, corrupt: bool = False) -> int:
-        wire = package.to_bytes()
-        (length,) = _LENGTH.unpack_from(wire, len(MAGIC))
-        start = len(MAGIC) + _LENGTH.size + length
-        await self._write(FrameKind.PACKAGE_HEADER, wire[:start])
+        header = package.header_bytes()
+        await self._write(FrameKind.PACKAGE_HEADER, header)
+        payload = package.payload_view()
         size = package.geometry.block_nbytes
+        # A crc32 package's block checksums are the frames' CRCs, if they still match the blocks.
+        reuse = package.checksum_algorithm == "crc32" and package._verified_unchanged()
         for index in range(package.num_blocks):
-            block = wire[start + index * size : start + (index + 1) * size]
+            block: bytes | memoryview = payload[index * size : (index + 1) * size]
+            crc = int(package.block_checksums[index], 16) if reuse else None
             if corrupt and index == 0:
-                block = flip_one_bit(block)
-            await self._write(FrameKind.BLOCK, block, index)
+                block, crc = flip_one_bit(block), None
+            await self._write(FrameKind.BLOCK, block, index, crc)
         await self._write(FrameKind.PACKAGE_END, b"", package.num_blocks)
-        return len(wire)
+        return len(header) + payload.nbytes
 
     async def receive_package(self, first: tuple[FrameKind, bytes] | None = None) -> KVPackage:
         kind, header = first if first is not None else await self.receive()
@@ -287,7 +298,7 @@ class TcpChannel(KVChannel):
             parts.append(payload)
         if index != len(parts) - 1:
             raise KVChecksumError(f"KV package ends after {len(parts) - 1} of {index} blocks")
-        return KVPackage.from_bytes(b"".join(parts))
+        return KVPackage.from_parts(header, bytearray().join(parts[1:]))
 
     async def close(self) -> None:
         self.writer.close()

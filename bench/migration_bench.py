@@ -11,6 +11,8 @@ migrated while it decodes; per migration:
   decode. Goal: under 30 ms, growing less than 20% from 1k to 32k.
 - token_gap_ms: the client's view: from its last token on the source to its first on the
   target (one decode step more than the stall), and tpot_ms, its median gap before the move;
+- stall_stages_ms: where the stall went (`MigrationReport.stall_stages_ms`: the source's
+  pause, the send, the answer, and the target's receive, adopt and import within it);
 - precopy_s, precopy_mib, stages: the pre-copy, which runs while the request decodes.
 
     python bench/migration_bench.py --out $OUT/migration          # H200, about 2 minutes
@@ -147,6 +149,7 @@ async def one_migration(
         "final_blocks": report.final_blocks,
         "final_kib": report.final_bytes / 1024,
         "tokens_at_pause": report.num_output_tokens,
+        "stall_stages_ms": report.stall_stages_ms,
     }
 
 
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         header = (
             f"{'context':>8} {'stall ms':>9} {'gap ms':>8} {'tpot ms':>8} {'precopy s':>10}"
-            f" {'MiB':>8} {'stages':>6} {'final blk':>9}"
+            f" {'MiB':>8} {'stages':>6} {'final blk':>9}  stall stages (ms)"
         )
         log(header)
         for context in contexts:
@@ -273,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(
                     f"{context:>8} {row['stall_ms']:>9.2f} {row['token_gap_ms']:>8.2f} "
                     f"{row['tpot_ms']:>8.2f} {row['precopy_s']:>10.3f} {row['precopy_mib']:>8.1f} "
-                    f"{row['precopy_stages']:>6} {row['final_blocks']:>9}"
+                    f"{row['precopy_stages']:>6} {row['final_blocks']:>9}  "
+                    + " ".join(f"{k}={v:.2f}" for k, v in row["stall_stages_ms"].items())
                 )
                 out.write_text(json.dumps(results, indent=2))
     finally:

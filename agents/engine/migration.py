@@ -19,7 +19,7 @@ and KV packages, `KVChannel`):
       source -> target  {"type": "commit", "first_block": k}, then a package with the request's
                         state (generated tokens, sampling, computed count; the prompt came with
                         begin) and its blocks from k on
-      target -> source  {"committed": true}             or {"error": why}
+      target -> source  {"committed": true, "timings_ms": {...}}  or {"error": why}
 
 Pre-copy stages copy only *full* blocks (every slot computed), which no later step writes, so a
 copied block never goes stale: each stage takes the blocks filled since the last one. The source
@@ -121,6 +121,13 @@ class MigrationReport:
     not decode (stop-and-copy and commit)."""
     num_output_tokens: int = 0
     """Tokens it had generated when paused: the target continues from the next."""
+    stall_stages_ms: dict[str, float] = field(default_factory=dict)
+    """Where the stall went, in order: pause (the source's loop pauses the request, reads its
+    last blocks, packages them), handback (to the migration's asyncio loop), send (the commit
+    message and package written), answer (until the target's answer); then the target's own
+    account, which overlaps send and answer: target_receive (reading and verifying the
+    package), target_adopt (its serving side), target_import (queued for and run by its
+    loop)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -289,6 +296,7 @@ async def _run_source(
         except BaseException:
             engine.resume(request_id)
             raise
+        paused_at.append(time.perf_counter())
         return package, len(package.output_token_ids)
 
     try:
@@ -299,18 +307,33 @@ async def _run_source(
     except MigrationAbortedError:
         report.stage = "precopy"  # resumed already
         raise
+    handed_back = time.perf_counter()
     if fault == "hold-final":
         await asyncio.sleep(config.hold_s)
     report.final_blocks = package.num_blocks
     await channel.send_message({"type": "commit", "first_block": sent})
     report.final_bytes = await channel.send_package(package, corrupt=fault == "corrupt-final")
+    sent_at = time.perf_counter()
     report.stage = "commit"
     if fault == "drop-commit-answer":
         raise MigrationAbortedError("commit", "test hook: the commit's answer was dropped")
     answer = await _answer(channel, "commit", config.answer_timeout_s)
     if answer.get("committed") is not True:
         raise MigrationAbortedError("commit", f"unexpected answer {answer}")
-    report.stall_s = time.perf_counter() - paused_at[0]
+    answered = time.perf_counter()
+    report.stall_s = answered - paused_at[0]
+    stages = {
+        "pause": paused_at[1] - paused_at[0],
+        "handback": handed_back - paused_at[1],
+        "send": sent_at - handed_back,
+        "answer": answered - sent_at,
+    }
+    report.stall_stages_ms = {name: round(s * 1e3, 3) for name, s in stages.items()}
+    timings = answer.get("timings_ms")
+    if isinstance(timings, dict):  # the target's own view (any version may leave it out)
+        report.stall_stages_ms.update(
+            {f"target_{k}": float(v) for k, v in timings.items() if isinstance(v, int | float)}
+        )
     report.committed, report.stage = True, "committed"
 
 
@@ -401,6 +424,10 @@ class MigrationTarget:
         prompt = begin.get("prompt_token_ids")
         if not isinstance(prompt, list) or not prompt:
             raise MigrationRefusedError("begin carries no prompt_token_ids")
+        try:  # now, while the request still decodes on the source: the commit skips it
+            await asyncio.to_thread(self.loop.engine.check_token_ids, "prompt_token_ids", prompt)
+        except ValueError as error:
+            raise MigrationRefusedError(f"begin: {error}") from error
         if self.admission is not None:
             self.admission(begin)
         await channel.send_message({"ok": True})
@@ -409,6 +436,7 @@ class MigrationTarget:
             kind, first = message.get("type"), message.get("first_block")
             if kind not in ("blocks", "commit") or first != len(held):
                 raise MigrationRefusedError(f"out of protocol: {message} with {len(held)} held")
+            received = time.perf_counter()
             package = await asyncio.wait_for(channel.receive_package(), self.timeout_s)
             if package.request_id != request_id:
                 raise MigrationRefusedError(f"package of {package.request_id!r} in {request_id!r}")
@@ -418,11 +446,13 @@ class MigrationTarget:
                 continue
             if package.prompt_token_ids:
                 raise MigrationRefusedError("the commit package repeats the prompt")
-            package.prompt_token_ids = prompt  # the import checks it with the rest
+            package.prompt_token_ids = prompt  # checked at begin; the import checks the rest
+            parsed = time.perf_counter()
             adoption = await self.adopter(begin, package)
+            adopted = time.perf_counter()
             try:
                 future = self.loop.import_now(
-                    package, adoption.sink, list(held), adoption.timeout_s
+                    package, adoption.sink, list(held), adoption.timeout_s, prompt_checked=True
                 )
                 adopted_id = await _wait(future)
             except BaseException:
@@ -431,7 +461,13 @@ class MigrationTarget:
             held.clear()  # the request owns them now
             adoption.adopted(adopted_id)
             self.committed += 1
-            await channel.send_message({"committed": True})
+            stages = {
+                "receive": parsed - received,
+                "adopt": adopted - parsed,
+                "import": time.perf_counter() - adopted,
+            }
+            timings = {name: round(s * 1e3, 3) for name, s in stages.items()}
+            await channel.send_message({"committed": True, "timings_ms": timings})
             return
 
 

@@ -198,13 +198,15 @@ class ServingLoop:
         sink: Sink,
         held_blocks: list[int],
         timeout_s: float | None = None,
+        prompt_checked: bool = False,
     ) -> Future[str]:
         """Take in a migrated request at the next step boundary, with its pre-copied
         `held_blocks`, and give its tokens to `sink`: at once or not at all (the engine's
-        OutOfKVBlocksError or KVTransferError), never queued, since its source waits paused."""
+        OutOfKVBlocksError or KVTransferError), never queued, since its source waits paused.
+        `prompt_checked`: as `Engine.import_kv`'s."""
 
         def take() -> str:
-            request_id = self.engine.import_kv(package, held_blocks)
+            request_id = self.engine.import_kv(package, held_blocks, prompt_checked)
             deadline = None if timeout_s is None else self.clock() + timeout_s
             self._live[request_id] = _Live(sink, deadline)
             return request_id

@@ -7,6 +7,7 @@ test_migration.py.)"""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from engine_helpers import TINY, random_prompts
 from tessera.agents.engine import Engine, EngineConfig, LlamaConfig, SamplingParams
 from tessera.agents.engine.kv_transport import TcpTransport
 from tessera.agents.engine.migration import (
+    PROTOCOL,
     MigrationConfig,
     MigrationReport,
     MigrationTarget,
@@ -163,6 +165,12 @@ def test_a_migrated_request_gives_exactly_the_unmigrated_tokens(
     assert report.precopy_stages >= 1 and report.precopy_blocks >= 10
     assert report.final_blocks <= 4
     assert report.num_output_tokens >= 12
+    # The stall's stages, both sides' (the bench's breakdown), account for all of it.
+    stages = report.stall_stages_ms
+    own = ("pause", "handback", "send", "answer")
+    assert set(stages) == {*own, "target_receive", "target_adopt", "target_import"}, stages
+    assert sum(stages[k] for k in own) == pytest.approx(report.stall_s * 1e3, abs=0.05)
+    assert all(ms >= 0 for ms in stages.values()), stages
     assert on_target.wait(ids[0]) is FinishReason.LENGTH
     for request_id in ids[1:]:
         on_source.wait(request_id)
@@ -234,3 +242,41 @@ def test_a_request_that_is_not_decoding_is_not_migrated(
     report, _ = asyncio.run(migrate(source, target, "nobody", FakeAdoption(Collector())))
     assert not report.committed and report.stage == "begin"
     assert "not decoding" in report.reason
+
+
+def test_a_begin_whose_prompt_is_not_in_the_vocabulary_is_refused(
+    loops: tuple[ServingLoop, ServingLoop],
+) -> None:
+    """The commit imports without scanning the prompt (its ids were checked at begin, off the
+    stall's path): a bad id must still be refused, at begin, before any block is taken."""
+    _, target = loops
+    geometry = target.call(lambda engine: engine.kv_geometry).result(5)
+    vocab = target.engine.config.vocab_size
+
+    async def begin() -> dict[str, object]:
+        async def adopter(begin: object, package: object) -> FakeAdoption:
+            raise AssertionError("a refused begin is never adopted")
+
+        service = MigrationTarget(target, adopter, timeout_s=5.0)
+        transport = TcpTransport(timeout_s=5.0)
+        listener = await transport.listen("127.0.0.1", 0, service.handle)
+        channel = await transport.connect(listener.address, 2.0)
+        try:
+            await channel.send_message(
+                {
+                    "type": "begin",
+                    "protocol": PROTOCOL,
+                    "request_id": "bad",
+                    "geometry": dataclasses.asdict(geometry),
+                    "prompt_token_ids": [1, 2, vocab, 3],
+                    "serving": {},
+                }
+            )
+            return await channel.receive_message()
+        finally:
+            await channel.close()
+            await listener.close()
+
+    answer = asyncio.run(begin())
+    assert "outside the vocabulary" in str(answer.get("error")), answer
+    assert kv_used(target) == 0

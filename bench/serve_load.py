@@ -340,6 +340,16 @@ class StepTimes:
         return rows
 
 
+def thread_cpu_s(native_id: int | None) -> float:
+    """CPU seconds a thread of this process has run (Linux /proc; 0 elsewhere): unlike wall
+    times, not inflated by other processes on a shared machine."""
+    try:
+        fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Hosted:
     url: str
@@ -348,6 +358,15 @@ class Hosted:
     vocab: int
     warmup: dict[str, Any]
     steps: StepTimes
+    server_thread: threading.Thread
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of the event loop's thread and the engine's."""
+        engine_thread = self.served.loop._thread
+        return {
+            "event_loop": thread_cpu_s(self.server_thread.native_id),
+            "engine": thread_cpu_s(engine_thread.native_id if engine_thread else None),
+        }
 
 
 def host(args: argparse.Namespace, folder: Path) -> Hosted:
@@ -416,6 +435,9 @@ def host(args: argparse.Namespace, folder: Path) -> Hosted:
     start_serving(engine, ServingTokenizer.from_folder(folder), serve_config, served)
     warmup = asdict(served.warmup) | {"startup_s": round(time.perf_counter() - started, 2)}
     print(f"warm-up: {warmup}", flush=True)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
+    print(f"GIL switch interval: {sys.getswitchinterval() * 1e3} ms", flush=True)
     steps = StepTimes()
     steps.wrap(engine)
     server = uvicorn.Server(
@@ -436,7 +458,9 @@ def host(args: argparse.Namespace, folder: Path) -> Hosted:
         thread.join(30)
         served.loop.stop()
 
-    return Hosted(f"http://127.0.0.1:{port}", served, stop, config.vocab_size, warmup, steps)
+    return Hosted(
+        f"http://127.0.0.1:{port}", served, stop, config.vocab_size, warmup, steps, thread
+    )
 
 
 def loop_closed(args: argparse.Namespace, hosted: Hosted, clients: int) -> Run:
@@ -589,8 +613,20 @@ def self_hosted(args: argparse.Namespace) -> dict[str, Any]:
             results["loop"] = [run.report() for run in loop_runs]
             save()
             hosted.steps.phase = "http"
+            cpu_before = hosted.cpu_s()
             http = child_client(args, hosted, Path(scratch) / "closed.json", rates=False)
+            cpu_after = hosted.cpu_s()
             hosted.steps.phase = "rates"
+            tokens = (
+                len(args.clients)
+                and sum(r["completed"] for r in http if r["kind"] == "closed") * args.max_tokens
+            )
+            results["http_cpu"] = {
+                f"{name}_cpu_us_per_token": round(
+                    (cpu_after[name] - cpu_before[name]) / tokens * 1e6, 2
+                )
+                for name in cpu_after
+            } | {"tokens": tokens}
             results["http"] = http
             results["overhead"] = overhead_rows(loop_runs, http)
             results["engine_step"] = hosted.steps.rows(args.clients)
@@ -611,6 +647,7 @@ def self_hosted(args: argparse.Namespace) -> dict[str, Any]:
     print_table(results["overhead"])
     print("\nengine thread's step time (Engine.step, decode steps of the full batch):")
     print_table(results["engine_step"])
+    print(f"\nCPU per streamed token, all HTTP closed runs: {results['http_cpu']}")
     if results.get("load_generator"):
         print("\nload generator (Poisson arrivals, vLLM benchmark client's metrics):")
         keys = ["load", "completed", "request_throughput_per_s", "output_tokens_per_s"]
@@ -640,6 +677,12 @@ def main() -> None:
     parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.5)
     parser.add_argument("--vocab-size", type=int, default=128256, help="--url: ids to draw")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="self-hosted: the GIL switch interval after start-up (default: tessera serve's)",
+    )
     parser.add_argument("--client-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     small = args.smoke

@@ -105,6 +105,23 @@ class EventHandoff:
             queue.put_nowait(event)
 
 
+def _mergeable(event: TokenEvent | None) -> bool:
+    """A plain step's tokens, which the next event's may join."""
+    return (
+        event is not None
+        and not event.finished
+        and event.error is None
+        and not event.timed_out
+        and not event.parked
+    )
+
+
+def _joins(event: TokenEvent | None) -> bool:
+    """Tokens (maybe the last) that may join the step before: not an error or a timeout,
+    which raise before their tokens would be shown."""
+    return event is not None and event.error is None and not event.timed_out
+
+
 class Generation:
     """Submit once, then iterate `deltas()`; `close()` in a finally block."""
 
@@ -168,18 +185,44 @@ class Generation:
         watcher = asyncio.create_task(self._watch(request)) if request is not None else None
         try:
             while True:
-                event = await self._queue.get()
-                if event is None:  # the client disconnected (close() aborts)
-                    return
-                delta = self._on_event(event)
-                if delta is not None:
-                    yield delta
-                if self.finished:
-                    return
+                for event in self._coalesced(await self._queue.get()):
+                    if event is None:  # the client disconnected (close() aborts)
+                        return
+                    delta = self._on_event(event)
+                    if delta is not None:
+                        yield delta
+                    if self.finished:
+                        return
         finally:
             if watcher is not None:
                 watcher.cancel()
             self.close()
+
+    def _coalesced(self, first: TokenEvent | None) -> list[TokenEvent | None]:
+        """`first` and every event queued behind it, the token events among them merged into
+        one: when the event loop falls behind the engine (64 streams), a stream answers all
+        the steps since its last wake-up with one delta, so one SSE write, not one per step.
+        Errors, timeouts and the end-of-stream None stay apart. Without stop strings only:
+        with them, tokens after a stop string's step must stay out of the usage count."""
+        if self.stop or self._queue.empty():
+            return [first]
+        events = [first]
+        while not self._queue.empty():
+            event = self._queue.get_nowait()
+            last = events[-1]
+            if _mergeable(last) and _joins(event):
+                assert last is not None  # for mypy: _mergeable says so
+                event = TokenEvent(
+                    last.request_id,
+                    last.token_ids + event.token_ids,
+                    event.finished,
+                    event.finish_reason,
+                    parked=event.parked,
+                )
+                events[-1] = event
+            else:
+                events.append(event)
+        return events
 
     def _on_event(self, event: TokenEvent) -> Delta | None:
         if event.error is not None:

@@ -7,8 +7,10 @@ and bytes of multi-byte characters among the ids; tokens arrive in batches of ra
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tessera.agents.serving.output import OutputText
@@ -46,3 +48,73 @@ def test_a_resumed_output_goes_on_from_the_tokens_it_was_given(
     second.emitted = len(shown)
     rest = second.push(ids[6:], final=True)
     assert shown + rest == tokenizer.decode(ids)
+
+
+class _NoLoop:
+    """Generation's loop, for a generation fed by hand: only aborts are asked of it."""
+
+    def __init__(self) -> None:
+        self.aborted: list[str] = []
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+def _fed_generation(tokenizer: ServingTokenizer, stop: list[str]) -> Any:
+    from tessera.agents.engine.request import SamplingParams
+    from tessera.agents.serving.generation import Generation
+    from tessera.agents.serving.metrics import ServingMetrics
+
+    metrics = ServingMetrics("m", "p", "colocated")
+    params = SamplingParams(max_new_tokens=8)
+    return Generation(_NoLoop(), tokenizer, metrics, [5], params, stop, None, adopt=True)  # type: ignore[arg-type]
+
+
+def test_steps_queued_behind_a_wake_up_are_one_delta(tokenizer: ServingTokenizer) -> None:
+    """A stream whose event loop fell behind answers every queued step with one delta (one
+    SSE write) with all their tokens and text; an error after them still comes apart."""
+    from tessera.agents.engine.request import FinishReason
+    from tessera.agents.engine.serving_loop import TokenEvent
+    from tessera.agents.serving.generation import EngineFailureError
+
+    ids = [20, 31, 42, 53, 64, 75]
+
+    async def run(last: TokenEvent) -> tuple[list[Any], BaseException | None]:
+        generation = _fed_generation(tokenizer, [])
+        for i in range(0, 4, 2):
+            generation.sink(TokenEvent("r", ids[i : i + 2], False))
+        generation.sink(last)
+        await asyncio.sleep(0)  # the handoff's flush runs on the event loop
+        deltas: list[Any] = []
+        try:
+            async for delta in generation.deltas():
+                deltas.append(delta)
+        except EngineFailureError as error:
+            return deltas, error
+        return deltas, None
+
+    done = TokenEvent("r", ids[4:], True, FinishReason.LENGTH)
+    deltas, error = asyncio.run(run(done))
+    assert error is None and len(deltas) == 1
+    assert deltas[0].token_ids == ids and deltas[0].finish_reason == "length"
+    assert deltas[0].text == tokenizer.decode(ids)
+
+    failed = TokenEvent("r", [], True, FinishReason.ERROR, error="boom")
+    deltas, error = asyncio.run(run(failed))
+    assert isinstance(error, EngineFailureError)
+    assert [d.token_ids for d in deltas] == [ids[:4]]
+
+
+def test_with_stop_strings_each_step_stays_its_own_delta(tokenizer: ServingTokenizer) -> None:
+    """Stop strings keep one delta per step: tokens after the stop's step stay out of usage."""
+    from tessera.agents.engine.request import FinishReason
+    from tessera.agents.engine.serving_loop import TokenEvent
+
+    async def run() -> list[Any]:
+        generation = _fed_generation(tokenizer, ["\x00never"])
+        generation.sink(TokenEvent("r", [20, 31], False))
+        generation.sink(TokenEvent("r", [42], True, FinishReason.LENGTH))
+        await asyncio.sleep(0)
+        return [delta async for delta in generation.deltas()]
+
+    assert [d.token_ids for d in asyncio.run(run())] == [[20, 31], [42]]

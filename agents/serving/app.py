@@ -54,6 +54,7 @@ from tessera.agents.serving.protocol import (
     ModelCard,
     ModelList,
     SamplingFields,
+    StreamChunkText,
     Usage,
     stream_chunk,
 )
@@ -383,6 +384,7 @@ async def sse_events(
     name = served.model_name
     generation.stream = meta
     served.streams[generation.request_id] = generation
+    chunks = StreamChunkText(meta.chat, meta.id, meta.created, name)
     try:
         if opening:
             yield _sse(stream_chunk(True, meta.id, meta.created, name, "", role="assistant"))
@@ -392,16 +394,7 @@ async def sse_events(
             with_ids = meta.return_token_ids and bool(delta.token_ids)
             if delta.text or delta.finish_reason is not None or with_ids:
                 token_ids = delta.token_ids if meta.return_token_ids else None
-                chunk = stream_chunk(
-                    meta.chat,
-                    meta.id,
-                    meta.created,
-                    name,
-                    delta.text,
-                    delta.finish_reason,
-                    token_ids,
-                )
-                yield _sse(chunk)
+                yield chunks.sse(delta.text, delta.finish_reason, token_ids)
         if generation.migrated is not None:
             yield migrated_event(generation)
             return

@@ -118,3 +118,25 @@ def test_with_stop_strings_each_step_stays_its_own_delta(tokenizer: ServingToken
         return [delta async for delta in generation.deltas()]
 
     assert [d.token_ids for d in asyncio.run(run())] == [[20, 31], [42]]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_chunk_text_is_the_chunk_dicts_json(chat: bool) -> None:
+    """The per-stream template writes exactly what json.dumps of stream_chunk's dict does."""
+    import json
+
+    from tessera.agents.serving.protocol import StreamChunkText, stream_chunk
+
+    rid, model = 'cmpl-"q\\uote', "m\u00e9/\u4e16"
+    template = StreamChunkText(chat, rid, 1700000000, model)
+    cases: list[tuple[str, str | None, list[int] | None]] = [
+        ("", None, None),
+        ('hi "there"\n\t\u00e9\u4e16\U0001f600\\', None, [1, 2, 30000]),
+        ("end", "stop", None),
+        ("", "length", []),
+    ]
+    for text, reason, ids in cases:
+        chunk = stream_chunk(chat, rid, 1700000000, model, text, reason, ids)
+        assert template.sse(text, reason, ids) == (
+            f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+        )

@@ -199,6 +199,47 @@ def _header_error(error: ValidationError) -> KVTransferError:
     return KVTransferError(f"KV package header field {where}: {first['msg']}")
 
 
+def _parse_header(data: memoryview) -> tuple[_WireHeader, KVGeometry, str, int]:
+    """The verified header of the wire bytes `data` (which may stop after it): its fields, the
+    geometry, the checksum algorithm and where the blocks start."""
+    if data[: len(MAGIC)] != MAGIC:
+        raise KVTransferError("not a Tessera KV package (bad magic bytes)")
+    start = len(MAGIC) + _LENGTH.size
+    if len(data) < start:
+        raise KVChecksumError("KV package truncated before its header")
+    (length,) = _LENGTH.unpack_from(data, len(MAGIC))
+    if length > len(data) - start:
+        raise KVChecksumError(
+            f"KV package truncated: header length {length}, {len(data) - start} bytes follow"
+        )
+    encoded = bytes(data[start : start + length])
+    try:
+        header = json.loads(encoded)
+        if not isinstance(header, dict):
+            raise KVChecksumError("KV package header is corrupted: not a JSON object")
+        expected_header = header.pop("header_checksum", None)
+        if not isinstance(expected_header, str):
+            raise KVChecksumError("KV package header is corrupted: no header_checksum")
+        algorithm = header.get("checksum_algorithm")
+        if not isinstance(algorithm, str):
+            raise KVTransferError("KV package header field checksum_algorithm: not a string")
+        digest = _digest_function(algorithm)
+        if digest(_canonical(header)) != expected_header:
+            raise KVChecksumError("KV package header fails its checksum")
+        if _canonical({**header, "header_checksum": expected_header}) != encoded:
+            raise KVTransferError("KV package header is not in canonical JSON form")
+    except (ValueError, RecursionError) as error:  # JSON, UTF-8 and int-size errors
+        if isinstance(error, KVTransferError):
+            raise
+        raise KVChecksumError(f"KV package header is corrupted: {error}") from error
+    try:
+        wire = _WireHeader.model_validate(header)
+    except ValidationError as error:
+        raise _header_error(error) from None
+    geometry = KVGeometry(**wire.geometry.model_dump())
+    return wire, geometry, algorithm, start + length
+
+
 @dataclass
 class KVPackage:
     """One request's KV blocks and the state needed to continue it elsewhere."""
@@ -383,48 +424,23 @@ class KVPackage:
         return cls._parse(memoryview(prefix).cast("B"), payload)
 
     @classmethod
+    def payload_layout(cls, prefix: Buffer) -> tuple[int, int]:
+        """(number of blocks, bytes per block) that the verified header `prefix` announces: a
+        receiver sizes its buffer once and checks each block's length as it arrives. Errors as
+        `from_bytes`."""
+        if not isinstance(prefix, bytes | bytearray | memoryview):
+            raise KVTransferError(f"a KV package is bytes, not {type(prefix).__name__}")
+        wire, geometry, _, _ = _parse_header(memoryview(prefix).cast("B"))
+        return wire.num_blocks, geometry.block_nbytes
+
+    @classmethod
     def _parse(cls, data: memoryview, owned: bytearray | None) -> KVPackage:
-        if data[: len(MAGIC)] != MAGIC:
-            raise KVTransferError("not a Tessera KV package (bad magic bytes)")
-        start = len(MAGIC) + _LENGTH.size
-        if len(data) < start:
-            raise KVChecksumError("KV package truncated before its header")
-        (length,) = _LENGTH.unpack_from(data, len(MAGIC))
-        if length > len(data) - start:
-            raise KVChecksumError(
-                f"KV package truncated: header length {length}, {len(data) - start} bytes follow"
-            )
-        encoded = bytes(data[start : start + length])
-        try:
-            header = json.loads(encoded)
-            if not isinstance(header, dict):
-                raise KVChecksumError("KV package header is corrupted: not a JSON object")
-            expected_header = header.pop("header_checksum", None)
-            if not isinstance(expected_header, str):
-                raise KVChecksumError("KV package header is corrupted: no header_checksum")
-            algorithm = header.get("checksum_algorithm")
-            if not isinstance(algorithm, str):
-                raise KVTransferError("KV package header field checksum_algorithm: not a string")
-            digest = _digest_function(algorithm)
-            if digest(_canonical(header)) != expected_header:
-                raise KVChecksumError("KV package header fails its checksum")
-            if _canonical({**header, "header_checksum": expected_header}) != encoded:
-                raise KVTransferError("KV package header is not in canonical JSON form")
-        except (ValueError, RecursionError) as error:  # JSON, UTF-8 and int-size errors
-            if isinstance(error, KVTransferError):
-                raise
-            raise KVChecksumError(f"KV package header is corrupted: {error}") from error
-        try:
-            wire = _WireHeader.model_validate(header)
-        except ValidationError as error:
-            raise _header_error(error) from None
-        geometry = KVGeometry(**wire.geometry.model_dump())
+        wire, geometry, algorithm, end = _parse_header(data)
+        digest = _digest_function(algorithm)
         dtype, block_nbytes = geometry.torch_dtype, geometry.block_nbytes
-        if owned is not None and len(data) != start + length:
-            raise KVChecksumError(
-                f"KV package header part has {len(data) - start - length} bytes after its header"
-            )
-        payload = memoryview(owned) if owned is not None else data[start + length :]
+        if owned is not None and len(data) != end:
+            raise KVChecksumError(f"KV package header part has {len(data) - end} bytes after it")
+        payload = memoryview(owned) if owned is not None else data[end:]
         if len(payload) != wire.num_blocks * block_nbytes:
             raise KVChecksumError(
                 f"KV package payload has {len(payload)} bytes, header says "

@@ -235,7 +235,9 @@ class TcpChannel(KVChannel):
         except (OSError, TimeoutError) as error:
             raise KVTransportError(f"sending to the KV peer failed: {error!r}") from error
 
-    async def _read_frame(self) -> tuple[FrameKind, int, bytes]:
+    async def _read_frame(self, check_block_crc: bool = True) -> tuple[FrameKind, int, bytes, int]:
+        """The next frame and its CRC-32, checked unless it is a BLOCK and not
+        `check_block_crc` (`receive_package` checks those once the package is parsed)."""
         try:
             head = await asyncio.wait_for(self.reader.readexactly(FRAME.size), self.timeout_s)
             kind, index, length, crc = FRAME.unpack(head)
@@ -249,12 +251,12 @@ class TcpChannel(KVChannel):
             raise KVTransportError("the KV peer closed the connection mid-transfer") from error
         except (OSError, TimeoutError) as error:
             raise KVTransportError(f"receiving from the KV peer failed: {error!r}") from error
-        if zlib.crc32(payload) != crc:
+        if (check_block_crc or kind != FrameKind.BLOCK) and zlib.crc32(payload) != crc:
             raise KVChecksumError(f"KV frame {FrameKind(kind).name} {index} fails its CRC-32")
-        return FrameKind(kind), index, payload
+        return FrameKind(kind), index, payload, crc
 
     async def receive(self) -> tuple[FrameKind, bytes]:
-        kind, _, payload = await self._read_frame()
+        kind, _, payload, _ = await self._read_frame()
         return kind, payload
 
     async def send_message(self, message: dict[str, Any]) -> None:
@@ -286,19 +288,40 @@ class TcpChannel(KVChannel):
         kind, header = first if first is not None else await self.receive()
         if kind != FrameKind.PACKAGE_HEADER:
             raise KVTransportError(f"expected a KV package header, got {kind.name}")
-        parts = [header]
+        num_blocks, block_nbytes = KVPackage.payload_layout(header)
+        payload = bytearray(num_blocks * block_nbytes)
+        view = memoryview(payload)
+        crcs: list[int] = []
         while True:
-            kind, index, payload = await self._read_frame()
+            kind, index, block, crc = await self._read_frame(check_block_crc=False)
             if kind == FrameKind.PACKAGE_END:
                 break
-            if kind != FrameKind.BLOCK or index != len(parts) - 1:
+            if kind != FrameKind.BLOCK or index != len(crcs):
                 raise KVTransferError(
-                    f"KV package out of order: {kind.name} {index} after {len(parts) - 1} blocks"
+                    f"KV package out of order: {kind.name} {index} after {len(crcs)} blocks"
                 )
-            parts.append(payload)
-        if index != len(parts) - 1:
-            raise KVChecksumError(f"KV package ends after {len(parts) - 1} of {index} blocks")
-        return KVPackage.from_parts(header, bytearray().join(parts[1:]))
+            if index >= num_blocks or len(block) != block_nbytes:
+                raise KVChecksumError(
+                    f"KV frame BLOCK {index} has {len(block)} bytes; the header announces "
+                    f"{num_blocks} blocks of {block_nbytes}"
+                )
+            view[index * block_nbytes : (index + 1) * block_nbytes] = block
+            crcs.append(crc)
+        view.release()
+        if index != len(crcs) or len(crcs) != num_blocks:
+            raise KVChecksumError(f"KV package ends after {len(crcs)} of {num_blocks} blocks")
+        package = KVPackage.from_parts(header, payload)
+        # The frames' CRCs, after the package's own checksums: free when those are CRC-32 too.
+        same = package.checksum_algorithm == "crc32"
+        for index, crc in enumerate(crcs):
+            actual = (
+                int(package.block_checksums[index], 16)
+                if same
+                else zlib.crc32(package.block_bytes(index))
+            )
+            if actual != crc:
+                raise KVChecksumError(f"KV frame BLOCK {index} fails its CRC-32")
+        return package
 
     async def close(self) -> None:
         self.writer.close()

@@ -159,3 +159,88 @@ def test_an_unreachable_peer_is_a_transport_error_within_the_timeout() -> None:
 def test_bad_addresses_are_named(address: str) -> None:
     with pytest.raises(ValueError, match="expected host:port"):
         parse_address(address)
+
+
+def test_a_block_damaged_in_transit_is_refused() -> None:
+    """Damage after the sender framed the block (its frame CRC and checksum are of the good
+    bytes): the receiver, which defers the frame CRC of blocks to one pass after parsing,
+    still refuses it."""
+    sent = package()
+
+    async def send(channel: KVChannel) -> None:
+        assert isinstance(channel, TcpChannel)
+        await channel._write(FrameKind.PACKAGE_HEADER, sent.header_bytes())
+        for index in range(sent.num_blocks):
+            good = sent.block_bytes(index)
+            block = bytearray(good)
+            if index == 1:
+                block[5] ^= 0x10
+            await channel._write(FrameKind.BLOCK, block, index, zlib.crc32(good))
+        await channel._write(FrameKind.PACKAGE_END, b"", sent.num_blocks)
+
+    with pytest.raises(KVChecksumError, match="block 1 fails its checksum"):
+        asyncio.run(exchange(send))
+
+
+def test_a_block_frame_damaged_behind_matching_checksums_fails_its_crc() -> None:
+    """A blake2b package whose block bytes match the header but not the frame's CRC (the
+    frame's own damage): the deferred frame CRC check still refuses it."""
+    sent = package()
+    sent = KVPackage.build(
+        sent.request_id, GEOMETRY, sent.prompt_token_ids, [7], sent.num_computed_tokens,
+        sent.sampling, sent.blocks, checksum_algorithm="blake2b_128",
+    )  # fmt: skip
+
+    async def send(channel: KVChannel) -> None:
+        assert isinstance(channel, TcpChannel)
+        await channel._write(FrameKind.PACKAGE_HEADER, sent.header_bytes())
+        for index in range(sent.num_blocks):
+            block = sent.block_bytes(index)
+            crc = zlib.crc32(block) ^ (1 if index == 2 else 0)
+            await channel._write(FrameKind.BLOCK, block, index, crc)
+        await channel._write(FrameKind.PACKAGE_END, b"", sent.num_blocks)
+
+    with pytest.raises(KVChecksumError, match="BLOCK 2 fails its CRC-32"):
+        asyncio.run(exchange(send))
+
+
+def test_a_block_frame_of_the_wrong_length_is_refused_at_once() -> None:
+    """The header announces each block's size: a block frame of another length (a damaged
+    length field) is refused as it arrives, not after a timeout."""
+    sent = package()
+
+    async def send(channel: KVChannel) -> None:
+        assert isinstance(channel, TcpChannel)
+        await channel._write(FrameKind.PACKAGE_HEADER, sent.header_bytes())
+        await channel._write(FrameKind.BLOCK, b"\0" * 12, 0)
+
+    with pytest.raises(KVChecksumError, match="header announces 3 blocks"):
+        asyncio.run(exchange(send))
+
+
+def test_received_blocks_are_one_buffer_and_match_the_sent_ones() -> None:
+    sent = package(num_blocks=4)
+
+    async def send(channel: KVChannel) -> None:
+        await channel.send_package(sent)
+
+    got = asyncio.run(exchange(send))
+    assert got.checksum_algorithm == sent.checksum_algorithm
+    assert got.blocks.is_contiguous() and torch.equal(got.blocks, sent.blocks)
+    assert bytes(got.payload_view()) == bytes(sent.payload_view())
+
+
+def test_from_parts_takes_the_payload_and_refuses_a_prefix_with_more_than_the_header() -> None:
+    sent = package()
+    wire = sent.to_bytes()
+    header = sent.header_bytes()
+    payload = bytearray(wire[len(header) :])
+    got = KVPackage.from_parts(header, payload)
+    assert torch.equal(got.blocks, sent.blocks)
+    payload[0] ^= 0xFF  # the blocks are a view of the payload: no copy was made
+    assert not torch.equal(got.blocks, sent.blocks)
+    assert KVPackage.payload_layout(header) == (3, GEOMETRY.block_nbytes)
+    with pytest.raises(KVChecksumError, match="bytes after it"):
+        KVPackage.from_parts(wire, bytearray())
+    with pytest.raises(KVTransferError, match="bytearray"):
+        KVPackage.from_parts(header, bytes(payload))  # type: ignore[arg-type]

@@ -207,6 +207,53 @@ def sidecar_attention_pool(
     return attention, class_spec
 
 
+def http_probes(
+    port_name: str, *, ready_period_s: int = 5, liveness_failures: int = 6
+) -> dict[str, Any]:
+    """A `tessera` container's readiness probe on /ready and liveness probe on /health (every
+    10 s), both on the named port: unready takes it out of its Service at once, while
+    `liveness_failures` misses in a row restart it."""
+    return {
+        "readinessProbe": {
+            "httpGet": {"path": READY_PATH, "port": port_name},
+            "periodSeconds": ready_period_s,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": HEALTH_PATH, "port": port_name},
+            "periodSeconds": 10,
+            "failureThreshold": liveness_failures,
+        },
+    }
+
+
+def owned_deployment(
+    owner: Owner,
+    name: str,
+    labels: dict[str, str],
+    selector: dict[str, str],
+    replicas: int,
+    pod_spec: dict[str, Any],
+) -> dict[str, Any]:
+    """An apps/v1 Deployment owned by the ModelDeployment, with its config hash: the one shape
+    of every Deployment the operator renders (pools and router)."""
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": labels,
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+        },
+    }
+    return with_config_hash(deployment)
+
+
 def attention_sidecar(
     owner: Owner,
     spec: ModelDeploymentSpec,
@@ -230,15 +277,7 @@ def attention_sidecar(
             },
         ],
         "resources": resources_for(class_spec, attention.tensor_parallel),
-        "readinessProbe": {
-            "httpGet": {"path": READY_PATH, "port": ATTENTION_PROBE_PORT_NAME},
-            "periodSeconds": 5,
-        },
-        "livenessProbe": {
-            "httpGet": {"path": HEALTH_PATH, "port": ATTENTION_PROBE_PORT_NAME},
-            "periodSeconds": 10,
-            "failureThreshold": 6,
-        },
+        **http_probes(ATTENTION_PROBE_PORT_NAME),
     }
 
 
@@ -435,15 +474,7 @@ def render_deployment(
         "args": engine_args(owner, spec, plan, pool, sidecar_attention=sidecar is not None),
         "ports": [{"name": PORT_NAME, "containerPort": spec.engine.port, "protocol": "TCP"}],
         "resources": resources_for(class_spec, pool.tensor_parallel),
-        "readinessProbe": {
-            "httpGet": {"path": READY_PATH, "port": PORT_NAME},
-            "periodSeconds": 5,
-        },
-        "livenessProbe": {
-            "httpGet": {"path": HEALTH_PATH, "port": PORT_NAME},
-            "periodSeconds": 10,
-            "failureThreshold": 6,
-        },
+        **http_probes(PORT_NAME),
     }
     if pool.role is PoolRole.ATTENTION:
         container["ports"].append(
@@ -472,22 +503,9 @@ def render_deployment(
         pod_spec["tolerations"] = [dict(t) for t in class_spec.tolerations]
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {
-            "name": workload_name(owner, pool),
-            "namespace": owner.namespace,
-            "labels": labels,
-            "ownerReferences": [owner.reference()],
-        },
-        "spec": {
-            "replicas": pool.replicas,
-            "selector": {"matchLabels": selector},
-            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
-        },
-    }
-    return with_config_hash(deployment)
+    return owned_deployment(
+        owner, workload_name(owner, pool), labels, selector, pool.replicas, pod_spec
+    )
 
 
 def colocated_service_name(owner: Owner) -> str:
@@ -620,37 +638,13 @@ def render_router(owner: Owner, spec: ModelDeploymentSpec) -> dict[str, Any]:
         "args": router_args(owner, spec),
         "ports": [{"name": PORT_NAME, "containerPort": spec.engine.port, "protocol": "TCP"}],
         "resources": {key: dict(value) for key, value in ROUTER_RESOURCES.items()},
-        "readinessProbe": {
-            "httpGet": {"path": READY_PATH, "port": PORT_NAME},
-            "periodSeconds": 2,
-        },
-        "livenessProbe": {
-            "httpGet": {"path": HEALTH_PATH, "port": PORT_NAME},
-            "periodSeconds": 10,
-            "failureThreshold": 3,
-        },
+        **http_probes(PORT_NAME, ready_period_s=2, liveness_failures=3),
     }
     pod_spec: dict[str, Any] = {"containers": [container]}
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {
-            "name": router_name(owner),
-            "namespace": owner.namespace,
-            "labels": labels,
-            "ownerReferences": [owner.reference()],
-        },
-        "spec": {
-            "replicas": ROUTER_REPLICAS,
-            "selector": {
-                "matchLabels": {key: labels[key] for key in (DEPLOYMENT_LABEL, ROLE_LABEL)}
-            },
-            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
-        },
-    }
-    return with_config_hash(deployment)
+    selector = {key: labels[key] for key in (DEPLOYMENT_LABEL, ROLE_LABEL)}
+    return owned_deployment(owner, router_name(owner), labels, selector, ROUTER_REPLICAS, pod_spec)
 
 
 class UnknownAcceleratorClassError(KeyError):

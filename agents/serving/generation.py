@@ -210,8 +210,7 @@ class Generation:
         while not self._queue.empty():
             event = self._queue.get_nowait()
             last = events[-1]
-            if _mergeable(last) and _joins(event):
-                assert last is not None  # for mypy: _mergeable says so
+            if last is not None and event is not None and _mergeable(last) and _joins(event):
                 event = TokenEvent(
                     last.request_id,
                     last.token_ids + event.token_ids,

@@ -42,11 +42,13 @@ from tessera.api.common import GROUP, VERSION, utc_now
 from tessera.api.model_deployment import ModelDeploymentSpec, Plan
 from tessera.operator import apply, render
 from tessera.operator.collector import AgentStatus, FleetSnapshot, InstanceTelemetry
+from tessera.operator.events import event_body, rfc3339
 from tessera.operator.reconcile import (
     MODEL_DEPLOYMENTS,
     Kube,
     as_object,
     is_dry_run,
+    parse_plan,
     plan_summary,
     planning_inputs,
 )
@@ -58,10 +60,6 @@ log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 RETRY_S = 10.0
-
-
-def _timestamp(value: datetime) -> str:
-    return value.isoformat().replace("+00:00", "Z")
 
 
 def _parse_time(text: str | None) -> datetime | None:
@@ -215,7 +213,7 @@ class AutoscaleController:
         status = body.get("status") or {}
         record = dict(status.get("autoscaling") or {})
         now = self.now()
-        record["lastRoundTime"] = _timestamp(now)
+        record["lastRoundTime"] = rfc3339(now)
         scaling = spec.autoscaling
         if self.window is None or self.window.window_s != scaling.window_seconds:
             self.window = LoadWindow(scaling.window_seconds)
@@ -223,7 +221,7 @@ class AutoscaleController:
             self.window.add(now.timestamp(), instances_of(self.telemetry(), self.name))
         observed, instances = self.window.observed()
         record["instances"] = instances
-        current = _plan(status.get("plan"))
+        current = parse_plan(status.get("plan"))
         if not scaling.enabled:
             record["reason"] = "autoscaling is disabled"
         elif current is None or is_dry_run(body.get("metadata") or {}):
@@ -269,7 +267,7 @@ class AutoscaleController:
             record["reason"] = f"not applied: {error}"
             return
         record["replicas"] = {p.name: p.replicas for p in decision.plan.pools}
-        record["lastScaleTime"] = _timestamp(now)
+        record["lastScaleTime"] = rfc3339(now)
         self._write({"plan": decision.plan.to_wire()})
         self._event(body, decision.reason, plan_summary(decision.plan), now)
 
@@ -287,37 +285,22 @@ class AutoscaleController:
     def _event(self, body: Mapping[str, Any], reason: str, summary: str, now: datetime) -> None:
         """A core/v1 Event on the ModelDeployment (posted through the API: a round may run
         outside kopf's handler context)."""
-        meta = body.get("metadata") or {}
-        event: dict[str, Any] = {
-            "metadata": {"generateName": f"{self.name}.", "namespace": self.namespace},
-            "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "ModelDeployment",
-                "name": self.name,
-                "namespace": self.namespace,
-                "uid": meta.get("uid"),
-            },
-            "type": "Normal",
-            "reason": "Scaled",
-            "message": f"{reason}: {summary}"[:1024],
-            "firstTimestamp": _timestamp(now),
-            "lastTimestamp": _timestamp(now),
-            "count": 1,
-            "source": {"component": "tessera-autoscaler"},
-        }
+        event = event_body(
+            kind="ModelDeployment",
+            name=self.name,
+            uid=(body.get("metadata") or {}).get("uid"),
+            object_namespace=self.namespace,
+            event_namespace=self.namespace,
+            type_="Normal",
+            reason="Scaled",
+            message=f"{reason}: {summary}",
+            now=now,
+            component="tessera-autoscaler",
+        )
         try:
             self.kube.core.create_namespaced_event(self.namespace, cast(Any, event))
         except ApiException as error:  # the scale happened; a lost Event is only logged
             log.warning("could not post the Scaled event of %s: %s", self.name, error)
-
-
-def _plan(raw: Any) -> Plan | None:
-    if not raw:
-        return None
-    try:
-        return Plan.model_validate(raw)
-    except ValidationError:
-        return None
 
 
 def _autoscaling_enabled(spec: Mapping[str, Any], **_: Any) -> bool:

@@ -34,6 +34,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from tessera.api.common import GROUP, VERSION, Condition, utc_now
 from tessera.api.rebalance_policy import PlannedMove, RebalancePolicySpec
+from tessera.operator.events import event_body, rfc3339
 from tessera.operator.power_controller import priority_index
 from tessera.operator.rebalance_snapshot import VMI_KIND, PodRef, snapshot_from
 from tessera.operator.reconcile import Kube, as_object, items_of
@@ -48,10 +49,6 @@ MODEL_DEPLOYMENTS = "modeldeployments"
 MERGE_PATCH = "application/merge-patch+json"
 READY = "Ready"
 INVALID_SPEC_RETRY_S = 30.0
-
-
-def _timestamp(value: Any) -> str:
-    return str(value.isoformat().replace("+00:00", "Z"))
 
 
 POLICY_VERSIONS = ("v1", "v1beta1")
@@ -314,8 +311,8 @@ class RebalanceController:
         self._write(
             {
                 "observedGeneration": generation,
-                "lastRoundTime": _timestamp(now),
-                "nextRoundTime": _timestamp(now + timedelta(seconds=spec.interval_seconds)),
+                "lastRoundTime": rfc3339(now),
+                "nextRoundTime": rfc3339(now + timedelta(seconds=spec.interval_seconds)),
                 "movesLastRound": len(moves) if spec.dry_run else evicted,
                 "fragmentationBefore": round(plan.fragmentation_before, 6),
                 "fragmentationAfter": round(plan.fragmentation_after, 6),
@@ -341,23 +338,18 @@ class RebalanceController:
     ) -> None:
         """Post a core/v1 Event on the policy through the API (kopf's posting needs its own
         context, which a round run outside the daemon does not have)."""
-        meta = body.get("metadata") or {}
-        event: dict[str, Any] = {
-            "metadata": {"generateName": f"{self.name}.", "namespace": self.events_namespace},
-            "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "RebalancePolicy",
-                "name": self.name,
-                "uid": meta.get("uid"),
-            },
-            "type": type_,
-            "reason": reason,
-            "message": message,
-            "firstTimestamp": _timestamp(now),
-            "lastTimestamp": _timestamp(now),
-            "count": 1,
-            "source": {"component": "tessera-rebalancer"},
-        }
+        event = event_body(
+            kind="RebalancePolicy",
+            name=self.name,
+            uid=(body.get("metadata") or {}).get("uid"),
+            object_namespace=None,
+            event_namespace=self.events_namespace,
+            type_=type_,
+            reason=reason,
+            message=message,
+            now=now,
+            component="tessera-rebalancer",
+        )
         self.kube.core.create_namespaced_event(self.events_namespace, cast(Any, event))
 
     def _write(self, patch: Mapping[str, Any]) -> None:

@@ -232,7 +232,7 @@ def reconcile(
     owner = render.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
     generation = meta.get("generation")
     previous = body.get("status") or {}
-    previous_plan = _parse_plan(previous.get("plan"))
+    previous_plan = parse_plan(previous.get("plan"))
     recorded = outcome_of(previous)
 
     def settle(
@@ -319,7 +319,9 @@ def reconcile(
     )
 
 
-def _parse_plan(raw: Any) -> Plan | None:
+def parse_plan(raw: Any) -> Plan | None:
+    """The plan a status records (None when it has none, or one this version cannot read: the
+    caller then plans afresh rather than trusting it)."""
     if not raw:
         return None
     try:

@@ -25,6 +25,7 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     real_server_only,
     wait_for,
 )
+from rebalance_support import delete_policy, live_pods, policy_status
 from tessera.api.common import GROUP, VERSION
 from tessera.operator.rebalance_controller import (
     POLICY_VERSIONS,
@@ -63,14 +64,7 @@ def fleet_fixture(cluster: Cluster, namespace: Namespace) -> Iterator[dict[str, 
             _create_pdb(cluster, policy_version, ns, n, allowed=0 if n == "a" else 1)
         yield {"namespace": ns, "policy_version": policy_version}
     finally:
-        with contextlib.suppress(ApiException):
-            cluster.custom.delete_cluster_custom_object(
-                GROUP, VERSION, REBALANCE_POLICIES, f"rb-{ns}"
-            )
-        with contextlib.suppress(ApiException):
-            cluster.core.delete_collection_namespaced_event(
-                "default", field_selector=f"involvedObject.name=rb-{ns}"
-            )
+        delete_policy(cluster, ns)
         for n in NODES:
             with contextlib.suppress(ApiException):
                 cluster.apps.delete_namespaced_replica_set(f"rs-{n}", ns)
@@ -155,33 +149,19 @@ def _policy(cluster: Cluster, ns: str, budget: int, dry_run: bool) -> RebalanceC
     return RebalanceController(f"rb-{ns}", Kube(cluster.api_client), events_namespace="default")
 
 
-def _status(cluster: Cluster, ns: str) -> dict[str, Any]:
-    body = cluster.custom.get_cluster_custom_object(GROUP, VERSION, REBALANCE_POLICIES, f"rb-{ns}")
-    return dict(body.get("status") or {})
-
-
-def _live_pods(cluster: Cluster, ns: str) -> dict[str, str]:
-    """Pods not being deleted: name -> uid."""
-    return {
-        p.metadata.name: p.metadata.uid
-        for p in pods(cluster.core, ns)
-        if p.metadata.deletion_timestamp is None
-    }
-
-
 def test_dry_run_reports_moves_and_changes_nothing(cluster: Cluster, fleet: dict[str, Any]) -> None:
     ns = fleet["namespace"]
-    before = _live_pods(cluster, ns)
+    before = live_pods(cluster, ns)
     interval = _policy(cluster, ns, budget=2, dry_run=True).round()
     assert interval == 300.0
-    status = _status(cluster, ns)
+    status = policy_status(cluster, ns)
     assert [m["result"] for m in status["moves"]] == ["Planned", "Planned"]
     assert status["movesLastRound"] == 2
     assert status["fragmentationAfter"] < status["fragmentationBefore"]
     assert status["nextRoundTime"] > status["lastRoundTime"]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("True", "DryRun")
-    assert _live_pods(cluster, ns) == before
+    assert live_pods(cluster, ns) == before
     events = cluster.core.list_namespaced_event(
         "default", field_selector=f"involvedObject.name=rb-{ns}"
     ).items
@@ -193,9 +173,9 @@ def test_evictions_respect_pdbs_and_the_move_budget(
     cluster: Cluster, fleet: dict[str, Any]
 ) -> None:
     ns = fleet["namespace"]
-    before = _live_pods(cluster, ns)
+    before = live_pods(cluster, ns)
     _policy(cluster, ns, budget=2, dry_run=False).round()
-    status = _status(cluster, ns)
+    status = policy_status(cluster, ns)
     moves = status["moves"]
     assert 1 <= len(moves) <= 2
     assert all(m["result"] == "Evicted" for m in moves), moves
@@ -204,7 +184,7 @@ def test_evictions_respect_pdbs_and_the_move_budget(
     # No pod of rs-a (its PDB allows nothing) and at most one per other ReplicaSet.
     owners = [name.rsplit("-", 1)[0] for name in moved]
     assert "rs-a" not in owners and len(set(owners)) == len(owners)
-    live = _live_pods(cluster, ns)
+    live = live_pods(cluster, ns)
     assert not moved & set(live), "evicted pods are terminating or gone"
     assert {p for p in before if p not in moved} <= set(live)
     # The API server spent the PDBs' disruptions on exactly these pods.

@@ -27,6 +27,7 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     namespace_fixture,
     wait_for,
 )
+from rebalance_support import delete_policy, live_pods, policy_status
 from tessera.api.common import GROUP, VERSION
 from tessera.operator.rebalance_controller import (
     HOSTNAME_LABEL,
@@ -185,14 +186,7 @@ def vms_fixture(
         cluster.core.create_namespaced_pod(ns, waiting)
         yield {"namespace": ns, "launchers": launchers}
     finally:
-        with contextlib.suppress(ApiException):
-            cluster.custom.delete_cluster_custom_object(
-                GROUP, VERSION, REBALANCE_POLICIES, f"rb-{ns}"
-            )
-        with contextlib.suppress(ApiException):
-            cluster.core.delete_collection_namespaced_event(
-                "default", field_selector=f"involvedObject.name=rb-{ns}"
-            )
+        delete_policy(cluster, ns)
         for plural in (VMI_MIGRATIONS, VMIS):
             with contextlib.suppress(ApiException):
                 cluster.custom.delete_collection_namespaced_custom_object(
@@ -224,11 +218,6 @@ def _policy(
     return controller, created
 
 
-def _status(cluster: Cluster, ns: str) -> dict[str, Any]:
-    body = cluster.custom.get_cluster_custom_object(GROUP, VERSION, REBALANCE_POLICIES, f"rb-{ns}")
-    return dict(body.get("status") or {})
-
-
 def _migrations(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
     listed = cluster.custom.list_namespaced_custom_object(
         KUBEVIRT_GROUP, KUBEVIRT_VERSION, ns, VMI_MIGRATIONS
@@ -236,22 +225,14 @@ def _migrations(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
     return list(listed["items"])
 
 
-def _live_pods(cluster: Cluster, ns: str) -> dict[str, str]:
-    return {
-        p.metadata.name: p.metadata.uid
-        for p in pods(cluster.core, ns)
-        if p.metadata.deletion_timestamp is None
-    }
-
-
 def test_a_vm_moves_by_a_migration_to_the_planned_node_not_by_eviction(
     cluster: Cluster, vms: dict[str, Any]
 ) -> None:
     ns = vms["namespace"]
-    before = _live_pods(cluster, ns)
+    before = live_pods(cluster, ns)
     controller, policy = _policy(cluster, ns)
     controller.round()
-    status = _status(cluster, ns)
+    status = policy_status(cluster, ns)
     moves = status["moves"]
     assert len(moves) == 1, moves
     move = moves[0]
@@ -276,34 +257,34 @@ def test_a_vm_moves_by_a_migration_to_the_planned_node_not_by_eviction(
         policy["metadata"]["uid"],
     )
     # No pod was evicted: every pod, the launchers included, is still there, not terminating.
-    assert _live_pods(cluster, ns) == before
+    assert live_pods(cluster, ns) == before
 
     # The next round sees the migration in flight and does not migrate that VM again.
     controller.round()
     again = [m["spec"]["vmiName"] for m in _migrations(cluster, ns)]
     assert again.count(move["pod"]) == 1, again
-    assert _live_pods(cluster, ns) == before
+    assert live_pods(cluster, ns) == before
 
 
 def test_a_dry_run_creates_no_migration(cluster: Cluster, vms: dict[str, Any]) -> None:
     ns = vms["namespace"]
-    before = _live_pods(cluster, ns)
+    before = live_pods(cluster, ns)
     controller, _ = _policy(cluster, ns, dry_run=True)
     controller.round()
-    moves = _status(cluster, ns)["moves"]
+    moves = policy_status(cluster, ns)["moves"]
     assert [(m["kind"], m["result"]) for m in moves] == [("VirtualMachineInstance", "Planned")]
     assert _migrations(cluster, ns) == []
-    assert _live_pods(cluster, ns) == before
+    assert live_pods(cluster, ns) == before
 
 
 def test_without_live_migration_vms_stay(cluster: Cluster, vms: dict[str, Any]) -> None:
     ns = vms["namespace"]
-    before = _live_pods(cluster, ns)
+    before = live_pods(cluster, ns)
     controller, _ = _policy(cluster, ns, useLiveMigration=False)
     controller.round()
-    status = _status(cluster, ns)
+    status = policy_status(cluster, ns)
     assert status["moves"] == []
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "NothingToMove", ready
     assert _migrations(cluster, ns) == []
-    assert _live_pods(cluster, ns) == before
+    assert live_pods(cluster, ns) == before

@@ -155,6 +155,24 @@ def wait_ready(
     raise AssertionError(f"{what} not ready in {deadline_s} s: {log.read_text()}")
 
 
+def greedy(server: ServerProcess, prompt: list[int], max_tokens: int) -> list[int]:
+    """The token ids `server` answers `prompt` with at temperature 0 (/v1/completions)."""
+    response = httpx.post(
+        f"{server.base_url}/v1/completions",
+        json={
+            "model": SERVED_NAME,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "return_token_ids": True,
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    token_ids: list[int] = response.json()["choices"][0]["token_ids"]
+    return token_ids
+
+
 def stop_server(server: ServerProcess) -> None:
     server.process.terminate()
     try:

@@ -8,26 +8,9 @@ from pathlib import Path
 
 import httpx2 as httpx
 import torch
-from conftest import SERVED_NAME, ServerProcess, start_server, stop_server
+from conftest import greedy, start_server, stop_server
 from ports import free_port
 from tessera.agents.engine import Engine, EngineConfig, SamplingParams
-
-
-def greedy(server: ServerProcess, prompt: list[int], max_tokens: int) -> list[int]:
-    response = httpx.post(
-        f"{server.base_url}/v1/completions",
-        json={
-            "model": SERVED_NAME,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "return_token_ids": True,
-        },
-        timeout=60,
-    )
-    assert response.status_code == 200, response.text
-    token_ids: list[int] = response.json()["choices"][0]["token_ids"]
-    return token_ids
 
 
 def test_a_server_with_offloaded_attention_serves_the_local_greedy_tokens(

@@ -8,9 +8,8 @@ import os
 import signal
 from pathlib import Path
 
-import httpx2 as httpx
 import torch
-from conftest import SERVED_NAME, ServerProcess, start_server, stop_server
+from conftest import ServerProcess, greedy, start_server, stop_server
 from engine_helpers import process_running, wait_until
 from tessera.agents.engine import Engine, EngineConfig, SamplingParams
 
@@ -32,23 +31,6 @@ def rank_pids(server: ServerProcess) -> list[int]:
         if b"forkserver" in cmdline:
             return sorted(children(child))
     return []
-
-
-def greedy(server: ServerProcess, prompt: list[int], max_tokens: int) -> list[int]:
-    response = httpx.post(
-        f"{server.base_url}/v1/completions",
-        json={
-            "model": SERVED_NAME,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "return_token_ids": True,
-        },
-        timeout=60,
-    )
-    assert response.status_code == 200, response.text
-    token_ids: list[int] = response.json()["choices"][0]["token_ids"]
-    return token_ids
 
 
 def test_tp2_serves_the_single_device_greedy_tokens_and_leaves_no_rank(

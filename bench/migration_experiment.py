@@ -30,7 +30,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,22 +167,38 @@ def with_replicas(plan: Plan, replicas: int) -> Plan:
     return plan.model_copy(update={"pools": pools})
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """One simulated deployment under one workload: the runs of the experiment differ only in
+    its replicas, its workload and whether migration is on (`dataclasses.replace`)."""
+
+    spec: ModelDeploymentSpec
+    plan: Plan
+    workload: Workload
+    migration: bool
+    costs: MigrationCosts
+    seed: int
+
+    def with_replicas(self, replicas: int) -> Scenario:
+        return replace(self, plan=with_replicas(self.plan, replicas))
+
+
 def simulate(
-    spec: ModelDeploymentSpec,
-    plan: Plan,
-    workload: Workload,
-    migration: bool,
-    costs: MigrationCosts,
-    seed: int,
+    scenario: Scenario,
     autoscale: AutoscaleSettings | None = None,
     initial: int | None = None,
 ) -> tuple[RunResult, SimulatedMigrator | None, SimulatedAutoscaler | None]:
+    plan = scenario.plan
     replicas = plan.pools[0].replicas
-    setup = DeploymentSetup("chat", spec, plan, dispatch=DispatchPolicy.LEAST_VIRTUAL_USAGE)
-    simulation = Simulation(cluster(replicas), [setup], [workload], SimConfig(seed=seed))
+    setup = DeploymentSetup(
+        "chat", scenario.spec, plan, dispatch=DispatchPolicy.LEAST_VIRTUAL_USAGE
+    )
+    simulation = Simulation(
+        cluster(replicas), [setup], [scenario.workload], SimConfig(seed=scenario.seed)
+    )
     migrator = (
-        SimulatedMigrator(simulation, MigrationSettings(), costs, interval_s=0.25)
-        if migration
+        SimulatedMigrator(simulation, MigrationSettings(), scenario.costs, interval_s=0.25)
+        if scenario.migration
         else None
     )
     scaler = None
@@ -193,23 +209,15 @@ def simulate(
     return simulation.run(), migrator, scaler
 
 
-def fixed_run(
-    label: str,
-    spec: ModelDeploymentSpec,
-    plan: Plan,
-    workload: Workload,
-    migration: bool,
-    costs: MigrationCosts,
-    seed: int,
-) -> Outcome:
+def fixed_run(label: str, scenario: Scenario) -> Outcome:
     started = time.perf_counter()
-    result, migrator, _ = simulate(spec, plan, workload, migration, costs, seed)
-    replicas = plan.pools[0].replicas
+    result, migrator, _ = simulate(scenario)
+    replicas = scenario.plan.pools[0].replicas
     return Outcome(
         label,
-        migration,
+        scenario.migration,
         replicas,
-        workload.rate_per_s,
+        scenario.workload.rate_per_s,
         result.summary(),
         replicas * result.makespan_s / 3600.0,
         migrator.stats.summary() if migrator else None,
@@ -218,27 +226,16 @@ def fixed_run(
     )
 
 
-def fewest_replicas(
-    spec: ModelDeploymentSpec,
-    plan: Plan,
-    workload: Workload,
-    migration: bool,
-    costs: MigrationCosts,
-    seed: int,
-    low: int,
-    high: int,
-) -> tuple[int | None, list[Outcome]]:
+def fewest_replicas(scenario: Scenario, low: int, high: int) -> tuple[int | None, list[Outcome]]:
     """Smallest N in [low, high] meeting the SLO (attainment falls as N shrinks: bisect)."""
     tried: dict[int, Outcome] = {}
 
     def passes(n: int) -> bool:
         if n not in tried:
-            run = fixed_run(
-                "sizing", spec, with_replicas(plan, n), workload, migration, costs, seed
-            )
+            run = fixed_run("sizing", scenario.with_replicas(n))
             tried[n] = run
             print(
-                f"    N={n} migration={'on' if migration else 'off'}: attainment "
+                f"    N={n} migration={'on' if scenario.migration else 'off'}: attainment "
                 f"{run.summary['attainment']}, {run.wall_s:.1f} s",
                 flush=True,
             )
@@ -255,36 +252,19 @@ def fewest_replicas(
     return high, [tried[n] for n in sorted(tried)]
 
 
-def autoscale_run(
-    spec: ModelDeploymentSpec,
-    plan: Plan,
-    workload: Workload,
-    migration: bool,
-    costs: MigrationCosts,
-    seed: int,
-    max_replicas: int,
-    initial: int,
-) -> Outcome:
+def autoscale_run(scenario: Scenario, max_replicas: int, initial: int) -> Outcome:
     started = time.perf_counter()
-    settings = AutoscaleSettings()
     result, migrator, scaler = simulate(
-        spec,
-        with_replicas(plan, max_replicas),
-        workload,
-        migration,
-        costs,
-        seed,
-        settings,
-        initial,
+        scenario.with_replicas(max_replicas), AutoscaleSettings(), initial
     )
     assert scaler is not None
     end = result.makespan_s
     summary = scaler.summary(end)
     return Outcome(
         "autoscale",
-        migration,
+        scenario.migration,
         round(summary["replica_hours"] * 3600.0 / end, 2) if end else 0.0,
-        workload.rate_per_s,
+        scenario.workload.rate_per_s,
         result.summary(),
         summary["replica_hours"],
         migrator.stats.summary() if migrator else None,
@@ -388,11 +368,10 @@ def main() -> None:
     def save() -> None:
         out_file.write_text(json.dumps(document, indent=1) + "\n")
 
+    base = Scenario(spec, plan, workload, False, costs, args.seed)
     if "fixed" not in args.skip:
         print(f"fixed: {args.replicas} replicas, {rate:.2f} req/s, {args.window_s:g} s", flush=True)
-        fixed = [
-            fixed_run("fixed", spec, plan, workload, on, costs, args.seed) for on in (False, True)
-        ]
+        fixed = [fixed_run("fixed", replace(base, migration=on)) for on in (False, True)]
         console.print(table(f"{args.replicas} replicas at {rate:.2f} req/s", fixed))
         off, on = fixed
         document["fixed"] = {
@@ -409,9 +388,12 @@ def main() -> None:
         print(f"sizing: fewest replicas meeting the SLO at {rate:.2f} req/s", flush=True)
         low, high = max(1, args.replicas // 2), args.replicas * 2
         sizing: dict[str, Any] = {}
-        for on in (False, True):
-            needed, runs = fewest_replicas(spec, plan, workload, on, costs, args.seed, low, high)
-            sizing["on" if on else "off"] = {"replicas": needed, "runs": [r.row() for r in runs]}
+        for migrating in (False, True):
+            needed, runs = fewest_replicas(replace(base, migration=migrating), low, high)
+            sizing["on" if migrating else "off"] = {
+                "replicas": needed,
+                "runs": [r.row() for r in runs],
+            }
         document["sizing"] = sizing
         console.print(
             f"replicas for the SLO at {rate:.2f} req/s: without migration "
@@ -430,7 +412,7 @@ def main() -> None:
             flush=True,
         )
         runs = [
-            autoscale_run(spec, plan, scaled, on, costs, args.seed, top, args.replicas)
+            autoscale_run(replace(base, workload=scaled, migration=on), top, args.replicas)
             for on in (False, True)
         ]
         console.print(table("autoscaled from observed load (policies.replan)", runs))

@@ -60,7 +60,7 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     flat = flat.reshape(-1).view(torch.uint8)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.numpy()).cast("B")
+    return flat.numpy().data.cast("B")
 
 
 class KVTransferError(ValueError):

@@ -44,6 +44,9 @@ from tessera.agents.engine.kv_transfer import (
 FRAME = struct.Struct("<BIQI")
 MAX_MESSAGE_BYTES = 16 << 20
 MAX_BLOCK_BYTES = 1 << 30
+STREAM_LIMIT_BYTES = 4 << 20
+"""The stream reader's buffer limit: a whole 2 MiB block is read without pausing the socket
+(asyncio's 64 KiB default pauses and resumes it 30 times per block)."""
 
 
 class FrameKind(enum.IntEnum):
@@ -70,7 +73,7 @@ def parse_address(address: str) -> tuple[str, int]:
 def flip_one_bit(data: bytes | bytearray | memoryview) -> bytes:
     """`data` with its middle byte's lowest bit flipped: the fault-injection hook's damage."""
     if not data:
-        return data
+        return bytes(data)
     damaged = bytearray(data)
     damaged[len(damaged) // 2] ^= 0x01
     return bytes(damaged)
@@ -352,7 +355,9 @@ class TcpTransport(KVTransport):
     async def connect(self, address: str, timeout_s: float) -> KVChannel:
         host, port = parse_address(address)
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=STREAM_LIMIT_BYTES), timeout_s
+            )
         except (OSError, TimeoutError) as error:
             raise KVTransportError(f"cannot reach the KV peer {address}: {error!r}") from error
         return TcpChannel(reader, writer, self.timeout_s)
@@ -365,6 +370,6 @@ class TcpTransport(KVTransport):
             finally:
                 await channel.close()
 
-        server = await asyncio.start_server(accepted, host, port)
+        server = await asyncio.start_server(accepted, host, port, limit=STREAM_LIMIT_BYTES)
         bound = server.sockets[0].getsockname()
         return TcpListener(server, f"{host}:{bound[1]}")

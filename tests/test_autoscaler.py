@@ -190,6 +190,21 @@ def replicas_on_server(cluster: Cluster, namespace: str) -> int:
     return replicas
 
 
+def reconciled_once(cluster: Cluster, namespace: str, document: dict[str, Any]) -> tuple[Kube, int]:
+    """Create `document` (ModelDeployment "chat"), reconcile it once and record its status, as
+    the operator would before the loop's first round; the Kube and the replicas it rendered."""
+    cluster.create_md(namespace, document)
+    kube = Kube(cluster.api_client)
+    body = cluster.get_md(namespace, "chat")
+    assert body is not None
+    first = reconcile(kube, body, utc_now())
+    cluster.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, "modeldeployments", "chat", {"status": first.status},
+        _content_type="application/merge-patch+json",
+    )  # fmt: skip
+    return kube, replicas_on_server(cluster, namespace)
+
+
 def test_observed_rate_scales_the_pool_up_at_once_and_down_after_the_delay(
     cluster: Cluster, namespace: Namespace
 ) -> None:
@@ -204,16 +219,7 @@ def test_observed_rate_scales_the_pool_up_at_once_and_down_after_the_delay(
         },
     )
     document["spec"]["traffic"]["requestRatePerSecond"] = 5.0
-    cluster.create_md(namespace.name, document)
-    kube = Kube(cluster.api_client)
-    body = cluster.get_md(namespace.name, "chat")
-    assert body is not None
-    first = reconcile(kube, body, utc_now())
-    cluster.custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace.name, "modeldeployments", "chat", {"status": first.status},
-        _content_type="application/merge-patch+json",
-    )  # fmt: skip
-    initial = replicas_on_server(cluster, namespace.name)
+    kube, initial = reconciled_once(cluster, namespace.name, document)
 
     clock = Clock()
     traffic = Traffic(clock)
@@ -272,7 +278,7 @@ def test_observed_rate_scales_the_pool_up_at_once_and_down_after_the_delay(
     ]
     assert (
         pod["terminationGracePeriodSeconds"]
-        > ModelDeploymentSpec.model_validate(body["spec"]).autoscaling.drain_deadline_seconds
+        > ModelDeploymentSpec.model_validate(document["spec"]).autoscaling.drain_deadline_seconds
     )
     # A reconcile now (e.g. after a spec edit) keeps the loop's replica count.
     again = reconcile(kube, cluster.get_md(namespace.name, "chat") or {}, utc_now())
@@ -283,16 +289,7 @@ def test_observed_rate_scales_the_pool_up_at_once_and_down_after_the_delay(
 def test_no_telemetry_never_scales(cluster: Cluster, namespace: Namespace) -> None:
     namespace.create_classes("h100")
     document = namespace.chat_deployment(servingMode="colocated", autoscaling={"enabled": True})
-    cluster.create_md(namespace.name, document)
-    kube = Kube(cluster.api_client)
-    body = cluster.get_md(namespace.name, "chat")
-    assert body is not None
-    first = reconcile(kube, body, utc_now())
-    cluster.custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace.name, "modeldeployments", "chat", {"status": first.status},
-        _content_type="application/merge-patch+json",
-    )  # fmt: skip
-    initial = replicas_on_server(cluster, namespace.name)
+    kube, initial = reconciled_once(cluster, namespace.name, document)
     clock = Clock()
     stale = lambda: snapshot(instance("chat-0", 10), status=AgentStatus.STALE)  # noqa: E731
     lock = threading.Lock()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import deque
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from tessera.agents.engine.stats import EngineStatsSnapshot
@@ -83,15 +84,23 @@ class ServingMetrics:
         self._lock = threading.Lock()
         self._ttft_s: deque[float] = deque(maxlen=MAX_AGENT_SAMPLES)
         self._tpot_s: deque[float] = deque(maxlen=MAX_AGENT_SAMPLES)
+        self._children: dict[Any, Any] = {}
+        """Each metric's child with this server's labels: `observe_engine` runs on the engine
+        thread every step, where a `labels(**...)` lookup per metric is time off the step."""
+
+    def _mine(self, metric: Any) -> Any:
+        child = self._children.get(metric)
+        if child is None:
+            child = self._children[metric] = metric.labels(**self.labels)
+        return child
 
     def observe_engine(self, snapshot: EngineStatsSnapshot) -> None:
         """Write one (drained) engine snapshot; counters advance by what changed since the last."""
-        labels = self.labels
-        self.running.labels(**labels).set(snapshot.running_batch)
-        self.waiting.labels(**labels).set(snapshot.queue_length)
+        self._mine(self.running).set(snapshot.running_batch)
+        self._mine(self.waiting).set(snapshot.queue_length)
         total = max(snapshot.kv_blocks_total, 1)
-        self.kv_usage.labels(**labels).set(snapshot.kv_blocks_used / total)
-        self.kv_blocks.labels(**labels).set(snapshot.kv_blocks_total)
+        self._mine(self.kv_usage).set(snapshot.kv_blocks_used / total)
+        self._mine(self.kv_blocks).set(snapshot.kv_blocks_total)
         last = self._last
         for counter, now, before in (
             (self.prompt_tokens, snapshot.prompt_tokens_total, last and last.prompt_tokens_total),
@@ -103,11 +112,11 @@ class ServingMetrics:
             (self.preemptions, snapshot.preemptions_total, last and last.preemptions_total),
         ):
             if now > (before or 0):
-                counter.labels(**labels).inc(now - (before or 0))
+                self._mine(counter).inc(now - (before or 0))
         for ms in snapshot.ttft_ms:
-            self.ttft.labels(**labels).observe(ms / 1e3)
+            self._mine(self.ttft).observe(ms / 1e3)
         for ms in snapshot.tpot_ms:
-            self.tpot.labels(**labels).observe(ms / 1e3)
+            self._mine(self.tpot).observe(ms / 1e3)
         with self._lock:
             self._ttft_s.extend(ms / 1e3 for ms in snapshot.ttft_ms)
             self._tpot_s.extend(ms / 1e3 for ms in snapshot.tpot_ms)

@@ -617,10 +617,8 @@ def self_hosted(args: argparse.Namespace) -> dict[str, Any]:
             http = child_client(args, hosted, Path(scratch) / "closed.json", rates=False)
             cpu_after = hosted.cpu_s()
             hosted.steps.phase = "rates"
-            tokens = (
-                len(args.clients)
-                and sum(r["completed"] for r in http if r["kind"] == "closed") * args.max_tokens
-            )
+            completed = sum(r["completed"] for r in http if r["kind"] == "closed")
+            tokens = max(1, completed * args.max_tokens)  # 1: no closed runs asked for
             results["http_cpu"] = {
                 f"{name}_cpu_us_per_token": round(
                     (cpu_after[name] - cpu_before[name]) / tokens * 1e6, 2

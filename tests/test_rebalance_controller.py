@@ -25,14 +25,11 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     real_server_only,
     wait_for,
 )
-from rebalance_support import delete_policy, live_pods, policy_status
-from tessera.api.common import GROUP, VERSION
+from rebalance_support import create_policy, delete_policy, live_pods, policy_status
 from tessera.operator.rebalance_controller import (
     POLICY_VERSIONS,
-    REBALANCE_POLICIES,
     RebalanceController,
 )
-from tessera.operator.reconcile import Kube
 
 pytestmark = real_server_only(
     "the ReplicaSet controller creating the pods, and the Eviction API (pods/eviction) checking "
@@ -133,20 +130,9 @@ def _create_pdb(cluster: Cluster, version: str, ns: str, node: str, allowed: int
 
 
 def _policy(cluster: Cluster, ns: str, budget: int, dry_run: bool) -> RebalanceController:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "RebalancePolicy",
-        "metadata": {"name": f"rb-{ns}"},
-        "spec": {
-            "nodeSelector": {POOL_LABEL: ns},
-            "moveBudget": budget,
-            "minImprovement": 0.0,
-            "dryRun": dry_run,
-            "movable": {"excludePriorities": []},
-        },
-    }
-    cluster.custom.create_cluster_custom_object(GROUP, VERSION, REBALANCE_POLICIES, body)
-    return RebalanceController(f"rb-{ns}", Kube(cluster.api_client), events_namespace="default")
+    movable = {"excludePriorities": []}
+    controller, _ = create_policy(cluster, ns, {POOL_LABEL: ns}, budget, dry_run, movable)
+    return controller
 
 
 def test_dry_run_reports_moves_and_changes_nothing(cluster: Cluster, fleet: dict[str, Any]) -> None:

@@ -27,20 +27,17 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     namespace_fixture,
     wait_for,
 )
-from rebalance_support import delete_policy, live_pods, policy_status
-from tessera.api.common import GROUP, VERSION
+from rebalance_support import create_policy, delete_policy, live_pods, policy_status
 from tessera.operator.rebalance_controller import (
     HOSTNAME_LABEL,
     KUBEVIRT_GROUP,
     KUBEVIRT_VERSION,
     POLICY_LABEL,
-    REBALANCE_POLICIES,
     VMI_MIGRATIONS,
     VMI_NAME_LABEL,
     VMIS,
     RebalanceController,
 )
-from tessera.operator.reconcile import Kube
 
 POOL_LABEL = "tessera.dev/test-pool"
 NODES = ("a", "b")
@@ -199,23 +196,8 @@ def vms_fixture(
 def _policy(
     cluster: Cluster, ns: str, dry_run: bool = False, **movable: Any
 ) -> tuple[RebalanceController, dict[str, Any]]:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "RebalancePolicy",
-        "metadata": {"name": f"rb-{ns}"},
-        "spec": {
-            "nodeSelector": {POOL_LABEL: ns},
-            "moveBudget": 2,
-            "minImprovement": 0.0,
-            "dryRun": dry_run,
-            "movable": {"kinds": ["Pod", "VirtualMachine"], "excludePriorities": [], **movable},
-        },
-    }
-    created = cluster.custom.create_cluster_custom_object(GROUP, VERSION, REBALANCE_POLICIES, body)
-    controller = RebalanceController(
-        f"rb-{ns}", Kube(cluster.api_client), events_namespace="default"
-    )
-    return controller, created
+    movable = {"kinds": ["Pod", "VirtualMachine"], "excludePriorities": [], **movable}
+    return create_policy(cluster, ns, {POOL_LABEL: ns}, 2, dry_run, movable)
 
 
 def _migrations(cluster: Cluster, ns: str) -> list[dict[str, Any]]:

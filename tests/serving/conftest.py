@@ -155,6 +155,21 @@ def wait_ready(
     raise AssertionError(f"{what} not ready in {deadline_s} s: {log.read_text()}")
 
 
+GREEDY_PROMPTS = [[1, 17, 42, 99, 7, 123, 56], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+"""Two prompts of different lengths, for the tests that compare a served variant's tokens."""
+
+
+def local_greedy(model: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The single-device CPU engine's greedy tokens for `prompts`: what a server that splits
+    the work (tensor parallel, offloaded attention) must reproduce."""
+    import torch
+    from tessera.agents.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine.from_pretrained(model, EngineConfig(device="cpu", dtype=torch.float32))
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
+    return [c.output_token_ids for c in engine.generate(prompts, params)]
+
+
 def greedy(server: ServerProcess, prompt: list[int], max_tokens: int) -> list[int]:
     """The token ids `server` answers `prompt` with at temperature 0 (/v1/completions)."""
     response = httpx.post(

@@ -7,19 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx2 as httpx
-import torch
-from conftest import greedy, start_server, stop_server
+from conftest import GREEDY_PROMPTS, greedy, local_greedy, start_server, stop_server
 from ports import free_port
-from tessera.agents.engine import Engine, EngineConfig, SamplingParams
 
 
 def test_a_server_with_offloaded_attention_serves_the_local_greedy_tokens(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    engine = Engine.from_pretrained(tiny_model, EngineConfig(device="cpu", dtype=torch.float32))
-    prompts = [[1, 17, 42, 99, 7, 123, 56], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
-    params = SamplingParams(max_new_tokens=12, temperature=0.0)
-    expected = [c.output_token_ids for c in engine.generate(prompts, params)]
+    prompts = GREEDY_PROMPTS
+    expected = local_greedy(tiny_model, prompts, 12)
     session_port = free_port()
     worker = start_server(
         tiny_model, tmp_path / "attention.log", "--role=attention", f"--kv-port={session_port}"

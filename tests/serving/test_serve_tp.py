@@ -8,10 +8,8 @@ import os
 import signal
 from pathlib import Path
 
-import torch
-from conftest import ServerProcess, greedy, start_server, stop_server
+from conftest import GREEDY_PROMPTS, ServerProcess, greedy, local_greedy, start_server, stop_server
 from engine_helpers import process_running, wait_until
-from tessera.agents.engine import Engine, EngineConfig, SamplingParams
 
 
 def children(pid: int) -> list[int]:
@@ -36,10 +34,8 @@ def rank_pids(server: ServerProcess) -> list[int]:
 def test_tp2_serves_the_single_device_greedy_tokens_and_leaves_no_rank(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    engine = Engine.from_pretrained(tiny_model, EngineConfig(device="cpu", dtype=torch.float32))
-    prompts = [[1, 17, 42, 99, 7, 123, 56], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
-    params = SamplingParams(max_new_tokens=12, temperature=0.0)
-    expected = [c.output_token_ids for c in engine.generate(prompts, params)]
+    prompts = GREEDY_PROMPTS
+    expected = local_greedy(tiny_model, prompts, 12)
     server = start_server(tiny_model, tmp_path / "serve.log", "--tensor-parallel-size=2")
     try:
         ranks = rank_pids(server)

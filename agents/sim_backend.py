@@ -14,7 +14,8 @@ compute-bound time goes as 1 / clock: the H100's prefill GEMM ran 1.36x slower a
 3.76x at 352 MHz, and 1337 MHz (its clock uncapped) / 990 = 1.35, / 352 = 3.80 (interpolating
 the slowdown itself overstated it by up to 25% in between: 2.09x against 1.69x at 797 MHz). A
 lock's lower bound is not modelled: the power limit wins on real GPUs too. A device busy a
-fraction `b` of the time draws idle + b * (busy power - idle). Energy is the integral of that power over the clock.
+fraction `b` of the time draws idle + b * (busy power - idle). Energy is the integral of that
+power over the clock.
 Fields the calibration does not cover (temperature, memory utilisation) are not reported.
 """
 

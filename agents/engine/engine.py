@@ -550,12 +550,18 @@ class Engine:
         headroom: OutOfKVBlocksError otherwise), and nothing is kept if writing fails.
         `import_kv(held_blocks=...)` or `free_kv_blocks` ends the hold."""
         package.check_compatible(self.kv_geometry)
+        return self._write_into_new_blocks(package, "migration needs {} more KV blocks")
+
+    def _write_into_new_blocks(self, package: KVPackage, shortfall: str) -> list[int]:
+        """Take blocks for `package`'s KV and write it into them; nothing is kept if writing
+        fails. Only the blocks beyond what the running requests' next tokens need may be
+        taken (OutOfKVBlocksError, `shortfall` formatted with the count, otherwise)."""
         count = package.num_blocks
         headroom = self.kv_cache.allocator.num_free - self.scheduler.decode_growth_blocks()
         if count > headroom:
             raise OutOfKVBlocksError(
-                f"migration needs {count} more KV blocks; {headroom} are free beyond what the "
-                "running requests' next tokens take"
+                f"{shortfall.format(count)}; {headroom} are free beyond what the running "
+                "requests' next tokens take"
             )
         blocks = self.kv_cache.allocator.allocate(count)
         try:
@@ -600,19 +606,7 @@ class Engine:
             raise RoleError("a prefill-only engine does not continue imported requests")
         held = list(held_blocks or [])
         params = self._check_import(package, len(held), prompt_checked)
-        needed = package.num_blocks
-        headroom = self.kv_cache.allocator.num_free - self.scheduler.decode_growth_blocks()
-        if needed > headroom:
-            raise OutOfKVBlocksError(
-                f"import needs {needed} KV blocks; {headroom} are free beyond what the running "
-                "requests' next tokens take"
-            )
-        blocks = self.kv_cache.allocator.allocate(needed)
-        try:
-            self.kv_cache.write_blocks(blocks, package.blocks)
-        except BaseException:
-            self.kv_cache.allocator.free(blocks)
-            raise
+        blocks = self._write_into_new_blocks(package, "import needs {} KV blocks")
         now = self.clock()
         seq = Sequence(
             request_id=package.request_id,

@@ -49,7 +49,7 @@ from prometheus_client import REGISTRY
 from tessera.api.model_deployment import ModelDeploymentSpec, Plan
 from tessera.operator.handlers import KOPF_PREFIX
 from tessera.operator.reconcile import plan_summary
-from tessera.operator.render import CONFIG_HASH_ANNOTATION
+from tessera.operator.render import CONFIG_HASH_ANNOTATION, is_disaggregated
 from tessera.policies.placement import InfeasiblePlanError, plan_deployment
 
 CHILDREN = "app.kubernetes.io/managed-by=tessera,tessera.dev/deployment={}"
@@ -106,14 +106,10 @@ def children(cluster: Cluster, namespace: str, name: str = "chat") -> dict[str, 
     return found
 
 
-def disaggregated(plan: Plan) -> bool:
-    return {"prefill", "decode"} <= {pool.role.value for pool in plan.pools}
-
-
 def expected_children(plan: Plan, name: str = "chat") -> set[str]:
     names = {f"Deployment/{name}-{pool.name}" for pool in plan.pools}
     names.add(f"Service/{name}")
-    if disaggregated(plan):
+    if is_disaggregated(plan):
         names |= {f"Deployment/{name}-router", f"Service/{name}-prefill", f"Service/{name}-decode"}
     return names
 
@@ -175,7 +171,7 @@ def test_create_applies_a_workload_per_pool_a_service_and_status(
 
     found = children(cluster, namespace.name)
     assert set(found) == expected_children(plan)
-    assert len(cluster.deployments(namespace.name)) == len(plan.pools) + disaggregated(plan)
+    assert len(cluster.deployments(namespace.name)) == len(plan.pools) + is_disaggregated(plan)
     for pool in plan.pools:
         deployment = found[f"Deployment/chat-{pool.name}"]
         labels = deployment["metadata"]["labels"]
@@ -196,7 +192,7 @@ def test_create_applies_a_workload_per_pool_a_service_and_status(
             "blockOwnerDeletion": True,
         }
     entry = found["Service/chat"]
-    entry_role = "router" if disaggregated(plan) else "colocated"
+    entry_role = "router" if is_disaggregated(plan) else "colocated"
     assert entry["spec"]["selector"] == {
         "tessera.dev/deployment": "chat",
         "tessera.dev/role": entry_role,
@@ -413,7 +409,7 @@ def test_a_disaggregated_deployment_is_served_through_its_router(
     created = cluster.create_md(namespace.name, document)
     md = settled(cluster, namespace.name, "chat", 1, "PlanApplied")
     plan = local_plan(namespace, document)
-    assert disaggregated(plan), "the test needs a plan with prefill and decode pools"
+    assert is_disaggregated(plan), "the test needs a plan with prefill and decode pools"
     assert md["status"]["endpoint"] == f"http://chat.{namespace.name}.svc:8000"
     found = children(cluster, namespace.name)
     assert set(found) == expected_children(plan)
@@ -692,7 +688,8 @@ def test_spec_changed_while_the_operator_is_down_converges_on_restart(
     md = settled(cluster, namespace.name, "chat", 2, "PlanApplied")
     assert md["status"]["plan"] == expected.to_wire()
     assert set(children(cluster, namespace.name)) == expected_children(expected)
-    assert len(cluster.deployments(namespace.name)) == len(expected.pools) + disaggregated(expected)
+    routers = is_disaggregated(expected)
+    assert len(cluster.deployments(namespace.name)) == len(expected.pools) + routers
 
 
 def test_an_operator_killed_mid_reconcile_converges_when_it_restarts(

@@ -34,7 +34,9 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     wait_for,
 )
 from prometheus_client import REGISTRY
+from tessera.api.model_deployment import Plan
 from tessera.operator.leader import LeaseElector, LeaseTiming
+from tessera.operator.render import is_disaggregated
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "tessera"
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
@@ -162,8 +164,9 @@ def test_the_operator_does_its_job_with_exactly_the_charts_rbac(
             return md if found.get("Degraded", {}).get("reason") == "PlanApplied" else None
 
         md = wait_for(applied, "PlanApplied under the chart's RBAC", timeout_s=60.0)
-        pools = md["status"]["plan"]["pools"]
-        assert len(cluster.deployments(namespace.name, CHILDREN)) == len(pools)
+        plan = Plan.model_validate(md["status"]["plan"])
+        routers = 1 if is_disaggregated(plan) else 0  # a router Deployment fronts P/D pools
+        assert len(cluster.deployments(namespace.name, CHILDREN)) == len(plan.pools) + routers
         assert cluster.services(namespace.name, CHILDREN)
         wait_for(lambda: cluster.events(namespace.name, "chat"), "the operator's events")
 

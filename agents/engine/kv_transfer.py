@@ -480,7 +480,17 @@ class KVPackage:
             blocks = raw.view(dtype).reshape(wire.num_blocks, *geometry.block_shape)
         else:
             blocks = torch.empty((0, *geometry.block_shape), dtype=dtype)
-        package = cls(
+        package = cls.from_wire(wire, geometry, blocks, algorithm)
+        package._verified = package._verification()  # every block was hashed above
+        return package
+
+    @classmethod
+    def from_wire(
+        cls, wire: _WireHeader, geometry: KVGeometry, blocks: torch.Tensor, algorithm: str
+    ) -> KVPackage:
+        """The package a received header describes, around blocks that arrived on their own
+        path (a TCP payload, a CUDA IPC copy); checking them is the caller's."""
+        return cls(
             request_id=wire.request_id,
             geometry=geometry,
             prompt_token_ids=wire.prompt_token_ids,
@@ -491,5 +501,3 @@ class KVPackage:
             checksum_algorithm=algorithm,
             block_checksums=wire.block_checksums,
         )
-        package._verified = package._verification()  # every block was hashed above
-        return package

@@ -268,17 +268,7 @@ class CudaIpcChannel(TcpChannel):
                 f"{wire.request_id}: shared blocks are {blocks.dtype} {tuple(blocks.shape)}, "
                 f"the header says {geometry.dtype} {expected}"
             )
-        package = KVPackage(
-            request_id=wire.request_id,
-            geometry=geometry,
-            prompt_token_ids=wire.prompt_token_ids,
-            output_token_ids=wire.output_token_ids,
-            num_computed_tokens=wire.num_computed_tokens,
-            sampling=wire.sampling,
-            blocks=blocks,
-            checksum_algorithm=wire.checksum_algorithm,
-            block_checksums=wire.block_checksums,
-        )
+        package = KVPackage.from_wire(wire, geometry, blocks, wire.checksum_algorithm)
         if wire.checksum_algorithm != UNCHECKED or wire.block_checksums:
             package.verify()  # KVChecksumError names the first bad block
         return package

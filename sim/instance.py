@@ -35,6 +35,7 @@ from tessera.sim.stepcost import DecodeCurve, StepCost
 
 if TYPE_CHECKING:
     from tessera.sim.metrics import PowerTrack
+    from tessera.sim.shared_device import DeviceShare
     from tessera.sim.simulation import Simulation
 
 
@@ -100,6 +101,8 @@ class Instance:
         slot: int,
         power: PowerTrack,
         network_gbps: float,
+        kv_capacity_tokens: int | None = None,
+        share: DeviceShare | None = None,
     ) -> None:
         if role is PoolRole.ATTENTION:
             raise ValueError(
@@ -118,7 +121,9 @@ class Instance:
         options = sim.config
         self.block_size = options.block_size_tokens
         self.fast_forward = options.fast_forward
-        capacity = options.kv_capacity_tokens
+        capacity = kv_capacity_tokens
+        if capacity is None:
+            capacity = options.kv_capacity_tokens
         if capacity is None:
             capacity = cost.perf.kv_capacity_tokens
         self.total_blocks = capacity // self.block_size
@@ -146,6 +151,15 @@ class Instance:
         self.run_cut = False
         self.busy_compute_s = 0.0
         self.iterations = 0
+        self.share = share
+        """The device this instance time-shares with others (sim/shared_device.py); None: a
+        device of its own, where a step's work is its wall time."""
+        if share is not None:
+            share.members.append(self)
+        self.work_s = 0.0
+        """Full-speed seconds of the step in flight (kept only on a shared device)."""
+        self.work_done_s = 0.0
+        """Of which done, as of the share's last update."""
         self.boundary_hooks: list[Callable[[float], None]] = []
         """Called once, at the end of the iteration in progress (live migration detaches a
         request there: sim/migration.py)."""
@@ -350,7 +364,7 @@ class Instance:
         self.batch_decoding = decoding
         self.busy_compute_s = time_s if compute_bound else 0.0
         self.version += 1
-        self.sim.push_event(now + time_s, self, self.version)
+        self._schedule(now, time_s)
 
     def _start_run(self, now: float, decoding: list[Request], single: bool = False) -> None:
         """Decode iterations of one batch until a request finishes or the blocks run out
@@ -396,7 +410,15 @@ class Instance:
             self.run_curve = None
             time_s, bound = self.cost.iteration((), [r.kv for r in decoding])
             self.busy_compute_s = time_s if bound else 0.0
-        self.sim.push_event(now + time_s, self, self.version)
+        self._schedule(now, time_s)
+
+    def _schedule(self, now: float, time_s: float) -> None:
+        """End the step just started after `time_s` of full-speed work: then, on a device of
+        its own; on a shared one, when the share has given it that much."""
+        if self.share is None:
+            self.sim.push_event(now + time_s, self, self.version)
+        else:
+            self.share.start(self, now, time_s)
 
     def _new_blocks(self, decoding: list[Request], steps: int) -> int:
         """Blocks `steps` decode iterations add beyond those the requests hold."""
@@ -412,14 +434,20 @@ class Instance:
         self.run_cut = True
         if curve is None:
             return
-        steps = curve.steps_until(self.run_start_total, self.run_steps, now - self.started_s)
+        share = self.share
+        # Work done so far: wall time on a device of its own, the share's count on a shared one.
+        done_s = now - self.started_s if share is None else share.done_s(self, now)
+        steps = curve.steps_until(self.run_start_total, self.run_steps, done_s)
         if steps >= self.run_steps:
             return
         self.run_steps = steps
         self.growth_blocks = self._new_blocks(self.batch_decoding, steps)
         time_s, self.busy_compute_s = curve.run(self.run_start_total, steps)
-        self.version += 1
-        self.sim.push_event(max(now, self.started_s + time_s), self, self.version)
+        if share is None:
+            self.version += 1
+            self.sim.push_event(max(now, self.started_s + time_s), self, self.version)
+        else:
+            share.resize(self, now, max(done_s, time_s))
 
     # ---- iteration end ----------------------------------------------------------------
     def step_end(self, now: float, version: int) -> None:
@@ -429,7 +457,14 @@ class Instance:
         size = self.block_size
         finished = False
         self.growth_blocks = 0
-        self.power.add_busy(self.started_s, now, self.busy_compute_s)
+        compute_s = self.busy_compute_s
+        share = self.share
+        if share is not None:
+            # Stretched by sharing: the compute-bound share of the wall time is the work's.
+            if self.work_s > 0:
+                compute_s *= (now - self.started_s) / self.work_s
+            share.finish(self, now)
+        self.power.add_busy(self.started_s, now, compute_s)
         steps = self.run_steps if self.state == _RUN else 1
         self.iterations += steps
         if steps > 1:  # the first iteration's blocks were allocated when it started

@@ -37,6 +37,7 @@ from tessera.sim.cluster import Cluster
 from tessera.sim.handoff import KvHandoff
 from tessera.sim.instance import Instance, Request
 from tessera.sim.metrics import PowerTrack, RunResult, assemble_result
+from tessera.sim.shared_device import DeviceShare, SharedDevice, even_split_capacity
 from tessera.sim.stepcost import PerformanceModel, StepCost
 from tessera.sim.transfer import KvLinks
 from tessera.sim.workload import Workload
@@ -77,6 +78,8 @@ class SimConfig:
     kv_capacity_tokens: int | None = None
     """KV tokens per replica instead of the performance models' (tests force preemption with
     it; the serving bench pins it to the engine's)."""
+    shared_devices: tuple[SharedDevice, ...] = ()
+    """Pools whose replicas time-share devices (sim/shared_device.py); none by default."""
 
 
 @dataclass
@@ -156,6 +159,13 @@ class Simulation:
         self._merge(workloads)
         span = max((w.duration_s for w in workloads), default=1.0)
         self.bin_s = self.config.power_bin_s or max(1e-3, span / 200)
+        known = {setup.name for setup in setups}
+        for shared in self.config.shared_devices:
+            if shared.deployment not in known:
+                raise SimulationSetupError(
+                    f"SharedDevice names deployment {shared.deployment}, which is not simulated "
+                    f"({', '.join(sorted(known))})"
+                )
         self.deployments = [self._build(i, setup) for i, setup in enumerate(setups)]
 
     # ---- setup ------------------------------------------------------------------------
@@ -247,13 +257,66 @@ class Simulation:
         has_prefill = any(role is PoolRole.PREFILL for _, _, role in entry)
         if has_prefill and not decode_pools:
             raise SimulationSetupError(f"{setup.name}: the plan has prefill but no decode pool")
-        entry_stage = self._stage(setup, entry)
-        decode_stage = self._stage(setup, decode_pools) if decode_pools else None
+        placement = self._shared(setup, entry + decode_pools)
+        entry_stage = self._stage(setup, entry, placement)
+        decode_stage = self._stage(setup, decode_pools, placement) if decode_pools else None
         deployment = _Deployment(setup.name, setup, entry_stage, decode_stage, built)
         return deployment
 
-    def _stage(
+    def _shared(
         self, setup: DeploymentSetup, pools: list[tuple[_Pool, StepCost, PoolRole]]
+    ) -> dict[str, tuple[int, list[DeviceShare]]]:
+        """Per shared pool name: its replicas' KV capacity and the device share of each
+        replica (`SimConfig.shared_devices`); pools on devices of their own are absent."""
+        by_name = {pool.plan.name: (pool, cost) for pool, cost, _ in pools}
+        placement: dict[str, tuple[int, list[DeviceShare]]] = {}
+        for shared in self.config.shared_devices:
+            if shared.deployment != setup.name:
+                continue
+            where = f"{setup.name}: SharedDevice"
+            members = []
+            for name in shared.pools:
+                if name not in by_name:
+                    raise SimulationSetupError(
+                        f"{where} names pool {name}, which is not a pool with replicas of the "
+                        f"plan ({', '.join(sorted(by_name))})"
+                    )
+                if name in placement:
+                    raise SimulationSetupError(f"{where}: pool {name} is in two SharedDevices")
+                members.append(by_name[name])
+            first = members[0][0].plan
+            for pool, _ in members[1:]:
+                plan = pool.plan
+                if (plan.replicas, plan.accelerator_class, plan.tensor_parallel) != (
+                    first.replicas,
+                    first.accelerator_class,
+                    first.tensor_parallel,
+                ):
+                    raise SimulationSetupError(
+                        f"{where}: pools {first.name} and {plan.name} must have the same "
+                        f"replicas, acceleratorClass and tensorParallel to share devices "
+                        f"(got {first.replicas}/{first.accelerator_class}/"
+                        f"{first.tensor_parallel} and {plan.replicas}/{plan.accelerator_class}/"
+                        f"{plan.tensor_parallel})"
+                    )
+            shares = [DeviceShare(self) for _ in range(first.replicas)]
+            for name, (_, cost) in zip(shared.pools, members, strict=True):
+                capacity = shared.kv_capacity_tokens.get(name)
+                if capacity is None:
+                    capacity = even_split_capacity(cost.perf, len(shared.pools))
+                    if capacity is None:
+                        raise SimulationSetupError(
+                            f"{where}: pool {name} needs kv_capacity_tokens (its memory share "
+                            "cannot be derived for an attention-offloaded replica)"
+                        )
+                placement[name] = (capacity, shares)
+        return placement
+
+    def _stage(
+        self,
+        setup: DeploymentSetup,
+        pools: list[tuple[_Pool, StepCost, PoolRole]],
+        placement: Mapping[str, tuple[int, list[DeviceShare]]],
     ) -> _Stage:
         count = sum(p.plan.replicas for p, _, _ in pools)
         loads = InstanceLoads.empty(np.zeros(count), np.ones(count))
@@ -271,6 +334,10 @@ class Simulation:
                 network = perf.memory.network_bandwidth_gbps
             else:
                 network = self._class(pool.plan).network_bandwidth_gbps
+            capacity: int | None = None
+            shares: list[DeviceShare] | None = None
+            if (found := placement.get(pool.plan.name)) is not None:
+                capacity, shares = found
             for replica in range(pool.plan.replicas):
                 slot = len(stage.instances)
                 instance = Instance(
@@ -283,6 +350,8 @@ class Simulation:
                     slot,
                     pool.power,
                     network,
+                    capacity,
+                    shares[replica] if shares is not None else None,
                 )
                 if instance.capacity_tokens < arch.max_context_tokens:
                     raise SimulationSetupError(

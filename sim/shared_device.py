@@ -1,0 +1,140 @@
+"""Instances that time-share one device: processor sharing of its compute among them.
+
+Two engine processes on one GPU without MPS time-slice it: while both have a kernel to run, each
+gets about half the GPU; when one idles, the other gets all of it. The simulator models this as
+processor sharing. A `SharedDevice` (a `SimConfig.shared_devices` entry) names pools of one
+deployment whose replicas pairwise share devices: replica i of each named pool runs on the same
+device(s). At run time each such set of replicas is one `DeviceShare`: while k of its members
+have a step (an iteration, or a fast-forwarded run of decode iterations) in flight, each
+progresses at speed 1/k, and whenever a member starts or ends a step the others' steps in flight
+are re-timed: their remaining work (full-speed seconds) over the new speed. An instance's step is
+its work in full-speed seconds, as its performance model prices it alone on the device; the
+share turns work into wall time.
+
+Memory is not shared: each member holds its own KV cache, sized by its process's memory share
+(`SharedDevice.kv_capacity_tokens`, or an even split of the device's memory by default).
+
+KV transfers between members cost the measured transport (sim/transfer.py) and are not
+processor-shared: a same-device copy runs on the copy engines, beside the kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tessera.policies.perfmodel import ReplicaPerformance
+
+if TYPE_CHECKING:
+    from tessera.sim.instance import Instance
+    from tessera.sim.simulation import Simulation
+
+
+@dataclass(frozen=True)
+class SharedDevice:
+    """Pools of one deployment whose replicas time-share devices, replica i with replica i.
+
+    The pools must have the same replica count, accelerator class and tensor parallelism (each
+    replica i of them runs on the same `tensor_parallel` devices)."""
+
+    deployment: str
+    """The `DeploymentSetup.name` the pools belong to."""
+    pools: tuple[str, ...]
+    """Names of at least two of its pools (`PoolPlan.name`)."""
+    kv_capacity_tokens: Mapping[str, int] = field(default_factory=dict)
+    """KV tokens per replica of a pool, from its process's memory share (what the engine
+    reports); a pool not named gets an even split of the device memory (`even_split_capacity`).
+    Wins over `SimConfig.kv_capacity_tokens`."""
+
+    def __post_init__(self) -> None:
+        if len(self.pools) < 2:
+            raise ValueError(
+                f"SharedDevice {self.deployment}: pools must name at least 2 pools, got "
+                f"{list(self.pools)}"
+            )
+        if len(set(self.pools)) != len(self.pools):
+            raise ValueError(
+                f"SharedDevice {self.deployment}: pools names a pool twice: {list(self.pools)}"
+            )
+        for name, tokens in self.kv_capacity_tokens.items():
+            if name not in self.pools:
+                raise ValueError(
+                    f"SharedDevice {self.deployment}: kv_capacity_tokens names {name}, which is "
+                    f"not one of its pools ({', '.join(self.pools)})"
+                )
+            if tokens <= 0:
+                raise ValueError(
+                    f"SharedDevice {self.deployment}: kv_capacity_tokens[{name}] must be > 0, "
+                    f"got {tokens}"
+                )
+
+
+def even_split_capacity(perf: object, members: int) -> int | None:
+    """KV tokens of one of `members` processes that split a device's memory evenly: each holds
+    its own weights and activation reserve in 1/members of the usable memory. None for a model
+    that is not a plain replica's (an offloaded decode replica): the caller must say."""
+    if not isinstance(perf, ReplicaPerformance):
+        return None
+    usable = perf.accelerator.memory_bytes * perf.calibration.memory_utilization / members
+    free = usable - perf.weight_bytes_per_device - perf.calibration.activation_reserve_bytes
+    return max(0, int(free // perf.kv_bytes_per_token_per_device))
+
+
+class DeviceShare:
+    """One device (or tensor-parallel group) time-shared by instances: processor sharing.
+
+    Members' progress is kept in full-speed seconds (`Instance.work_done_s` of
+    `Instance.work_s`) as of `updated_s`; between two changes of the busy set every busy member
+    progresses at 1/k per second. Each change re-times the affected members' step ends by
+    bumping their event version (`Simulation.push_event`), so a superseded end never fires."""
+
+    __slots__ = ("busy", "members", "sim", "updated_s")
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.members: list[Instance] = []
+        self.busy: list[Instance] = []
+        self.updated_s = 0.0
+
+    def _advance(self, now: float) -> None:
+        busy = self.busy
+        if busy:
+            progress = (now - self.updated_s) / len(busy)
+            for member in busy:
+                member.work_done_s += progress
+        self.updated_s = now
+
+    def _retime(self, now: float, members: list[Instance]) -> None:
+        k = len(self.busy)
+        push = self.sim.push_event
+        for member in members:
+            member.version += 1
+            left = member.work_s - member.work_done_s
+            push(now + (left * k if left > 0 else 0.0), member, member.version)
+
+    def start(self, member: Instance, now: float, work_s: float) -> None:
+        """`member` starts a step of `work_s` full-speed seconds; everyone slows down."""
+        self._advance(now)
+        member.work_s = work_s
+        member.work_done_s = 0.0
+        self.busy.append(member)
+        self._retime(now, self.busy)
+
+    def resize(self, member: Instance, now: float, work_s: float) -> None:
+        """`member`'s step in flight now totals `work_s` (a run of decodes was cut)."""
+        self._advance(now)
+        member.work_s = work_s
+        self._retime(now, [member])
+
+    def done_s(self, member: Instance, now: float) -> float:
+        """Full-speed seconds of `member`'s step in flight done by `now`."""
+        self._advance(now)
+        return member.work_done_s
+
+    def finish(self, member: Instance, now: float) -> None:
+        """`member`'s step ended; the others speed up."""
+        self._advance(now)
+        self.busy.remove(member)
+        if self.busy:
+            self._retime(now, self.busy)

@@ -4,8 +4,10 @@ Where it sits: an attention-offloaded engine (attention_offload.py) keeps the we
 the dense layers (QKV/O projections, MLP) on its compute device; this process keeps the KV
 cache (host memory and CPU cores by default, any torch device otherwise) and, per layer, takes
 the batch's rotated q|k|v rows, writes k and v into its cache and returns the attention output
-rows. It computes with the engine's own attention (`model.attend`), so an offloaded engine
-samples the tokens a colocated one does.
+rows. On host memory its decode rows are attended by a pool of threads over all of the
+host's cores (host_attention.py: the engine's CPU kernel per KV-head range, so the outputs are
+the engine's); prefill chunks and other devices use the engine's own attention
+(`model.attend`). Either way an offloaded engine samples the tokens a colocated one does.
 
 The wire (one `multiprocessing.connection.Connection`, length-prefixed messages over a socket):
 control messages are JSON objects, tensors are their raw bytes. Nothing is unpickled, so a
@@ -39,7 +41,7 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, Listener
 from typing import Any
 
@@ -47,6 +49,7 @@ import torch
 from tessera.agents.engine import ops
 from tessera.agents.engine.attention import AttentionMetadata, PrefillSpan
 from tessera.agents.engine.config import LlamaConfig
+from tessera.agents.engine.host_attention import DecodePlan, HostAttention
 from tessera.agents.engine.kv_cache import PagedKVCache
 from tessera.agents.engine.model import attend
 
@@ -195,6 +198,14 @@ def tensor_from(data: bytes, dtype: torch.dtype, shape: Sequence[int]) -> torch.
 # ---- the worker ------------------------------------------------------------------------------
 
 
+def host_threads() -> int:
+    """The cores this process may run on (its CPU affinity: a pod's cpuset, a taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class AttentionWorker:
     """The KV cache of one client's model and the attention over it."""
 
@@ -205,17 +216,39 @@ class AttentionWorker:
         block_size: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        attention_threads: int | None = None,
     ) -> None:
+        """`attention_threads`: the decode scanners on host memory (None: every core this
+        process may use). A worker on the host owns its process: torch's own intra-op pool
+        is set to one thread, or every scanner's op would start a team of its own."""
         self.config = config
         self.cache = PagedKVCache(config, num_blocks, block_size, device, dtype)
         self.geometry = WorkerGeometry.of(config, self.cache)
         self.scale = config.head_dim**-0.5
+        self.host: HostAttention | None = None
+        if self.cache.device.type == "cpu":
+            threads = attention_threads or host_threads()
+            torch.set_num_threads(1)
+            self.host = HostAttention(threads)
         self.attention_s = 0.0
         """Seconds spent writing K/V and attending (what the client's waits overlap)."""
         self.steps = 0
 
-    def attend_rows(self, layer: int, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Attention output [n, q_size] of one sub-batch's rotated q|k|v rows at one layer."""
+    def plan(self, meta: AttentionMetadata) -> DecodePlan | None:
+        """How the host scanners split a sub-batch's decode rows (built once per step)."""
+        if self.host is None or not meta.num_decode_tokens:
+            return None
+        return self.host.plan(meta, self.cache.block_size, self.config.num_key_value_heads)
+
+    def attend_rows(
+        self,
+        layer: int,
+        qkv: torch.Tensor,
+        meta: AttentionMetadata,
+        plan: DecodePlan | None = None,
+    ) -> torch.Tensor:
+        """Attention output [n, q_size] of one sub-batch's rotated q|k|v rows at one layer
+        (`plan`: `self.plan(meta)`, passed by a step that reuses it over its layers)."""
         started = time.perf_counter()
         cfg = self.config
         qkv = qkv.to(self.cache.device)
@@ -225,8 +258,19 @@ class AttentionWorker:
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(n, cfg.num_key_value_heads, cfg.head_dim)
         k_cache, v_cache = self.cache.key_cache(layer), self.cache.value_cache(layer)
         ops.write_kv(k, v, meta.slot_mapping.to(self.cache.device), k_cache, v_cache)
-        out = attend(q, qkv, meta, k_cache, v_cache, cfg, self.scale).reshape(n, cfg.q_size)
-        out = out.to("cpu")
+        if plan is None:
+            plan = self.plan(meta)
+        if plan is None or self.host is None:
+            out = attend(q, qkv, meta, k_cache, v_cache, cfg, self.scale)
+        elif meta.prefill_spans:  # decode rows first, then the chunks on the engine's path
+            decode = meta.num_decode_tokens
+            out = attend(
+                q, qkv, replace(meta, num_decode_tokens=0), k_cache, v_cache, cfg, self.scale
+            )
+            out[:decode] = self.host.decode(q[:decode], k_cache, v_cache, plan, self.scale)
+        else:
+            out = self.host.decode(q, k_cache, v_cache, plan, self.scale)
+        out = out.reshape(n, cfg.q_size).to("cpu")
         self.attention_s += time.perf_counter() - started
         return out
 
@@ -274,11 +318,12 @@ class AttentionWorker:
             raw = self._next(inbox)
             metas = unpack_step(header, tensor_from(raw, torch.int64, [len(raw) // 8]))
             width = cfg.q_size + 2 * cfg.kv_size
+            plans = [self.plan(meta) for meta in metas]
             for layer in range(cfg.num_hidden_layers):
-                for meta in metas:
+                for meta, plan in zip(metas, plans, strict=True):
                     rows = meta.slot_mapping.shape[0]
                     qkv = tensor_from(self._next(inbox), cache.dtype, [rows, width])
-                    conn.send_bytes(tensor_bytes(self.attend_rows(layer, qkv, meta)))
+                    conn.send_bytes(tensor_bytes(self.attend_rows(layer, qkv, meta, plan)))
             self.steps += 1
         elif kind == "write_blocks":
             ids = [int(i) for i in header["ids"]]
@@ -324,6 +369,7 @@ class WorkerSpec:
     host: str = "127.0.0.1"
     port: int = 0
     cpu_threads: int | None = None
+    """Decode attention scanners on host memory (None: every core the process may use)."""
 
 
 def worker_main(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
@@ -333,11 +379,9 @@ def worker_main(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> No
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # its starter decides when it ends
     threading.Thread(target=_die_with, args=(lifeline,), name="lifeline", daemon=True).start()
     logging.basicConfig(level=logging.INFO, format="attention %(name)s %(message)s")
-    if spec.cpu_threads:
-        torch.set_num_threads(spec.cpu_threads)
     try:
         worker = AttentionWorker(
-            spec.config, spec.num_blocks, spec.block_size, spec.device, spec.dtype
+            spec.config, spec.num_blocks, spec.block_size, spec.device, spec.dtype, spec.cpu_threads
         )
         listener = Listener((spec.host, spec.port))
     except Exception as error:

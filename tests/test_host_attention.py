@@ -102,7 +102,7 @@ def test_equals_decode_attention(
 
 
 def test_scattered_rows_are_gathered_once(pool: HostAttention) -> None:
-    q, k_cache, v_cache, meta = paged_batch([9, 30, 12, 21], 8, 4, torch.float32, seed=1)
+    meta = paged_batch([9, 30, 12, 21], 8, 4, torch.float32, seed=1)[3]
     plan = pool.plan(meta, BLOCK_SIZE, 8)
     items = [item for shard in plan.shards for item in shard]
     scattered = [item for item in items if item.block_ids is not None]

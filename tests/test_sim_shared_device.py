@@ -100,10 +100,11 @@ def test_a_step_started_mid_step_is_retimed_exactly(second_prompt: int) -> None:
     x = w1 / 2
     load = workload([0.0, x], [2000, second_prompt], [1, 1])
     _, shared = _run(TWO_COLOCATED, load, ("a", "b"))
-    if w2 > w1 - x:  # the first ends first, having shared for w1 - x of work
-        expected = [x + 2 * (w1 - x), w1 + w2]
-    else:  # the second ends first, after 2 * w2; the first then finishes its work alone
-        expected = [w1 + w2, x + 2 * w2]
+    # Either the first ends first, having shared for w1 - x of work, or the second ends first,
+    # after 2 * w2, and the first then finishes its work alone; the last ends at w1 + w2.
+    first_ends_first = w2 > w1 - x
+    expected = [x + 2 * (w1 - x), w1 + w2] if first_ends_first else [w1 + w2, x + 2 * w2]
+    assert first_ends_first == (second_prompt == 3000), "the scenario must hit its case"
     np.testing.assert_allclose(shared.finish_s, expected, rtol=1e-12)
 
 
@@ -205,7 +206,9 @@ def test_each_member_holds_its_own_kv_share() -> None:
 def test_bad_shared_devices_are_named(devices: tuple[SharedDevice, ...], message: str) -> None:
     setup = DeploymentSetup("chat", DEPLOYMENT.spec, TWO_COLOCATED, schedulers())
     with pytest.raises(SimulationSetupError, match=message):
-        Simulation(cluster(), [setup], [workload([0.0], [10], [2])], SimConfig(shared_devices=devices))
+        Simulation(
+            cluster(), [setup], [workload([0.0], [10], [2])], SimConfig(shared_devices=devices)
+        )
 
 
 def test_pools_on_different_hardware_cannot_share() -> None:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import checkout_layout  # noqa: F401  (links the package layout where it is not installed)
 import torch
 from tessera.agents.engine.kv_transfer import DEFAULT_CHECKSUM, KVGeometry, KVPackage
 from tessera.agents.engine.kv_transport import KVChannel, TcpTransport

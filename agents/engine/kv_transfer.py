@@ -98,6 +98,19 @@ _PARALLEL_MIN_BYTES = 8 << 20
 """Below this a package's blocks are hashed on the calling thread (a thread hop costs more)."""
 _HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
 _hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_COPY_CHUNKS = 8
+"""A device package's host copy is split into this many copies, each hashed as soon as it has
+landed while the next ones are still in flight."""
+
+
+def checksum_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The checksum threads, shared by every package of the process (started on first use)."""
+    global _hash_pool
+    if _hash_pool is None:
+        _hash_pool = concurrent.futures.ThreadPoolExecutor(
+            _HASH_THREADS, thread_name_prefix="kv-checksum"
+        )
+    return _hash_pool
 
 
 def _digest_all(digest: Callable[[Buffer], str], views: list[memoryview]) -> list[str]:
@@ -106,12 +119,53 @@ def _digest_all(digest: Callable[[Buffer], str], views: list[memoryview]) -> lis
     (about 1 GB/s) was most of a TCP transfer's time."""
     if len(views) < 2 or sum(view.nbytes for view in views) < _PARALLEL_MIN_BYTES:
         return [digest(view) for view in views]
-    global _hash_pool
-    if _hash_pool is None:
-        _hash_pool = concurrent.futures.ThreadPoolExecutor(
-            _HASH_THREADS, thread_name_prefix="kv-checksum"
-        )
-    return list(_hash_pool.map(digest, views))
+    return list(checksum_pool().map(digest, views))
+
+
+def _done(value: Any) -> concurrent.futures.Future[Any]:
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    future.set_result(value)
+    return future
+
+
+def _chunks(count: int, parts: int) -> list[tuple[int, int]]:
+    """`count` items as up to `parts` contiguous (start, stop) ranges of near-equal size."""
+    step = max(1, -(-count // parts))
+    return [(start, min(count, start + step)) for start in range(0, count, step)]
+
+
+def _host_blocks(
+    blocks: torch.Tensor, digest: Callable[[Buffer], str]
+) -> tuple[torch.Tensor, list[str]]:
+    """`blocks` on the host (contiguous) and each block's checksum.
+
+    Blocks on a GPU are copied into pinned memory (a pageable copy runs at a fraction of the
+    link's speed; torch's caching host allocator keeps freed pinned buffers for the next
+    package) in `_COPY_CHUNKS` asynchronous copies, and each copy's blocks are hashed on the
+    checksum threads as soon as its event has fired: the copy and the hashing overlap."""
+    blocks = blocks.detach()
+    count = int(blocks.shape[0]) if blocks.ndim else 0
+    if blocks.device.type != "cuda" or count == 0:
+        host = blocks.to("cpu").contiguous()
+        return host, _digest_all(digest, [_byte_view(host[i]) for i in range(count)])
+    host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
+    ranges = _chunks(count, _COPY_CHUNKS)
+    events = []
+    for start, stop in ranges:
+        host[start:stop].copy_(blocks[start:stop], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        events.append(event)
+    parallel = host.numel() * host.element_size() >= _PARALLEL_MIN_BYTES
+    futures: list[concurrent.futures.Future[str]] = []
+    for (start, stop), event in zip(ranges, events, strict=True):
+        event.synchronize()
+        for index in range(start, stop):
+            view = _byte_view(host[index])
+            futures.append(
+                checksum_pool().submit(digest, view) if parallel else _done(digest(view))
+            )
+    return host, [future.result() for future in futures]
 
 
 def _canonical(header: dict[str, Any]) -> bytes:
@@ -143,7 +197,14 @@ def model_identity(config: LlamaConfig, weights: LlamaWeights, sample: int = 256
 
 @dataclass(frozen=True)
 class KVGeometry:
-    """What two engines must agree on to exchange blocks."""
+    """What two engines must agree on to exchange blocks as they are, and the blocks' layout.
+
+    The layout fields say which of the model's KV heads the blocks hold (heads
+    `kv_head_start` .. `kv_head_start + num_kv_heads - 1` of `total_kv_heads`; None: all of
+    them) and the tensor-parallel degree of the engine that wrote them. A receiver whose
+    layout differs (another degree, dtype or block size) re-shards the package on receipt
+    (kv_reshard.py); `check_compatible` itself still takes only an exact match.
+    """
 
     model_signature: str
     num_layers: int
@@ -151,6 +212,18 @@ class KVGeometry:
     head_dim: int
     block_size: int
     dtype: str
+    total_kv_heads: int | None = None
+    kv_head_start: int = 0
+    tensor_parallel_size: int = 1
+
+    @property
+    def model_kv_heads(self) -> int:
+        """The model's KV heads (the blocks may hold a slice of them)."""
+        return self.num_kv_heads if self.total_kv_heads is None else self.total_kv_heads
+
+    @property
+    def holds_all_heads(self) -> bool:
+        return self.kv_head_start == 0 and self.num_kv_heads == self.model_kv_heads
 
     @property
     def block_shape(self) -> tuple[int, ...]:
@@ -189,6 +262,19 @@ class _WireGeometry(BaseModel):
     head_dim: _Size
     block_size: _Size
     dtype: str
+    total_kv_heads: _Size | None = None
+    kv_head_start: _Count = 0
+    tensor_parallel_size: _Size = 1
+
+    @model_validator(mode="after")
+    def _heads_within_the_model(self) -> _WireGeometry:
+        total = self.num_kv_heads if self.total_kv_heads is None else self.total_kv_heads
+        if self.kv_head_start + self.num_kv_heads > total:
+            raise ValueError(
+                f"KV heads {self.kv_head_start}..{self.kv_head_start + self.num_kv_heads - 1} "
+                f"are outside the model's total_kv_heads {total}"
+            )
+        return self
 
 
 class _WireHeader(BaseModel):
@@ -296,8 +382,8 @@ class KVPackage:
         blocks: torch.Tensor,
         checksum_algorithm: str = DEFAULT_CHECKSUM,
     ) -> KVPackage:
-        blocks = blocks.detach().to("cpu").contiguous()
         digest = _digest_function(checksum_algorithm)
+        blocks, checksums = _host_blocks(blocks, digest)
         package = cls(
             request_id=request_id,
             geometry=geometry,
@@ -307,10 +393,8 @@ class KVPackage:
             sampling=dict(sampling),
             blocks=blocks,
             checksum_algorithm=checksum_algorithm,
-            block_checksums=[],
+            block_checksums=checksums,
         )
-        views = [package.block_bytes(i) for i in range(package.num_blocks)]
-        package.block_checksums = _digest_all(digest, views)
         package._verified = package._verification()
         return package
 
@@ -501,3 +585,96 @@ class KVPackage:
             checksum_algorithm=algorithm,
             block_checksums=wire.block_checksums,
         )
+
+
+class IncomingPackage:
+    """A package received block by block (the TCP transport's receiver), verified as it lands.
+
+    The header is parsed and verified first; it sizes one buffer for all blocks, and each block
+    is received straight into its slot (`block_buffer`, for `socket.recv_into`: no per-frame
+    bytes object, no join). As soon as a block is complete (`block_arrived`) it is hashed on
+    the checksum threads, so verifying block i overlaps receiving block i+1; `finish` waits for
+    the last hashes and returns the package, its blocks a view of the buffer (no copy). The
+    guarantees are `from_bytes`': every block's checksum, the header's, and the frame CRCs the
+    sender put on each block (free when the package's own checksums are CRC-32 too).
+
+    `pin_memory`: the buffer is page-locked (on a host with CUDA), so that the importing
+    engine's copy to its GPU runs at the link's speed rather than a pageable copy's.
+    """
+
+    def __init__(self, prefix: Buffer, pin_memory: bool = False) -> None:
+        if not isinstance(prefix, bytes | bytearray | memoryview):
+            raise KVTransferError(f"a KV package is bytes, not {type(prefix).__name__}")
+        data = memoryview(prefix).cast("B")
+        self.wire, self.geometry, self.algorithm, end = _parse_header(data)
+        if end != len(data):
+            raise KVChecksumError(f"KV package header part has {len(data) - end} bytes after it")
+        self.num_blocks = self.wire.num_blocks
+        self.block_nbytes = self.geometry.block_nbytes
+        nbytes = self.num_blocks * self.block_nbytes
+        self._storage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory and nbytes > 0)
+        self._view = self._storage.numpy().data.cast("B") if nbytes else memoryview(b"")
+        self._digest = _digest_function(self.algorithm)
+        self._parallel = self.num_blocks > 1 and nbytes >= _PARALLEL_MIN_BYTES
+        self._checksums: list[concurrent.futures.Future[str | None]] = []
+        self._frame_crcs: list[tuple[int, concurrent.futures.Future[int] | None]] = []
+
+    def block_buffer(self, index: int) -> memoryview:
+        """Where block `index` is to be written (exactly `block_nbytes` bytes)."""
+        if not 0 <= index < self.num_blocks:
+            raise KVChecksumError(
+                f"KV block {index} beyond the {self.num_blocks} blocks the header announces"
+            )
+        return self._view[index * self.block_nbytes : (index + 1) * self.block_nbytes]
+
+    def block_arrived(self, index: int, frame_crc: int) -> None:
+        """Block `index` is complete in its buffer: start its checks. Blocks arrive in order."""
+        if index != len(self._checksums):
+            raise KVTransferError(
+                f"KV package out of order: block {index} after {len(self._checksums)} blocks"
+            )
+        view = self.block_buffer(index)
+        own_crc = self.algorithm == "crc32"  # the package's checksum is the frame's CRC
+        if self._parallel:
+            pool = checksum_pool()
+            self._checksums.append(pool.submit(self._digest, view))
+            crc = None if own_crc else pool.submit(zlib.crc32, view)
+        else:  # small packages: hashed in `finish`, on this thread
+            self._checksums.append(_done(None))
+            crc = None
+        self._frame_crcs.append((frame_crc, crc))
+
+    def pending(self) -> list[concurrent.futures.Future[Any]]:
+        """The checks still running, for a caller that awaits them without blocking its loop."""
+        futures: list[concurrent.futures.Future[Any]] = list(self._checksums)
+        futures.extend(crc for _, crc in self._frame_crcs if crc is not None)
+        return [future for future in futures if not future.done()]
+
+    def finish(self) -> KVPackage:
+        """The verified package; KVChecksumError naming the first bad block (package checksums
+        first, then frame CRCs), or one saying how many blocks are missing."""
+        wire = self.wire
+        if len(self._checksums) != self.num_blocks:
+            raise KVChecksumError(
+                f"KV package ends after {len(self._checksums)} of {self.num_blocks} blocks"
+            )
+        for index, future in enumerate(self._checksums):
+            actual = future.result()
+            if actual is None:
+                actual = self._digest(self.block_buffer(index))
+            if actual != wire.block_checksums[index]:
+                raise KVChecksumError(f"{wire.request_id}: block {index} fails its checksum")
+        for index, (expected, future) in enumerate(self._frame_crcs):
+            if self.algorithm == "crc32":
+                actual_crc = int(wire.block_checksums[index], 16)
+            elif future is not None:
+                actual_crc = future.result()
+            else:
+                actual_crc = zlib.crc32(self.block_buffer(index))
+            if actual_crc != expected:
+                raise KVChecksumError(f"KV frame BLOCK {index} fails its CRC-32")
+        shape = (self.num_blocks, *self.geometry.block_shape)
+        blocks = self._storage.view(self.geometry.torch_dtype).reshape(shape)
+        package = KVPackage.from_wire(wire, self.geometry, blocks, self.algorithm)
+        package._verified = package._verification()  # every block was hashed above
+        return package

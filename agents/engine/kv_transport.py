@@ -4,10 +4,11 @@ A transport opens *channels* (one per transfer) between a decode instance, which
 prefill instance, which listens. On a channel both sides exchange small JSON messages (the
 prefill request, an answer without KV, an error) and KV packages. A package travels block by
 block: one frame with the package's checksummed header (`KVPackage.header_bytes`), one frame
-per block in order (written straight from the blocks' host memory), then an end frame; the
-receiver joins the blocks into one buffer and parses it with `KVPackage.from_parts` (the blocks
-become a view of that buffer, no further copy), which verifies the header's and every block's
-checksum. So a package corrupted anywhere between the sender's export and the receiver's import
+per block in order (sent straight from the blocks' host memory), then an end frame; the
+receiver verifies the header, receives each block straight into its slot of one buffer
+(`IncomingPackage`: the blocks become a view of it) and hashes it on the checksum threads while
+the next one arrives, and refuses the package unless the header's and every block's checksum
+match. So a package corrupted anywhere between the sender's export and the receiver's import
 is refused with a KVChecksumError, never imported.
 
 Frame: kind (u8), index (u32), payload length (u64), CRC-32 of the payload (u32), payload, all
@@ -29,24 +30,35 @@ import asyncio
 import contextlib
 import enum
 import json
+import logging
+import socket
 import struct
 import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from tessera.agents.engine.kv_transfer import (
+    Buffer,
+    IncomingPackage,
     KVChecksumError,
     KVPackage,
     KVTransferError,
+    checksum_pool,
 )
+
+log = logging.getLogger(__name__)
 
 FRAME = struct.Struct("<BIQI")
 MAX_MESSAGE_BYTES = 16 << 20
 MAX_BLOCK_BYTES = 1 << 30
-STREAM_LIMIT_BYTES = 4 << 20
-"""The stream reader's buffer limit: a whole 2 MiB block is read without pausing the socket
-(asyncio's 64 KiB default pauses and resumes it 30 times per block)."""
+SMALL_FRAME_BYTES = 64 << 10
+"""A frame up to this size is sent as one buffer (head and payload joined: one syscall); a
+larger one as two, so that its payload is never copied."""
+PARALLEL_CRC_BYTES = 8 << 20
+"""Frame CRCs of a package this large are taken on the checksum threads."""
+LISTEN_BACKLOG = 128
 
 
 class FrameKind(enum.IntEnum):
@@ -213,53 +225,91 @@ def decode_message(payload: bytes) -> dict[str, Any]:
 
 
 class TcpChannel(KVChannel):
-    """A channel over one asyncio TCP stream."""
+    """A channel over one non-blocking TCP socket, driven by the event loop's `sock_*` calls.
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout_s: float
-    ) -> None:
-        self.reader, self.writer, self.timeout_s = reader, writer, timeout_s
+    Why not asyncio streams: a StreamReader hands each frame out as a new bytes object cut from
+    its own buffer, which is itself filled from a new 256 KiB bytes object per read (three
+    copies of every block before it reached the package's buffer), and a StreamWriter copies
+    whatever the socket does not take at once. Here a block goes from the sender's host tensor
+    into the kernel (`sock_sendall` of a memoryview) and from the kernel straight into its slot
+    of the receiver's buffer (`sock_recv_into`): the only copies are the kernel's.
+    """
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock, self.timeout_s = sock, timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._head = bytearray(FRAME.size)
+        self.pin_memory = False
+        """Receive packages into page-locked memory (`TcpTransport` sets it on CUDA hosts)."""
+
+    async def _send_bytes(self, *parts: Buffer) -> None:
+        """Every byte of `parts`, in order, into the socket (no copy: the kernel reads the
+        callers' buffers); KVTransportError if the peer is gone or stalls past the timeout."""
+        try:
+            for part in parts:
+                if len(part):
+                    await asyncio.wait_for(self._loop.sock_sendall(self.sock, part), self.timeout_s)
+        except (OSError, TimeoutError) as error:
+            raise KVTransportError(f"sending to the KV peer failed: {error!r}") from error
 
     async def _write(
         self,
         kind: FrameKind,
-        payload: bytes | bytearray | memoryview,
+        payload: Buffer,
         index: int = 0,
         crc: int | None = None,
     ) -> None:
         """One frame; `crc`, when the caller already has the payload's CRC-32 (a block of a
-        crc32 package), saves hashing it again. A memoryview payload is written as is (the
-        stream copies only what the socket does not take at once)."""
+        crc32 package), saves hashing it again. A small frame is sent as one buffer, a large
+        one as its head and then the payload itself (never copied)."""
         crc = zlib.crc32(payload) if crc is None else crc
-        self.writer.write(FRAME.pack(kind, index, len(payload), crc))
-        self.writer.write(payload)
-        try:
-            await asyncio.wait_for(self.writer.drain(), self.timeout_s)
-        except (OSError, TimeoutError) as error:
-            raise KVTransportError(f"sending to the KV peer failed: {error!r}") from error
+        head = FRAME.pack(kind, index, len(payload), crc)
+        if len(payload) <= SMALL_FRAME_BYTES:
+            await self._send_bytes(head + bytes(payload))
+        else:
+            await self._send_bytes(head, payload)
 
-    async def _read_frame(self, check_block_crc: bool = True) -> tuple[FrameKind, int, bytes, int]:
-        """The next frame and its CRC-32, checked unless it is a BLOCK and not
-        `check_block_crc` (`receive_package` checks those once the package is parsed)."""
+    async def _fill(self, view: memoryview) -> None:
+        """Read exactly `len(view)` bytes into `view`."""
+        got, size = 0, len(view)
+        while got < size:
+            count = await self._loop.sock_recv_into(self.sock, view[got:])
+            if count == 0:
+                raise KVTransportError("the KV peer closed the connection mid-transfer")
+            got += count
+
+    async def _receive_into(self, view: memoryview) -> None:
         try:
-            head = await asyncio.wait_for(self.reader.readexactly(FRAME.size), self.timeout_s)
-            kind, index, length, crc = FRAME.unpack(head)
-            if kind not in FrameKind.__members__.values():
-                raise KVChecksumError(f"KV frame of unknown kind {kind}: the stream is corrupted")
-            limit = MAX_BLOCK_BYTES if kind == FrameKind.BLOCK else MAX_MESSAGE_BYTES
-            if length > limit:
-                raise KVChecksumError(f"KV frame of {length} bytes (limit {limit}): corrupted")
-            payload = await asyncio.wait_for(self.reader.readexactly(length), self.timeout_s)
-        except asyncio.IncompleteReadError as error:
-            raise KVTransportError("the KV peer closed the connection mid-transfer") from error
+            await asyncio.wait_for(self._fill(view), self.timeout_s)
         except (OSError, TimeoutError) as error:
             raise KVTransportError(f"receiving from the KV peer failed: {error!r}") from error
-        if (check_block_crc or kind != FrameKind.BLOCK) and zlib.crc32(payload) != crc:
-            raise KVChecksumError(f"KV frame {FrameKind(kind).name} {index} fails its CRC-32")
-        return FrameKind(kind), index, payload, crc
+
+    async def _read_head(self) -> tuple[FrameKind, int, int, int]:
+        """The next frame's kind, index, payload length and CRC-32, its kind and length checked
+        (a corrupted length is refused before anything is read or allocated)."""
+        await self._receive_into(memoryview(self._head))
+        kind, index, length, crc = FRAME.unpack(self._head)
+        if kind not in FrameKind.__members__.values():
+            raise KVChecksumError(f"KV frame of unknown kind {kind}: the stream is corrupted")
+        limit = MAX_BLOCK_BYTES if kind == FrameKind.BLOCK else MAX_MESSAGE_BYTES
+        if length > limit:
+            raise KVChecksumError(f"KV frame of {length} bytes (limit {limit}): corrupted")
+        return FrameKind(kind), index, length, crc
+
+    async def _read_frame(self) -> tuple[FrameKind, int, bytes]:
+        """The next frame, its CRC-32 checked."""
+        kind, index, length, crc = await self._read_head()
+        payload = bytearray(length)
+        await self._receive_into(memoryview(payload))
+        if zlib.crc32(payload) != crc:
+            raise KVChecksumError(f"KV frame {kind.name} {index} fails its CRC-32")
+        return kind, index, bytes(payload)
 
     async def receive(self) -> tuple[FrameKind, bytes]:
-        kind, _, payload, _ = await self._read_frame()
+        kind, _, payload = await self._read_frame()
         return kind, payload
 
     async def send_message(self, message: dict[str, Any]) -> None:
@@ -276,14 +326,20 @@ class TcpChannel(KVChannel):
         await self._write(FrameKind.PACKAGE_HEADER, header)
         payload = package.payload_view()
         size = package.geometry.block_nbytes
-        # A crc32 package's block checksums are the frames' CRCs, if they still match the blocks.
+        # A crc32 package's block checksums are the frames' CRCs, if they still match the blocks;
+        # otherwise the CRCs are taken on the checksum threads, ahead of the send.
         reuse = package.checksum_algorithm == "crc32" and package._verified_unchanged()
-        for index in range(package.num_blocks):
-            block: bytes | memoryview = payload[index * size : (index + 1) * size]
-            crc = int(package.block_checksums[index], 16) if reuse else None
+        blocks = [payload[index * size : (index + 1) * size] for index in range(package.num_blocks)]
+        if reuse:
+            crcs = [int(checksum, 16) for checksum in package.block_checksums]
+        else:
+            crcs = block_crcs(blocks)
+        for index, block in enumerate(blocks):
+            data: Buffer = block
+            crc = crcs[index]
             if corrupt and index == 0:
-                block, crc = flip_one_bit(block), None
-            await self._write(FrameKind.BLOCK, block, index, crc)
+                data = flip_one_bit(block)
+            await self._write(FrameKind.BLOCK, data, index, crc)
         await self._write(FrameKind.PACKAGE_END, b"", package.num_blocks)
         return len(header) + payload.nbytes
 
@@ -291,56 +347,106 @@ class TcpChannel(KVChannel):
         kind, header = first if first is not None else await self.receive()
         if kind != FrameKind.PACKAGE_HEADER:
             raise KVTransportError(f"expected a KV package header, got {kind.name}")
-        num_blocks, block_nbytes = KVPackage.payload_layout(header)
-        payload = bytearray(num_blocks * block_nbytes)
-        view = memoryview(payload)
-        crcs: list[int] = []
+        incoming = IncomingPackage(header, pin_memory=self.pin_memory)
+        received = 0
         while True:
-            kind, index, block, crc = await self._read_frame(check_block_crc=False)
+            kind, index, length, crc = await self._read_head()
             if kind == FrameKind.PACKAGE_END:
                 break
-            if kind != FrameKind.BLOCK or index != len(crcs):
+            if kind != FrameKind.BLOCK or index != received:
                 raise KVTransferError(
-                    f"KV package out of order: {kind.name} {index} after {len(crcs)} blocks"
+                    f"KV package out of order: {kind.name} {index} after {received} blocks"
                 )
-            if index >= num_blocks or len(block) != block_nbytes:
+            if index >= incoming.num_blocks or length != incoming.block_nbytes:
                 raise KVChecksumError(
-                    f"KV frame BLOCK {index} has {len(block)} bytes; the header announces "
-                    f"{num_blocks} blocks of {block_nbytes}"
+                    f"KV frame BLOCK {index} has {length} bytes; the header announces "
+                    f"{incoming.num_blocks} blocks of {incoming.block_nbytes}"
                 )
-            view[index * block_nbytes : (index + 1) * block_nbytes] = block
-            crcs.append(crc)
-        view.release()
-        if index != len(crcs) or len(crcs) != num_blocks:
-            raise KVChecksumError(f"KV package ends after {len(crcs)} of {num_blocks} blocks")
-        package = KVPackage.from_parts(header, payload)
-        # The frames' CRCs, after the package's own checksums: free when those are CRC-32 too.
-        same = package.checksum_algorithm == "crc32"
-        for index, crc in enumerate(crcs):
-            actual = (
-                int(package.block_checksums[index], 16)
-                if same
-                else zlib.crc32(package.block_bytes(index))
+            await self._receive_into(incoming.block_buffer(index))
+            incoming.block_arrived(index, crc)
+            received += 1
+        if index != received:
+            raise KVChecksumError(
+                f"KV package ends after {received} of {incoming.num_blocks} blocks "
+                f"(its end frame says {index})"
             )
-            if actual != crc:
-                raise KVChecksumError(f"KV frame BLOCK {index} fails its CRC-32")
-        return package
+        pending = incoming.pending()
+        if pending:
+            await asyncio.wait([asyncio.wrap_future(future) for future in pending])
+        return incoming.finish()
 
     async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError, TimeoutError):
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        self.sock.close()
+
+
+def block_crcs(blocks: list[memoryview]) -> list[int]:
+    """Each block's CRC-32 (the frames'), on the checksum threads when there is much to hash."""
+    if len(blocks) < 2 or sum(block.nbytes for block in blocks) < PARALLEL_CRC_BYTES:
+        return [zlib.crc32(block) for block in blocks]
+    return list(checksum_pool().map(zlib.crc32, blocks))
+
+
+async def _open_socket(host: str, port: int) -> socket.socket:
+    """A connected non-blocking socket to the first of `host`'s addresses that answers."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"{host} resolves to no address")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as failed:
+            sock.close()
+            error = failed
+        except BaseException:
+            sock.close()
+            raise
+    raise error
+
+
+def _listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets on each of `host`'s addresses (as
+    `asyncio.start_server` binds them: SO_REUSEADDR, IPv6 sockets IPv6-only)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 @dataclass
 class TcpListener(KVListener):
-    server: asyncio.Server
+    """Accept loops on the listening sockets; each accepted channel runs its handler in a task
+    of its own (kept here until it ends, so that it is not collected mid-transfer)."""
+
+    sockets: list[socket.socket]
     address: str
+    accepting: list[asyncio.Task[None]] = field(default_factory=list)
+    handling: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def close(self) -> None:
-        self.server.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.server.wait_closed(), 2.0)
+        """Stop accepting; channels already open run to their end (as asyncio servers do)."""
+        for task in self.accepting:
+            task.cancel()
+        for task in self.accepting:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sock in self.sockets:
+            sock.close()
 
 
 class TcpTransport(KVTransport):
@@ -348,28 +454,52 @@ class TcpTransport(KVTransport):
 
     name = "tcp"
 
-    def __init__(self, timeout_s: float = 30.0) -> None:
+    def __init__(self, timeout_s: float = 30.0, pin_memory: bool | None = None) -> None:
         self.timeout_s = timeout_s
-        """Longest wait for any one frame (or a drain) once a channel is open."""
+        """Longest wait for any one frame (or a send) once a channel is open."""
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        """Receive packages into page-locked memory: on by default where CUDA is, where the
+        importing engine copies them to a GPU next."""
+
+    def _channel(self, sock: socket.socket) -> TcpChannel:
+        channel = TcpChannel(sock, self.timeout_s)
+        channel.pin_memory = self.pin_memory
+        return channel
 
     async def connect(self, address: str, timeout_s: float) -> KVChannel:
         host, port = parse_address(address)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=STREAM_LIMIT_BYTES), timeout_s
-            )
+            sock = await asyncio.wait_for(_open_socket(host, port), timeout_s)
         except (OSError, TimeoutError) as error:
             raise KVTransportError(f"cannot reach the KV peer {address}: {error!r}") from error
-        return TcpChannel(reader, writer, self.timeout_s)
+        return self._channel(sock)
 
     async def listen(self, host: str, port: int, handler: ChannelHandler) -> KVListener:
-        async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            channel = TcpChannel(reader, writer, self.timeout_s)
+        loop = asyncio.get_running_loop()
+        sockets = _listening_sockets(host, port)
+        listener = TcpListener(sockets, f"{host}:{sockets[0].getsockname()[1]}")
+
+        async def serve(sock: socket.socket) -> None:
+            channel = self._channel(sock)
             try:
                 await handler(channel)
+            except Exception:
+                log.exception("KV channel handler failed (peer %s)", _peer(sock))
             finally:
                 await channel.close()
 
-        server = await asyncio.start_server(accepted, host, port, limit=STREAM_LIMIT_BYTES)
-        bound = server.sockets[0].getsockname()
-        return TcpListener(server, f"{host}:{bound[1]}")
+        async def accept(listening: socket.socket) -> None:
+            while True:
+                sock, _ = await loop.sock_accept(listening)
+                task = loop.create_task(serve(sock))
+                listener.handling.add(task)
+                task.add_done_callback(listener.handling.discard)
+
+        listener.accepting = [loop.create_task(accept(sock)) for sock in sockets]
+        return listener
+
+
+def _peer(sock: socket.socket) -> str:
+    with contextlib.suppress(OSError):
+        return str(sock.getpeername())
+    return "gone"

@@ -200,7 +200,8 @@ class CudaIpcChannel(TcpChannel):
         share: ShareFunction = share_cuda_tensor,
         open_handle: OpenFunction = open_cuda_tensor,
     ) -> None:
-        super().__init__(tcp.reader, tcp.writer, tcp.timeout_s)
+        super().__init__(tcp.sock, tcp.timeout_s)
+        self.pin_memory = tcp.pin_memory
         self.device, self.share, self.open_handle = device, share, open_handle
         self.ipc = False
         self.fallbacks = 0

@@ -84,11 +84,8 @@ def test_a_damaged_frame_fails_its_crc() -> None:
     async def send(channel: KVChannel) -> None:
         assert isinstance(channel, TcpChannel)
         payload = b"x" * 64
-        channel.writer.write(
-            FRAME.pack(FrameKind.PACKAGE_HEADER, 0, len(payload), zlib.crc32(payload) ^ 1)
-        )
-        channel.writer.write(payload)
-        await channel.writer.drain()
+        head = FRAME.pack(FrameKind.PACKAGE_HEADER, 0, len(payload), zlib.crc32(payload) ^ 1)
+        await channel._send_bytes(head, payload)
 
     with pytest.raises(KVChecksumError, match="CRC-32"):
         asyncio.run(exchange(send))
@@ -97,8 +94,7 @@ def test_a_damaged_frame_fails_its_crc() -> None:
 def test_a_corrupted_length_is_refused_without_reading_it() -> None:
     async def send(channel: KVChannel) -> None:
         assert isinstance(channel, TcpChannel)
-        channel.writer.write(FRAME.pack(FrameKind.BLOCK, 0, 1 << 40, 0))
-        await channel.writer.drain()
+        await channel._send_bytes(FRAME.pack(FrameKind.BLOCK, 0, 1 << 40, 0))
 
     async def receive() -> None:
         transport = TcpTransport(timeout_s=5)
@@ -121,9 +117,8 @@ def test_a_peer_gone_mid_package_is_a_transport_error() -> None:
         assert isinstance(channel, TcpChannel)
         wire = sent.to_bytes()
         # A header frame announcing the whole package, cut short; then the peer is gone.
-        channel.writer.write(FRAME.pack(FrameKind.PACKAGE_HEADER, 0, len(wire), zlib.crc32(wire)))
-        channel.writer.write(wire[:40])
-        await channel.writer.drain()
+        head = FRAME.pack(FrameKind.PACKAGE_HEADER, 0, len(wire), zlib.crc32(wire))
+        await channel._send_bytes(head, wire[:40])
 
     with pytest.raises(KVTransportError, match="closed the connection"):
         asyncio.run(exchange(send))

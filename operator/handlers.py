@@ -9,6 +9,8 @@
   owner, which puts it back, and the namespace's deployments in NameConflict, which may now
   take the name.
   (Hand edits of a child's spec are undone at the owner's next reconcile, not on the edit.)
+- The Gateway API Inference Extension's InferencePool CRD installed -> reconcile the
+  deployments in scope, so that each publishes its InferencePool (`inference_pool`).
 - PowerBudget -> a control loop per budget in `power_controller` (imported at the end of this
   module, so that importing the handlers registers it).
 - RebalancePolicy -> a round loop per policy in `rebalance_controller` (registered the same way).
@@ -43,6 +45,7 @@ from kubernetes.client.exceptions import ApiException
 from tessera.api.common import GROUP, VERSION, utc_now
 from tessera.operator import reconcile_metrics as metrics
 from tessera.operator import render
+from tessera.operator.inference_pool import INFERENCE_POOL_CRD, crd_serves_pools
 from tessera.operator.reconcile import (
     ACCELERATOR_CLASSES,
     CLASSES_FINGERPRINT_ANNOTATION,
@@ -328,6 +331,36 @@ def on_child_event(
         patch = refreshed_readiness(md.get("status"), rollout, utc_now())
         if patch is not None:
             _write_status(kube, namespace, name, patch)
+
+
+def _is_inference_pool_crd(name: str | None, **_: Any) -> bool:
+    return name == INFERENCE_POOL_CRD
+
+
+@kopf.on.event(
+    "apiextensions.k8s.io", "v1", "customresourcedefinitions", when=_is_inference_pool_crd
+)
+def on_inference_pool_crd_event(
+    type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    """The InferencePool CRD was installed, changed or removed: once pools are served, reconcile
+    every deployment in scope, so that each publishes its pool now rather than at its next
+    change."""
+    kube: Kube = memo.kube
+    served = type != "DELETED" and crd_serves_pools(body)
+    if not kube.inference_pools.learn(served) or type is None:
+        return  # not served, known before, or the initial listing (resume reconciles anyway)
+    for item in _model_deployments_in_scope(kube, memo.namespaces):
+        meta = item["metadata"]
+        try:
+            _reconcile_and_report(kube, memo, meta["namespace"], meta["name"], meta)
+        except ApiException as error:
+            logger.warning(
+                "could not publish the InferencePool of %s/%s: %s",
+                meta["namespace"],
+                meta["name"],
+                error,
+            )
 
 
 # Importing them registers their handlers.

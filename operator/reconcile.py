@@ -18,6 +18,10 @@ Choices a user can observe:
   and what runs keeps running, as for an infeasible spec (see `apply`).
 - Autoscaling (`spec.autoscaling.enabled`): the closed loop (`autoscaler`) sizes the pools; a
   reconcile keeps the replica counts of the plan in force while the planned layout is the same.
+- InferencePool: where the Gateway API Inference Extension's CRD is served, an applied plan
+  also publishes one InferencePool of the entry pods (`inference_pool`); a pool it cannot
+  publish (a name held by another owner, forbidden, invalid) is a Warning event, and the
+  deployment is applied all the same.
 - Deletion: every child has an owner reference to the ModelDeployment, so Kubernetes' garbage
   collector removes the children; the operator adds no finalizer (nothing outside the cluster
   must be released).
@@ -40,6 +44,7 @@ from tessera.api.accelerator_class import AcceleratorClass, AcceleratorClassSpec
 from tessera.api.common import GROUP, VERSION
 from tessera.api.model_deployment import ModelDeploymentSpec, Plan
 from tessera.operator import apply, inventory, render
+from tessera.operator.inference_pool import InferencePoolPublisher
 from tessera.operator.plan_scoring import PlanScorer
 from tessera.operator.status import Outcome, Rollout, build_status, outcome_of
 from tessera.policies.capacity import ClassOffer
@@ -64,11 +69,13 @@ class Kube:
     custom: client.CustomObjectsApi = field(init=False)
     core: client.CoreV1Api = field(init=False)
     applier: apply.ChildApplier = field(init=False)
+    inference_pools: InferencePoolPublisher = field(init=False)
 
     def __post_init__(self) -> None:
         self.custom = client.CustomObjectsApi(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
         self.applier = apply.ChildApplier(self.api_client)
+        self.inference_pools = InferencePoolPublisher(self.api_client)
 
 
 @dataclass(frozen=True)
@@ -307,6 +314,9 @@ def reconcile(
         events.append(Event("Normal", Outcome.APPLIED.value, plan_summary(plan)))
     if result.pruned:
         events.append(Event("Normal", "Pruned", "removed " + ", ".join(result.pruned)))
+    published = kube.inference_pools.publish(owner, spec, plan)
+    if published.warning:
+        events.append(Event("Warning", published.outcome.value, published.message))
     rollout = Rollout.of_workloads(apply.workloads(result.applied))
     return settle(
         Outcome.APPLIED,

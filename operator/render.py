@@ -295,6 +295,14 @@ def entry_role(plan: Plan) -> PoolRole:
     return plan.pools[0].role
 
 
+def entry_selector(owner: Owner, plan: Plan) -> dict[str, str]:
+    """The labels of the pods that receive the deployment's client requests: the router's in a
+    disaggregated plan, else the entry role's pools. The entry Service selects them, and so does
+    the InferencePool (operator/inference_pool.py): one definition of the entry for both."""
+    entry_pods = ROUTER_ROLE if is_disaggregated(plan) else entry_role(plan).value
+    return {DEPLOYMENT_LABEL: label_value(owner.name), ROLE_LABEL: entry_pods}
+
+
 def selector_labels(owner: Owner) -> dict[str, str]:
     """Labels that select every child of one ModelDeployment (used to list and prune)."""
     return {MANAGED_BY_LABEL: MANAGED_BY, DEPLOYMENT_LABEL: label_value(owner.name)}
@@ -587,8 +595,7 @@ def render_services(owner: Owner, spec: ModelDeploymentSpec, plan: Plan) -> list
     headless prefill and decode Services of a disaggregated plan, and the headless colocated
     Service of an autoscaled colocated plan (drain peers)."""
     deployment = label_value(owner.name)
-    entry_pods = ROUTER_ROLE if is_disaggregated(plan) else entry_role(plan).value
-    entry = {DEPLOYMENT_LABEL: deployment, ROLE_LABEL: entry_pods}
+    entry = entry_selector(owner, plan)
     services = [_service(owner, service_name(owner), entry, spec.engine.port, headless=False)]
     if is_disaggregated(plan):
         for name, role in (

@@ -98,6 +98,13 @@ def _verb(http: str, path: str) -> str:
     }[http, named]
 
 
+def _is_discovery(path: str) -> bool:
+    """A discovery request (GET /apis/<group>/<version>): a non-resource URL that the default
+    ClusterRole system:discovery grants every authenticated user, so no rule of the chart's."""
+    parts = path.strip("/").split("/")
+    return parts[0] == "apis" and len(parts) <= 3
+
+
 def _resource(path: str, arguments: dict[str, Any]) -> tuple[str, str, bool]:
     """(group, resource[/subresource], namespaced) of a request path."""
     for key, value in arguments.items():
@@ -207,6 +214,8 @@ def client_needs() -> list[Need]:
             if (module, function) in NOT_RUN_BY_THE_OPERATOR:
                 continue
             http, template = _request(api, method)
+            if _is_discovery(template):
+                continue
             group, resource, namespaced = _resource(template, arguments)
             assert "{" not in group + resource, f"{module}.{function}: {method} {arguments}"
             own = OWN_NAMESPACE_MODULES.get(module)
@@ -230,6 +239,7 @@ def _scope(group: str, plural: str) -> str:
             return "served" if model.crd.scope == "Namespaced" else "cluster"
     namespaced = {("apps", "deployments"), ("", "services"), ("", "pods"), ("", "events")}
     cluster = {("", "nodes"), ("", "namespaces")}
+    cluster |= {("apiextensions.k8s.io", "customresourcedefinitions")}
     assert (group, plural) in namespaced | cluster, f"scope of {group}/{plural} unknown here"
     return "served" if (group, plural) in namespaced else "cluster"
 

@@ -32,6 +32,12 @@ a rule nothing needs. No wildcards, no secrets, no update (server-side apply is 
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# InferencePools (Gateway API Inference Extension), where their CRD is installed: one per
+# ModelDeployment, server-side applied (create and patch) after a read by name (a pool another
+# owner holds is left alone). No delete: the garbage collector removes them with their owner.
+- apiGroups: ["inference.networking.k8s.io"]
+  resources: ["inferencepools"]
+  verbs: ["get", "create", "patch"]
 # Events on ModelDeployments and their children (the operator's and kopf's).
 - apiGroups: [""]
   resources: ["events"]
@@ -87,7 +93,8 @@ a rule nothing needs. No wildcards, no secrets, no update (server-side apply is 
 - apiGroups: [""]
   resources: ["nodes"]
   verbs: ["list"]
-# kopf follows the CRDs, to serve a resource whose CRD is installed after the operator.
+# kopf follows the CRDs, to serve a resource whose CRD is installed after the operator; the
+# operator follows the InferencePool CRD's, to publish pools once it is installed.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]

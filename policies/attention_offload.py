@@ -8,6 +8,17 @@ hold and scan the KV cache. Each layer sends the batch's queries to the attentio
 and gets the attention output back; two micro-batches are pipelined so that the linear layers,
 the attention and the transfer overlap.
 
+The step follows the real worker's structure (agents/engine/attention_offload.py): the batch
+is cut into `micro_batches` sub-batches; per layer, each sub-batch's dense work runs on the
+compute devices (its own pass over the weights), its q|k|v go out and its attention output
+comes back, and the attention devices scan one sub-batch at a time. Per layer the step then
+takes the longest of: the attention devices' scans of all sub-batches, the compute side's dense
+work and exchanges of all sub-batches, and one sub-batch's round (its dense work, exchange and
+scan: the next layer of a sub-batch cannot start before its attention output is back). One
+sub-batch is the serial sum. The attention rate is the memory class's bandwidth times its
+calibration's `memory_efficiency`: for host memory, the measured scan rate of the attention
+worker over the measured DRAM read bandwidth (policies/host_memory.py).
+
 The class mirrors ReplicaPerformance's decode interface (`iteration`, `kv_capacity_tokens`,
 `decode_step_time_s`, `max_decode_batch_for_tpot`, `power_w`) so the planner and the simulator
 use it as a decode replica.
@@ -45,9 +56,13 @@ class OffloadedDecodePerformance:
         attention_devices: int,
         compute_calibration: Calibration | None = None,
         memory_calibration: Calibration | None = None,
+        micro_batches: int = MICRO_BATCHES,
     ) -> None:
         if attention_devices < 1:
             raise ValueError(f"attention_devices must be >= 1, got {attention_devices}")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.micro_batches = micro_batches
         self.architecture = architecture
         self.compute = ReplicaPerformance(architecture, compute, compute_tp, compute_calibration)
         self.memory = memory
@@ -95,8 +110,26 @@ class OffloadedDecodePerformance:
         )
         return link_gbps * 1e9
 
+    def sub_batches(self, decode_context_tokens: Sequence[int]) -> list[Sequence[int]]:
+        """The step's sub-batches as the engine cuts them (rows split evenly, in order; fewer
+        rows than sub-batches run as one)."""
+        rows = len(decode_context_tokens)
+        count = self.micro_batches if rows >= self.micro_batches else 1
+        return [
+            decode_context_tokens[rows * i // count : rows * (i + 1) // count] for i in range(count)
+        ]
+
     def stage_times_s(self, decode_context_tokens: Sequence[int]) -> tuple[float, float, float]:
-        """(linear layers, attention, query/output transfer) seconds for one decode step."""
+        """(linear layers, attention, query/output transfer) seconds for one decode step,
+        summed over its sub-batches (each sub-batch reads the weights once)."""
+        parts = [self._sub_batch_times_s(c) for c in self.sub_batches(decode_context_tokens)]
+        linear_s, attention_s, transfer_s = (sum(stage) for stage in zip(*parts, strict=True))
+        return linear_s, attention_s, transfer_s
+
+    def _sub_batch_times_s(
+        self, decode_context_tokens: Sequence[int]
+    ) -> tuple[float, float, float]:
+        """(dense, attention, exchange) seconds of one sub-batch over all layers."""
         arch = self.architecture
         batch = len(decode_context_tokens)
         linear = self.compute.iteration(decode_context_tokens=[0] * batch)
@@ -126,10 +159,17 @@ class OffloadedDecodePerformance:
             raise ValueError("an attention-offloaded replica runs decode only; prefill elsewhere")
         if not decode_context_tokens:
             return IterationCost(0.0, 0.0, 0.0, 0.0)
-        linear_s, attention_s, transfer_s = self.stage_times_s(decode_context_tokens)
-        stages = (linear_s, attention_s, transfer_s)
-        pipelined = sum(stages) / MICRO_BATCHES + (MICRO_BATCHES - 1) * max(stages) / MICRO_BATCHES
-        time_s = pipelined + self.compute.calibration.iteration_overhead_s
+        parts = [self._sub_batch_times_s(c) for c in self.sub_batches(decode_context_tokens)]
+        linear_s = sum(dense for dense, _, _ in parts)
+        attention_s = sum(attention for _, attention, _ in parts)
+        transfer_s = sum(exchange for _, _, exchange in parts)
+        # Each term is the sum over layers of a per-layer bound (module docstring).
+        layers_s = max(
+            attention_s,
+            linear_s + transfer_s,
+            max(dense + attention + exchange for dense, attention, exchange in parts),
+        )
+        time_s = layers_s + self.compute.calibration.iteration_overhead_s
         return IterationCost(time_s, linear_s, attention_s, transfer_s)
 
     def decode_step_time_s(self, batch: int, mean_context_tokens: float) -> float:

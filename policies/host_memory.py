@@ -7,7 +7,9 @@ AcceleratorClass of kind CPU whose numbers mean, for `OffloadedDecodePerformance
 
 - `memoryGib`: the DRAM an attention worker may hold KV in;
 - `memoryBandwidthGbps`: the DRAM read bandwidth its cores reach (a STREAM-like read; the
-  attention kernel's share of it is the calibration's `memory_efficiency`);
+  attention kernel's share of it is the calibration's `memory_efficiency`: the attention
+  worker's measured KV scan rate over the measured DRAM read, `scan_calibration`, as
+  bench/attention_offload_bench.py measures both and writes the host's calibration file);
 - `peakTflops`: the cores' bf16 rate (attention is bandwidth-bound; this only caps it);
 - `networkBandwidthGbps`: the link between the compute device and the worker (PCIe plus the
   worker's transport), which the per-layer q/k/v and output exchange crosses;
@@ -20,12 +22,12 @@ one shape, in the form a bench compares against its measurement.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from tessera.api.accelerator_class import AcceleratorClassSpec, PeakTflops
 from tessera.api.model_deployment import ModelArchitecture
-from tessera.policies.attention_offload import OffloadedDecodePerformance
+from tessera.policies.attention_offload import MICRO_BATCHES, OffloadedDecodePerformance
 from tessera.policies.efficiency import Calibration
 from tessera.policies.perfmodel import ReplicaPerformance
 
@@ -84,6 +86,29 @@ def host_calibration(
     )
 
 
+def scan_calibration(
+    scan_gbps: float,
+    dram_read_gbps: float,
+    exchange_latency_s: float,
+    source: str,
+    memory_utilization: float = 0.9,
+    reserve_gib: float = 8.0,
+) -> Calibration:
+    """A host's calibration from its measured component rates: the attention worker's KV scan
+    rate (bench/host_attention_bench.py) as a share of the DRAM read bandwidth the host class
+    carries, and the fixed cost of one sub-batch's per-layer exchange."""
+    if scan_gbps <= 0 or dram_read_gbps <= 0:
+        raise ValueError(
+            f"scan_gbps ({scan_gbps}) and dram_read_gbps ({dram_read_gbps}) must be > 0"
+        )
+    return replace(
+        host_calibration(
+            scan_gbps / dram_read_gbps, exchange_latency_s, memory_utilization, reserve_gib
+        ),
+        source=source,
+    )
+
+
 @dataclass(frozen=True)
 class DecodePrediction:
     """A predicted decode step for one shape (batch sequences of `context_tokens` each)."""
@@ -116,8 +141,10 @@ def predict_offloaded_decode(
     attention_devices: int = 1,
     compute_calibration: Calibration | None = None,
     memory_calibration: Calibration | None = None,
+    micro_batches: int = MICRO_BATCHES,
 ) -> DecodePrediction:
-    """The planner's step for `batch` decodes over `context_tokens` with attention offloaded."""
+    """The planner's step for `batch` decodes over `context_tokens` with attention offloaded,
+    in `micro_batches` pipelined sub-batches."""
     perf = OffloadedDecodePerformance(
         architecture,
         compute,
@@ -126,6 +153,7 @@ def predict_offloaded_decode(
         attention_devices,
         compute_calibration,
         memory_calibration,
+        micro_batches,
     )
     contexts = [context_tokens] * batch
     cost = perf.iteration(decode_context_tokens=contexts)

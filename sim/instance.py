@@ -364,7 +364,12 @@ class Instance:
         self.batch_decoding = decoding
         self.busy_compute_s = time_s if compute_bound else 0.0
         self.version += 1
-        self._schedule(now, time_s)
+        # The step ends after `time_s` of full-speed work: then, on a device of its own; on a
+        # shared one, when the share has given it that much (inline: this runs every step).
+        if self.share is None:
+            self.sim.push_event(now + time_s, self, self.version)
+        else:
+            self.share.start(self, now, time_s)
 
     def _start_run(self, now: float, decoding: list[Request], single: bool = False) -> None:
         """Decode iterations of one batch until a request finishes or the blocks run out
@@ -410,11 +415,8 @@ class Instance:
             self.run_curve = None
             time_s, bound = self.cost.iteration((), [r.kv for r in decoding])
             self.busy_compute_s = time_s if bound else 0.0
-        self._schedule(now, time_s)
-
-    def _schedule(self, now: float, time_s: float) -> None:
-        """End the step just started after `time_s` of full-speed work: then, on a device of
-        its own; on a shared one, when the share has given it that much."""
+        # The step ends after `time_s` of full-speed work: then, on a device of its own; on a
+        # shared one, when the share has given it that much (inline: this runs every step).
         if self.share is None:
             self.sim.push_event(now + time_s, self, self.version)
         else:

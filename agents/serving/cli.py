@@ -142,6 +142,14 @@ def check_serve_extra() -> None:
     show_default=True,
 )
 @click.option(
+    "--gpu-memory-fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="This process's share of its GPU's memory (torch's per-process limit), for engines "
+    "that share one GPU; needs --num-kv-blocks (a KV cache sized from free memory would not "
+    "see the share). Default: no limit.",
+)
+@click.option(
     "--max-waiting-requests",
     type=click.IntRange(min=1),
     default=256,
@@ -165,6 +173,8 @@ def check_serve_extra() -> None:
 def serve_command(**flags: Any) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (colocated, prefill or decode role)."""
     config = build_config(flags)
+    if flags["gpu_memory_fraction"] is not None:
+        limit_gpu_memory(flags["gpu_memory_fraction"], config.device)
     import logging
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
@@ -199,6 +209,7 @@ def build_config(flags: dict[str, Any]) -> Any:
                 f"--attention-service: offloaded attention runs at --tensor-parallel-size 1, "
                 f"not {flags['tensor_parallel_size']}"
             )
+    check_gpu_memory_fraction(flags)
     dtype = DTYPE_ALIASES.get(flags["dtype"], flags["dtype"])
     if dtype == "fp8":
         fail("--dtype fp8: not supported by the Tessera engine; bf16, fp16 or fp32")
@@ -251,6 +262,34 @@ def build_config(flags: dict[str, Any]) -> Any:
     )
 
 
+def check_gpu_memory_fraction(flags: dict[str, Any]) -> None:
+    """A memory share applies to this process's allocator only: the KV cache must be sized
+    for it (--num-kv-blocks), and tensor-parallel ranks are other processes."""
+    fraction = flags["gpu_memory_fraction"]
+    if fraction is None:
+        return
+    flag = f"--gpu-memory-fraction {fraction}"
+    if flags["device"] is not None and not str(flags["device"]).startswith("cuda"):
+        fail(f"{flag}: the engine runs on {flags['device']}, not a GPU; drop the flag")
+    if flags["num_kv_blocks"] is None:
+        fail(f"{flag}: give --num-kv-blocks too (sized for the share)")
+    if flags["tensor_parallel_size"] > 1:
+        fail(f"{flag}: one process's share; not with --tensor-parallel-size > 1")
+
+
+def limit_gpu_memory(fraction: float, device: str | None) -> None:
+    """Cap this process's CUDA allocations at `fraction` of the GPU's memory before anything
+    is loaded, so that two engines on one GPU cannot take each other's memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        fail(f"--gpu-memory-fraction {fraction}: no CUDA device in this process")
+    index = torch.device(device or "cuda").index
+    torch.cuda.set_per_process_memory_fraction(
+        fraction, index if index is not None else torch.cuda.current_device()
+    )
+
+
 def check_host_port(flag: str, value: str) -> None:
     """`host:port` with a port in 1..65535 (the form the operator renders)."""
     host, _, port = value.rpartition(":")
@@ -259,12 +298,10 @@ def check_host_port(flag: str, value: str) -> None:
 
 
 def check_tensor_parallel(size: int, folder: Path, device: str | None, role: str) -> None:
-    """A degree must split the model's heads, and its ranks take cuda:0..N-1 or the CPU; KV
-    export/import (prefill and decode roles) is not tensor-parallel yet."""
+    """A degree must split the model's heads, and its ranks take cuda:0..N-1 or the CPU. Any
+    role may be tensor-parallel: prefill and decode re-shard KV heads on receipt."""
     if size == 1:
         return
-    if role != "colocated":
-        fail(f"--tensor-parallel-size {size}: --role {role} moves KV, which runs at 1 only")
     from tessera.agents.engine.config import LlamaConfig, TensorParallelSizeError
 
     try:

@@ -204,3 +204,52 @@ def test_the_engine_image_is_the_charts_image() -> None:
     chart = yaml.safe_load((REPO / "helm/tessera/Chart.yaml").read_text())
     chart_image = f"{values['registry']}/{values['repository']}:{chart['appVersion']}"
     assert EngineSpec().container_image == chart_image
+
+
+def test_a_gpu_memory_share_needs_a_gpu_a_sized_kv_cache_and_one_process(
+    tiny_model: Path,
+) -> None:
+    cases = [
+        (["--device=cpu", "--num-kv-blocks=64"], "--gpu-memory-fraction 0.45: the engine runs on"),
+        (["--device=cuda"], "--gpu-memory-fraction 0.45: give --num-kv-blocks too"),
+        (["--num-kv-blocks=64", "--tensor-parallel-size=2"], "not with --tensor-parallel-size"),
+    ]
+    for args, message in cases:
+        code, stderr = run_serve(f"--model={tiny_model}", "--gpu-memory-fraction=0.45", *args)
+        assert code == 2, (args, stderr)
+        assert len(stderr.strip().splitlines()) == 1 and message in stderr, (args, stderr)
+    for bad in ("0", "1.5", "-0.2"):
+        code, stderr = run_serve(f"--model={tiny_model}", f"--gpu-memory-fraction={bad}")
+        assert code == 2 and "--gpu-memory-fraction" in stderr and "0<x<=1" in stderr, stderr
+
+
+def test_the_gpu_memory_share_is_set_before_the_server_loads(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from tessera.agents.serving import server
+
+    calls: list[tuple[str, object, object]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda,
+        "set_per_process_memory_fraction",
+        lambda fraction, device=None: calls.append(("limit", fraction, device)),
+    )
+    monkeypatch.setattr(server, "run", lambda config: calls.append(("run", config.device, 0)) or 0)
+    args = ["--gpu-memory-fraction=0.45", "--num-kv-blocks=64"]
+    code, stderr = run_serve(f"--model={tiny_model}", *args, "--device=cuda:1")
+    assert code == 0, stderr
+    assert calls == [("limit", 0.45, 1), ("run", "cuda:1", 0)]
+    calls.clear()
+    code, stderr = run_serve(f"--model={tiny_model}", *args)
+    assert code == 0, stderr
+    assert calls == [("limit", 0.45, 0), ("run", None, 0)]
+    calls.clear()
+    code, _ = run_serve(f"--model={tiny_model}", "--num-kv-blocks=64", "--device=cuda:1")
+    assert code == 0 and calls == [("run", "cuda:1", 0)]  # no flag, no limit
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, stderr = run_serve(f"--model={tiny_model}", *args)
+    assert code == 2 and "--gpu-memory-fraction 0.45: no CUDA device" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1

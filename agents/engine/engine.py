@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tessera.agents.engine import ops
 from tessera.agents.engine.attention import AttentionMetadata, PrefillSpan
+from tessera.agents.engine.checkpoint_identity import checkpoint_identity
 from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphRunner
 from tessera.agents.engine.kv_cache import OutOfKVBlocksError, PagedKVCache
@@ -97,11 +98,16 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         model: LlamaModel | None = None,
         kv_cache: PagedKVCache | None = None,
+        identity: str | None = None,
     ) -> None:
         """`model`: one built by the caller over these weights (a tensor-parallel rank's,
         tp_worker.py); by default a plain LlamaModel. `kv_cache`: one built by the caller (an
         attention-offloaded engine's, whose blocks live on its attention worker,
-        attention_offload.py); by default one on the weights' device."""
+        attention_offload.py; a tensor-parallel driver's, which reads and writes every rank's
+        heads, tp_kv.py); by default one on the weights' device. `identity`: the model's
+        identity in KV packages, by default `model_identity` of these weights; an engine
+        loaded from a checkpoint passes `checkpoint_identity`, the same at any degree and
+        dtype, so that re-sharded KV (kv_reshard.py) enters it."""
         self.config = config
         self.engine_config = ec = engine_config or EngineConfig()
         self.role = ec.role
@@ -109,7 +115,7 @@ class Engine:
         self.clock = clock
         self.max_model_len = ec.max_model_len or config.max_position_embeddings
         self.model = model or LlamaModel(config, weights, max_positions=self.max_model_len)
-        self.model_identity = model_identity(config, weights)
+        self.model_identity = identity or model_identity(config, weights)
         """What a KV package must be made by to enter this engine (config and weights)."""
         self.kv_cache = (
             kv_cache
@@ -142,7 +148,7 @@ class Engine:
         dtype = ec.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         config = LlamaConfig.from_pretrained(path)
         weights = load_llama_weights(path, config, device=device, dtype=dtype)
-        return cls(config, weights, ec)
+        return cls(config, weights, ec, identity=checkpoint_identity(path, config))
 
     def _num_blocks(self, weights: LlamaWeights) -> int:
         ec = self.engine_config
@@ -429,13 +435,17 @@ class Engine:
 
     @property
     def kv_geometry(self) -> KVGeometry:
+        """The layout of the blocks this engine exports and imports: all the model's KV heads
+        (a tensor-parallel driver's cache, tp_kv.py, gathers and scatters the ranks' slices)."""
+        degree: int = getattr(self.kv_cache, "tensor_parallel_size", 1)
         return KVGeometry(
             model_signature=self.model_identity,
             num_layers=self.config.num_hidden_layers,
-            num_kv_heads=self.config.num_key_value_heads,
+            num_kv_heads=self.config.num_key_value_heads * degree,
             head_dim=self.config.head_dim,
             block_size=self.kv_cache.block_size,
             dtype=str(self.kv_cache.dtype).removeprefix("torch."),
+            tensor_parallel_size=degree,
         )
 
     def export_kv(self, request_id: str, on_device: bool = False) -> KVPackage:

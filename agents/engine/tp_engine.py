@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.engine import EngineConfig
-from tessera.agents.engine.kv_transfer import KVPackage, KVTransferError
+from tessera.agents.engine.kv_transfer import KVGeometry, KVPackage, KVTransferError
 from tessera.agents.engine.parallel import TensorParallelShard
 from tessera.agents.engine.request import Completion, RequestOutput, SamplingParams
 from tessera.agents.engine.stats import EngineStatsSnapshot
@@ -141,17 +141,34 @@ class TensorParallelEngine:
     def scheduler(self) -> SchedulerCounts:
         return SchedulerCounts(self._counts.num_waiting, self._counts.num_running)
 
-    def export_kv(self, request_id: str) -> KVPackage:
-        raise KVTransferError(
-            f"KV export is not supported with tensor_parallel_size {self.tensor_parallel_size} "
-            "(each rank holds a slice of the heads); serve P/D and migration at TP 1"
-        )
+    @property
+    def kv_geometry(self) -> KVGeometry:
+        """The layout of its KV packages: all the model's heads, gathered from the ranks."""
+        return self.info.kv_geometry
 
-    def import_kv(self, package: KVPackage) -> str:
-        raise KVTransferError(
-            f"KV import is not supported with tensor_parallel_size {self.tensor_parallel_size} "
-            "(each rank holds a slice of the heads); serve P/D and migration at TP 1"
-        )
+    def export_kv(self, request_id: str, on_device: bool = False) -> KVPackage:
+        """`Engine.export_kv`, with every rank's heads gathered on rank 0 (tp_kv.py). Always a
+        checksummed host package: `on_device` (a same-GPU CUDA IPC share) is not taken, since
+        the gathered blocks cross the rank pipe to this process, and the transport then falls
+        back to checksummed frames."""
+        result: KVPackage = self._call("export_kv", request_id, on_device=False)
+        return result
+
+    def import_kv(
+        self,
+        package: KVPackage,
+        held_blocks: list[int] | None = None,
+        prompt_checked: bool = False,
+    ) -> str:
+        """`Engine.import_kv` of a package with all the model's heads (re-shard one from another
+        layout first: kv_reshard.reshard); rank 0 hands each rank its heads (tp_kv.py)."""
+        if held_blocks:
+            raise KVTransferError(
+                f"tensor_parallel_size {self.tensor_parallel_size}: live migration into a "
+                "tensor-parallel engine (held_blocks) is not supported; import whole packages"
+            )
+        result: str = self._call("import_kv", package, None, prompt_checked)
+        return result
 
     # ---- lifecycle -------------------------------------------------------------------------
 

@@ -26,8 +26,10 @@ from typing import Any
 import torch
 from tessera.agents.engine.attention import AttentionMetadata, PrefillSpan
 from tessera.agents.engine.config import LlamaConfig
+from tessera.agents.engine.checkpoint_identity import checkpoint_identity
 from tessera.agents.engine.engine import Engine, EngineConfig
 from tessera.agents.engine.kv_cache import PagedKVCache
+from tessera.agents.engine.kv_transfer import KVGeometry
 from tessera.agents.engine.model import LlamaModel
 from tessera.agents.engine.parallel import (
     TensorParallelGroup,
@@ -35,6 +37,7 @@ from tessera.agents.engine.parallel import (
     destroy_tensor_parallel,
     init_tensor_parallel,
 )
+from tessera.agents.engine.tp_kv import READ_KV, WRITE_KV, ShardedKVCache, follow_read, follow_write
 from tessera.agents.engine.weights import load_llama_weights
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ COMMANDS = frozenset(
         "generate",
         "run_until_idle",
         "warm_up",
+        "export_kv",
+        "import_kv",
     }
 )
 """The Engine methods the caller may run on rank 0."""
@@ -98,6 +103,8 @@ class EngineInfo:
     kv_cache_shape: tuple[int, ...]
     """Rank 0's cache: [layers, 2, blocks, block_size, its KV heads, head_dim]."""
     counts: EngineCounts
+    kv_geometry: KVGeometry
+    """The layout of the packages the engine exports and imports (all heads, tp_kv.py)."""
     pids: tuple[int, ...] = field(default_factory=tuple)
 
 
@@ -190,6 +197,10 @@ class DrivingModel(LlamaModel):
         super().__init__(*args, **kwargs)
         self.broken = False
 
+    def tell(self, kind: str, payload: Any) -> TensorParallelGroup:
+        """Broadcast what the other ranks do next (tp_kv.py's reads and writes use it)."""
+        return self._tell(kind, payload)
+
     def _tell(self, kind: str, payload: Any) -> TensorParallelGroup:
         group = self.group
         assert group is not None
@@ -245,6 +256,10 @@ def follow(model: LlamaModel, kv_cache: PagedKVCache, group: TensorParallelGroup
         elif kind == LOGITS:
             rows = torch.empty(payload, hidden_size, dtype=dtype, device=device)
             model.compute_logits(group.broadcast_tensor(rows))
+        elif kind == READ_KV:
+            follow_read(kv_cache, group, payload)
+        elif kind == WRITE_KV:
+            follow_write(kv_cache, group, payload)
         else:
             raise RuntimeError(f"rank {group.rank}: unknown message {kind!r} from rank 0")
 
@@ -335,7 +350,14 @@ def _run_rank(spec: RankSpec, conn: Connection, device: torch.device) -> int:
     driving = DrivingModel(shard_config, weights, max_model_len, group)
     # No CUDA graphs: a captured step would replay without telling the other ranks.
     config_here = replace(ec, num_kv_blocks=blocks, use_cuda_graphs=False, device=str(device))
-    engine = Engine(shard_config, weights, config_here, model=driving)
+    kv_cache = ShardedKVCache(
+        shard_config, blocks, ec.block_size, device, dtype, driving, spec.shard.size
+    )
+    # The whole checkpoint's identity, as a TP=1 engine of it has: their KV packages match.
+    identity = checkpoint_identity(spec.weights, config)
+    engine = Engine(
+        shard_config, weights, config_here, model=driving, kv_cache=kv_cache, identity=identity
+    )
     info = EngineInfo(
         config=config,
         device=str(device),
@@ -345,6 +367,7 @@ def _run_rank(spec: RankSpec, conn: Connection, device: torch.device) -> int:
         block_size=ec.block_size,
         kv_cache_shape=tuple(engine.kv_cache.data.shape),
         counts=counts_of(engine),
+        kv_geometry=engine.kv_geometry,
     )
     conn.send(("ready", os.getpid(), info))
     return serve_commands(engine, driving, conn)

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 from tessera.agents.engine.attention import AttentionMetadata, PrefillSpan
-from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.checkpoint_identity import checkpoint_identity
+from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.engine import Engine, EngineConfig
 from tessera.agents.engine.kv_cache import PagedKVCache
 from tessera.agents.engine.kv_transfer import KVGeometry

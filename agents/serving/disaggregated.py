@@ -53,6 +53,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter, Histogram
 from starlette.middleware.base import RequestResponseEndpoint
 from tessera.agents.engine.engine import EngineRole
+from tessera.agents.engine.kv_reshard import reshard
 from tessera.agents.engine.kv_transfer import KVPackage, KVTransferError
 from tessera.agents.engine.kv_transport import (
     FrameKind,
@@ -318,6 +319,40 @@ class PrefillClient:
             await channel.close()
 
 
+class ReshardOnReceipt:
+    """A decode instance's `Served.prefill` hook: the package `pull` received, in this engine's
+    KV layout (kv_reshard.reshard: heads gathered or split for another tensor-parallel degree,
+    another dtype or block size). A package no re-sharding maps (another model, head_dim,
+    layers) is refused with its reason logged, and the prompt computed here instead; counted
+    in `tessera:kv_reshard_total` by outcome (same, resharded, refused)."""
+
+    def __init__(self, pull: PrefillClient, served: Served) -> None:
+        self.pull, self.served = pull, served
+        self.outcomes = Counter(
+            "tessera:kv_reshard_total",
+            "Received KV packages by what their layout needed (same, resharded, refused)",
+            (*LABELS, "outcome"),
+            registry=served.metrics.registry,
+        )
+
+    async def __call__(
+        self, prompt: list[int], params: SamplingParams, headers: Mapping[str, str]
+    ) -> KVPackage | None:
+        package = await self.pull(prompt, params, headers)
+        loop = self.served.loop
+        if package is None or loop is None:
+            return package
+        labels = self.served.metrics.labels
+        try:  # a cast of a large package takes a while: off the event loop
+            mapped = await asyncio.to_thread(reshard, package, loop.engine.kv_geometry)
+        except KVTransferError as error:
+            log.warning("KV package refused on receipt (%s); computing the prompt here", error)
+            self.outcomes.labels(**labels, outcome="refused").inc()
+            return None
+        self.outcomes.labels(**labels, outcome="same" if mapped is package else "resharded").inc()
+        return mapped
+
+
 def attach(
     app: FastAPI,
     served: Served,
@@ -335,9 +370,10 @@ def attach(
     endpoint, transports = local_transports(device, timeout_s)
     transport = transports[endpoint.transports[0]]
     if role == "decode":
-        served.prefill = PrefillClient(
+        pull = PrefillClient(
             metrics, transports["tcp"], prefill_service, timeout_s, endpoint, transports
         )
+        served.prefill = ReshardOnReceipt(pull, served)
         return
     service = PrefillService(served, metrics, corrupt_every)
     serve_app = app.router.lifespan_context

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -188,7 +188,8 @@ class InferencePoolPublisher:
             response = self.custom.get_api_resources(
                 INFERENCE_GROUP, INFERENCE_VERSION, _preload_content=False
             )
-            resources = json.loads(response.data).get("resources") or []
+            raw = cast(Any, response).data  # _preload_content=False: the HTTP response
+            resources = json.loads(raw).get("resources") or []
         except (ApiException, ValueError) as error:
             if getattr(error, "status", None) != 404:
                 # An optional feature: a discovery failure must not fail the reconcile. It
@@ -224,7 +225,7 @@ class InferencePoolPublisher:
             if error.status == 404:
                 return None
             raise
-        found: dict[str, Any] = json.loads(response.data)
+        found: dict[str, Any] = json.loads(cast(Any, response).data)
         return found
 
     def publish(self, owner: Owner, spec: ModelDeploymentSpec, plan: Plan) -> PublishResult:

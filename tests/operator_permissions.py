@@ -99,10 +99,10 @@ def _verb(http: str, path: str) -> str:
 
 
 def _is_discovery(path: str) -> bool:
-    """A discovery request (GET /apis/<group>/<version>): a non-resource URL that the default
-    ClusterRole system:discovery grants every authenticated user, so no rule of the chart's."""
+    """A discovery request (GET /api/v1, /apis/<group>/<version>): a non-resource URL that the
+    default ClusterRole system:discovery grants every authenticated user, so no chart rule."""
     parts = path.strip("/").split("/")
-    return parts[0] == "apis" and len(parts) <= 3
+    return (parts[0] == "api" and len(parts) <= 2) or (parts[0] == "apis" and len(parts) <= 3)
 
 
 def _resource(path: str, arguments: dict[str, Any]) -> tuple[str, str, bool]:
@@ -154,6 +154,8 @@ class _Scanner(ast.NodeVisitor):
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
         owners = [api for api in self.apis if hasattr(api, f"_{node.attr}_serialize")]
+        if owners and all(_is_discovery(_request(api, node.attr)[1]) for api in owners):
+            owners = []  # every API class has `get_api_resources`: discovery, no rule needed
         if owners:
             assert len(owners) == 1, f"{self.module}: {node.attr} is a method of {owners}"
             arguments = self._arguments(owners[0], node)
@@ -214,8 +216,6 @@ def client_needs() -> list[Need]:
             if (module, function) in NOT_RUN_BY_THE_OPERATOR:
                 continue
             http, template = _request(api, method)
-            if _is_discovery(template):
-                continue
             group, resource, namespaced = _resource(template, arguments)
             assert "{" not in group + resource, f"{module}.{function}: {method} {arguments}"
             own = OWN_NAMESPACE_MODULES.get(module)

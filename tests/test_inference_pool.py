@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     real_server_only,
     wait_for,
 )
+from operator_permissions import operator_needs
 from tessera.api.accelerator_class import AcceleratorClass, AcceleratorClassSpec
 from tessera.api.model_deployment import ModelDeploymentSpec, Plan
 from tessera.operator import render
@@ -54,6 +56,12 @@ from tessera.operator.inference_pool import (
 )
 from tessera.policies.capacity import ClassOffer
 from tessera.policies.placement import plan_deployment
+from test_operator_rbac import (  # noqa: F401  (a fixture, used by name)
+    release_namespace_fixture,
+    render_chart_rbac,
+    run_with,
+    without_verb,
+)
 
 CRD_FILE = Path(__file__).resolve().parent / "data" / f"{INFERENCE_POOL_CRD}.yaml"
 TEST_CRD_LABEL = "tessera.dev/test-inference-pool-crd"
@@ -411,3 +419,56 @@ def test_a_pool_someone_else_holds_is_left_alone_with_a_warning(
         assert_pool_of(cluster, md, pool_b)
     finally:
         running.stop()
+
+
+def test_the_operators_derived_requests_include_publishing_pools() -> None:
+    """The chart's RBAC tests derive the operator's requests from its code: publishing a pool
+    reads it by name and server-side applies it (create and patch), in the served namespaces;
+    discovery needs no rule."""
+    found = {
+        (n.where, n.verb)
+        for n in operator_needs()
+        if (n.group, n.resource)
+        == (
+            INFERENCE_GROUP,
+            INFERENCE_POOLS,
+        )
+    }
+    assert found == {("served", "get"), ("served", "create"), ("served", "patch")}
+
+
+@real_server_only("RBAC is not enforced by the emulator")
+@pytest.mark.parametrize("granted", [True, False], ids=["chart-rbac", "without-create"])
+def test_with_the_charts_rbac_the_pool_is_published_and_without_it_refused(
+    cluster: Cluster,
+    namespace: Namespace,
+    release_namespace: str,
+    pool_crd: PoolCrd,
+    granted: bool,
+) -> None:
+    ns = namespace.name
+    pool_crd.install()
+    objects = render_chart_rbac(f"t{secrets.token_hex(3)}", release_namespace, ns)
+    if not granted:
+        objects = without_verb(objects, INFERENCE_POOLS, "create")
+    account, running, rbac = run_with(cluster, namespace, objects)
+    try:
+        namespace.create_classes("l40s")
+        cluster.create_md(ns, namespace.chat_deployment())
+        md = wait_for(lambda: applied(cluster, ns), "PlanApplied under the chart's RBAC", 60.0)
+        if granted:
+            pool = wait_for(lambda: get_pool(cluster, ns, "chat"), "the pool published")
+            assert_pool_of(cluster, md, pool)
+            return
+        refused = wait_for(
+            lambda: [
+                e for e in cluster.events(ns, "chat") if e["reason"] == "InferencePoolRefused"
+            ],
+            "a Warning event about the refused pool",
+        )[0]
+        assert refused["type"] == "Warning" and "403" in refused["message"], refused
+        assert get_pool(cluster, ns, "chat") is None
+    finally:
+        running.stop()
+        account.api_client.close()
+        rbac.delete()

@@ -89,6 +89,8 @@ fails the run, one with fewer KV blocks only sees preemptions sooner (the simula
 MAX_NUM_SEQS = 256
 MAX_NUM_BATCHED_TOKENS = 2048
 """`tessera serve`'s defaults, given to both servers and to the simulator's two pools."""
+TIME_BUDGET_S = 420.0
+"""Past this a rate that would not end in time is skipped (the GPU command's limit is 600 s)."""
 SHARDS = 4
 """Client processes on the GPU machine (16 cores; the servers use 3 busy threads)."""
 MEASURE = Mode.CHUNKED
@@ -636,6 +638,7 @@ def run_deployment(plan: dict[str, Any], out: Path, shards: int) -> dict[str, An
         "kv_tokens_per_process": kv_blocks * BLOCK_SIZE,
         "client_shards": shards,
         "points": [],
+        "skipped_rates": [],
     }
     path = out / "disagg_goodput.json"
 
@@ -681,6 +684,10 @@ def run_deployment(plan: dict[str, Any], out: Path, shards: int) -> dict[str, An
             warm_up(plan, router, processes, shards)
             for number, point in enumerate(plan["points"], start=1):
                 began = time.monotonic()
+                if began - started + layout.duration_s + layout.drain_s > TIME_BUDGET_S:
+                    record["skipped_rates"].append(point["rate_per_s"])
+                    print(f"rate {point['rate_per_s']}/s skipped: past the time budget")
+                    continue
                 requests = list(
                     zip(
                         point["arrival_s"],

@@ -45,7 +45,6 @@ from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import aiohttp
 from fastapi import FastAPI, Request
@@ -71,12 +70,12 @@ from tessera.agents.engine.serving_loop import QueueFullError, ServingLoop, Toke
 from tessera.agents.router import PREFILL_HEADER
 from tessera.agents.serving.app import ApiError, Served
 from tessera.agents.serving.metrics import LABELS
+from tessera.agents.serving.peer_address import CONNECT_TIMEOUT_S, PeerDirectory, kv_address
 
 log = logging.getLogger(__name__)
 
 KV_TRANSPORT_PATH = "/tessera/v1/kv-transport"
 """A prefill instance's KV endpoint: `{"transport": name, "port": N, "endpoint": KVEndpoint}`."""
-CONNECT_TIMEOUT_S = 2.0
 
 
 def engine_role(role: str) -> EngineRole:
@@ -247,8 +246,8 @@ class PrefillClient:
         self.default_prefill = default_prefill
         self.local = local or KVEndpoint(host_id(), "cpu", (transport.name,))
         self.transports = dict(transports or {transport.name: transport})
-        self._kv_ports: dict[str, tuple[int, KVEndpoint]] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._prefills = PeerDirectory(KV_TRANSPORT_PATH, _kv_endpoint)
+        """Each prefill instance's KV port and endpoint, from its KV_TRANSPORT_PATH."""
 
     async def __call__(
         self, prompt: list[int], params: SamplingParams, headers: Mapping[str, str]
@@ -267,7 +266,7 @@ class PrefillClient:
             return None
         except (KVTransportError, aiohttp.ClientError, TimeoutError, RuntimeError) as error:
             self.metrics.count(self.metrics.received, "unavailable")
-            self._kv_ports.pop(base, None)
+            self._prefills.forget(base)
             raise ApiError(
                 502, f"prefill instance {base}: {error}", kind="prefill_unavailable"
             ) from error
@@ -280,19 +279,9 @@ class PrefillClient:
 
     async def _kv_address(self, base: str) -> tuple[str, KVTransport]:
         """The prefill instance's KV address and the transport to reach it by."""
-        known = self._kv_ports.get(base)
-        if known is None:
-            if self._session is None:
-                self._session = aiohttp.ClientSession()
-            timeout = aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S)
-            async with self._session.get(base + KV_TRANSPORT_PATH, timeout=timeout) as answer:
-                answer.raise_for_status()
-                body = await answer.json()
-            known = (int(body["port"]), KVEndpoint.from_dict(body.get("endpoint")))
-            self._kv_ports[base] = known
-        port, remote = known
+        port, remote = await self._prefills.get(base)
         name = choose_transport(self.local, remote)
-        return f"{urlparse(base).hostname}:{port}", self.transports[name]
+        return kv_address(base, port), self.transports[name]
 
     async def _pull(self, base: str, prompt: list[int], params: SamplingParams) -> KVPackage | None:
         address, transport = await self._kv_address(base)
@@ -317,6 +306,13 @@ class PrefillClient:
             return await channel.receive_package((kind, payload))
         finally:
             await channel.close()
+
+
+def _kv_endpoint(body: Any) -> tuple[int, KVEndpoint]:
+    """A prefill instance's KV port and endpoint from its KV_TRANSPORT_PATH document."""
+    if not isinstance(body, dict):
+        raise TypeError("not a JSON object")
+    return int(body["port"]), KVEndpoint.from_dict(body.get("endpoint"))
 
 
 class ReshardOnReceipt:

@@ -92,6 +92,7 @@ from tessera.agents.router import ATTACH_PATH
 from tessera.agents.serving.app import ApiError, Served, sse_events
 from tessera.agents.serving.generation import Generation, StreamMeta
 from tessera.agents.serving.metrics import LABELS
+from tessera.agents.serving.peer_address import CONNECT_TIMEOUT_S, PeerDirectory, kv_address
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,6 @@ DRAIN_PATH = "/internal/drain"
 ATTACH_TIMEOUT_S = 15.0
 """A migrated request nobody attaches to in this time is aborted on the target (its source
 did not hear the commit, or its client left meanwhile); `--migration-attach-timeout-s`."""
-CONNECT_TIMEOUT_S = 2.0
 MAX_DRAIN_S = 3600.0
 DRAIN_POLL_S = 0.05
 """How often a drain looks for requests that have become migratable (or finished)."""
@@ -192,8 +192,10 @@ class MigrationService:
     config: MigrationConfig = field(default_factory=MigrationConfig)
     adopted: dict[str, _Adopted] = field(default_factory=dict)
     migrating: set[str] = field(default_factory=set)
-    _session: aiohttp.ClientSession | None = None
-    _ports: dict[str, int] = field(default_factory=dict)
+    _targets: PeerDirectory[int] = field(
+        default_factory=lambda: PeerDirectory(INFO_PATH, _target_port)
+    )
+    """Each target's migration port, from its INFO_PATH."""
 
     # ---- target ------------------------------------------------------------------------
 
@@ -272,19 +274,7 @@ class MigrationService:
     # ---- source ------------------------------------------------------------------------
 
     async def _kv_address(self, base: str) -> str:
-        port = self._ports.get(base)
-        if port is None:
-            if self._session is None:
-                self._session = aiohttp.ClientSession()
-            timeout = aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S)
-            async with self._session.get(base + INFO_PATH, timeout=timeout) as answer:
-                answer.raise_for_status()
-                info = await answer.json()
-            if info.get("draining"):
-                raise MigrationRefusedError(f"{base} is draining")
-            port = int(info["port"])
-            self._ports[base] = port
-        return f"{urlparse(base).hostname}:{port}"
+        return kv_address(base, await self._targets.get(base))
 
     async def migrate(
         self, request_id: str, target: str, fault: str | None = None
@@ -314,7 +304,7 @@ class MigrationService:
                 KeyError,
                 ValueError,
             ) as error:
-                self._ports.pop(target, None)
+                self._targets.forget(target)
                 self.metrics.count("out", "aborted")
                 return MigrationReport(request_id, target, reason=f"cannot reach target: {error}")
             elapsed = time.monotonic() - generation.started_s
@@ -406,8 +396,16 @@ class MigrationService:
             return MigrationReport(request_id, target, reason=str(error))
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._targets.close()
+
+
+def _target_port(info: Any) -> int:
+    """A migration target's port from its INFO_PATH document; a draining target refuses."""
+    if not isinstance(info, dict):
+        raise TypeError("not a JSON object")
+    if info.get("draining"):
+        raise MigrationRefusedError("the target is draining")
+    return int(info["port"])
 
 
 def _migratable(request_id: str, engine: Engine) -> bool:

@@ -7,9 +7,10 @@ a channel per transfer as a decode instance does. Measured, on the decode side's
 
 - transfer time vs KV size: KV blocks of a Llama-3-8B-shaped model (32 layers, 8 KV heads,
   head_dim 128, bf16: 128 KiB per token) already on the GPU in the prefill process, until they
-  are on the GPU in this one. TCP: the real path (copy to the host with a checksum per block,
-  framed over loopback, verified, copied back to the GPU). CUDA IPC: a memory handle, one
-  device-to-device copy, no checksum (the blocks never leave the GPU's memory);
+  are on the GPU in this one. TCP: the real path (copy to pinned host memory with a checksum
+  per block, framed over loopback, verified and copied back to the GPU block by block as it
+  lands). CUDA IPC: a memory handle, one device-to-device copy, no checksum (the blocks never
+  leave the GPU's memory);
 - TTFT overhead vs colocated at 1k / 4k / 8k-token prompts, with random weights in both
   engines: colocated is the prefill engine's time to its first token (the decode engine gets
   only the answer); disaggregated adds the export, the transfer and the decode engine's
@@ -37,6 +38,7 @@ import datetime
 import json
 import multiprocessing
 import os
+import platform
 import statistics
 import sys
 import time
@@ -47,7 +49,7 @@ import checkout_layout  # noqa: F401  (links the package layout where it is not 
 import torch
 from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.engine import Engine, EngineConfig, EngineRole
-from tessera.agents.engine.kv_transfer import UNCHECKED, KVGeometry, KVPackage
+from tessera.agents.engine.kv_transfer import DEFAULT_CHECKSUM, UNCHECKED, KVGeometry, KVPackage
 from tessera.agents.engine.kv_transport import KVChannel, KVTransport, TcpTransport
 from tessera.agents.engine.request import SamplingParams
 from tessera.agents.engine.weights import random_llama_weights
@@ -118,7 +120,8 @@ def transport_for(setup: Setup, name: str) -> KVTransport:
         from tessera.agents.engine.kv_transport_cuda_ipc import CudaIpcTransport
 
         return CudaIpcTransport(torch.device(setup.device, 0), timeout_s=120.0)
-    return TcpTransport(timeout_s=120.0)
+    # On a GPU the receiver copies each block to the device as it lands (pinned, overlapped).
+    return TcpTransport(timeout_s=120.0, device=setup.device if setup.device == "cuda" else None)
 
 
 def synchronize(setup: Setup) -> None:
@@ -373,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     address = addresses.get(timeout=300)
     device = torch.cuda.get_device_name() if setup.device == "cuda" else "cpu"
     print(
-        f"{device}: prefill process at {address}, ready after {time.monotonic() - started:.0f} s",
+        f"{device}: prefill process at {address}, ready after {time.monotonic() - started:.0f} s; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {DEFAULT_CHECKSUM}",
         flush=True,
     )
     record: dict[str, Any] = {
@@ -388,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(sys.argv),
         "load_average_at_start": list(os.getloadavg()),
         "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "checksum": DEFAULT_CHECKSUM,
         "transfer": [],
         "ttft": [],
         "skipped": [],

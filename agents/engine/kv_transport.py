@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import json
@@ -209,8 +210,6 @@ def host_id() -> str:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
             return handle.read().strip()
     except OSError:
-        import socket
-
         return socket.gethostname()
 
 
@@ -244,6 +243,8 @@ class TcpChannel(KVChannel):
         self._head = bytearray(FRAME.size)
         self.pin_memory = False
         """Receive packages into page-locked memory (`TcpTransport` sets it on CUDA hosts)."""
+        self.receive_device: torch.device | None = None
+        """A GPU the received blocks are copied to as they arrive (`IncomingPackage`)."""
 
     async def _send_bytes(self, *parts: Buffer) -> None:
         """Every byte of `parts`, in order, into the socket (no copy: the kernel reads the
@@ -327,18 +328,20 @@ class TcpChannel(KVChannel):
         payload = package.payload_view()
         size = package.geometry.block_nbytes
         # A crc32 package's block checksums are the frames' CRCs, if they still match the blocks;
-        # otherwise the CRCs are taken on the checksum threads, ahead of the send.
+        # otherwise the CRCs are taken on the checksum threads, a few blocks ahead of the send.
         reuse = package.checksum_algorithm == "crc32" and package._verified_unchanged()
         blocks = [payload[index * size : (index + 1) * size] for index in range(package.num_blocks)]
         if reuse:
-            crcs = [int(checksum, 16) for checksum in package.block_checksums]
+            crcs = [_resolved(int(checksum, 16)) for checksum in package.block_checksums]
         else:
             crcs = block_crcs(blocks)
         for index, block in enumerate(blocks):
             data: Buffer = block
-            crc = crcs[index]
-            if corrupt and index == 0:
+            future = crcs[index]
+            crc = future.result() if future.done() else await asyncio.wrap_future(future)
+            if corrupt and index == 0:  # damage before framing: the frame CRC matches it
                 data = flip_one_bit(block)
+                crc = zlib.crc32(data)
             await self._write(FrameKind.BLOCK, data, index, crc)
         await self._write(FrameKind.PACKAGE_END, b"", package.num_blocks)
         return len(header) + payload.nbytes
@@ -347,7 +350,7 @@ class TcpChannel(KVChannel):
         kind, header = first if first is not None else await self.receive()
         if kind != FrameKind.PACKAGE_HEADER:
             raise KVTransportError(f"expected a KV package header, got {kind.name}")
-        incoming = IncomingPackage(header, pin_memory=self.pin_memory)
+        incoming = IncomingPackage(header, pin_memory=self.pin_memory, device=self.receive_device)
         received = 0
         while True:
             kind, index, length, crc = await self._read_head()
@@ -379,11 +382,19 @@ class TcpChannel(KVChannel):
         self.sock.close()
 
 
-def block_crcs(blocks: list[memoryview]) -> list[int]:
-    """Each block's CRC-32 (the frames'), on the checksum threads when there is much to hash."""
+def _resolved(value: int) -> concurrent.futures.Future[int]:
+    future: concurrent.futures.Future[int] = concurrent.futures.Future()
+    future.set_result(value)
+    return future
+
+
+def block_crcs(blocks: list[memoryview]) -> list[concurrent.futures.Future[int]]:
+    """Each block's CRC-32 (the frames'): started on the checksum threads when there is much
+    to hash (the sender awaits each one just before its frame), else taken here."""
     if len(blocks) < 2 or sum(block.nbytes for block in blocks) < PARALLEL_CRC_BYTES:
-        return [zlib.crc32(block) for block in blocks]
-    return list(checksum_pool().map(zlib.crc32, blocks))
+        return [_resolved(zlib.crc32(block)) for block in blocks]
+    pool = checksum_pool()
+    return [pool.submit(zlib.crc32, block) for block in blocks]
 
 
 async def _open_socket(host: str, port: int) -> socket.socket:
@@ -454,16 +465,24 @@ class TcpTransport(KVTransport):
 
     name = "tcp"
 
-    def __init__(self, timeout_s: float = 30.0, pin_memory: bool | None = None) -> None:
+    def __init__(
+        self,
+        timeout_s: float = 30.0,
+        pin_memory: bool | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.timeout_s = timeout_s
         """Longest wait for any one frame (or a send) once a channel is open."""
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         """Receive packages into page-locked memory: on by default where CUDA is, where the
         importing engine copies them to a GPU next."""
+        self.device = None if device is None else torch.device(device)
+        """Where received packages' blocks go, copied block by block as they arrive (a GPU:
+        the copy overlaps the transfer); None keeps them on the host."""
 
     def _channel(self, sock: socket.socket) -> TcpChannel:
         channel = TcpChannel(sock, self.timeout_s)
-        channel.pin_memory = self.pin_memory
+        channel.pin_memory, channel.receive_device = self.pin_memory, self.device
         return channel
 
     async def connect(self, address: str, timeout_s: float) -> KVChannel:

@@ -201,7 +201,7 @@ class CudaIpcChannel(TcpChannel):
         open_handle: OpenFunction = open_cuda_tensor,
     ) -> None:
         super().__init__(tcp.sock, tcp.timeout_s)
-        self.pin_memory = tcp.pin_memory
+        self.pin_memory, self.receive_device = tcp.pin_memory, tcp.receive_device
         self.device, self.share, self.open_handle = device, share, open_handle
         self.ipc = False
         self.fallbacks = 0

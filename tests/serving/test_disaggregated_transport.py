@@ -239,3 +239,94 @@ def test_from_parts_takes_the_payload_and_refuses_a_prefix_with_more_than_the_he
         KVPackage.from_parts(wire, bytearray())
     with pytest.raises(KVTransferError, match="bytearray"):
         KVPackage.from_parts(header, bytes(payload))  # type: ignore[arg-type]
+
+
+LARGE = KVGeometry(
+    "tiny:abc", num_layers=2, num_kv_heads=8, head_dim=128, block_size=16, dtype="float32"
+)
+"""256 KiB blocks: 40 of them (10 MiB) take the checksum threads' path on both ends."""
+
+
+def large_package(checksum_algorithm: str = "crc32", num_blocks: int = 40) -> KVPackage:
+    blocks = torch.randn(num_blocks, *LARGE.block_shape, generator=torch.Generator().manual_seed(3))
+    tokens = list(range(16 * num_blocks))
+    return KVPackage.build(
+        "kv-large", LARGE, tokens, [], len(tokens), {}, blocks, checksum_algorithm
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["crc32", "blake2b_128"])
+def test_a_large_package_arrives_bit_for_bit_through_the_checksum_threads(algorithm: str) -> None:
+    sent = large_package(algorithm)
+
+    async def send(channel: KVChannel) -> None:
+        await channel.send_package(sent)
+
+    got = asyncio.run(exchange(send))
+    assert got.checksum_algorithm == algorithm
+    assert torch.equal(got.blocks, sent.blocks)
+    got.check_compatible(LARGE)
+
+
+@pytest.mark.parametrize("algorithm", ["crc32", "blake2b_128"])
+def test_a_large_package_flipped_behind_its_checksums_is_refused(algorithm: str) -> None:
+    async def send(channel: KVChannel) -> None:
+        await channel.send_package(large_package(algorithm), corrupt=True)
+
+    with pytest.raises(KVChecksumError, match="block 0 fails its checksum"):
+        asyncio.run(exchange(send))
+
+
+def test_a_large_packages_damaged_frame_crc_is_refused_by_the_checksum_threads() -> None:
+    sent = large_package("blake2b_128")
+
+    async def send(channel: KVChannel) -> None:
+        assert isinstance(channel, TcpChannel)
+        await channel._write(FrameKind.PACKAGE_HEADER, sent.header_bytes())
+        for index in range(sent.num_blocks):
+            block = sent.block_bytes(index)
+            crc = zlib.crc32(block) ^ (1 if index == 33 else 0)
+            await channel._write(FrameKind.BLOCK, block, index, crc)
+        await channel._write(FrameKind.PACKAGE_END, b"", sent.num_blocks)
+
+    with pytest.raises(KVChecksumError, match="BLOCK 33 fails its CRC-32"):
+        asyncio.run(exchange(send))
+
+
+def test_a_package_cut_short_by_its_end_frame_is_refused() -> None:
+    sent = package()
+
+    async def send(channel: KVChannel) -> None:
+        assert isinstance(channel, TcpChannel)
+        await channel._write(FrameKind.PACKAGE_HEADER, sent.header_bytes())
+        await channel._write(FrameKind.BLOCK, sent.block_bytes(0), 0)
+        await channel._write(FrameKind.PACKAGE_END, b"", 1)
+
+    with pytest.raises(KVChecksumError, match="ends after 1 of 3 blocks"):
+        asyncio.run(exchange(send))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_receiver_with_a_device_gets_the_blocks_there() -> None:
+    sent = large_package()
+
+    async def send(channel: KVChannel) -> None:
+        await channel.send_package(sent)
+
+    async def run() -> KVPackage:
+        listener = await TcpTransport(timeout_s=5).listen("127.0.0.1", 0, send)
+        try:
+            receiver = TcpTransport(timeout_s=5, device="cuda")
+            channel = await receiver.connect(listener.address, timeout_s=2)
+            try:
+                return await channel.receive_package()
+            finally:
+                await channel.close()
+        finally:
+            await listener.close()
+
+    got = asyncio.run(run())
+    assert got.blocks.device.type == "cuda"
+    assert torch.equal(got.blocks.cpu(), sent.blocks)
+    got.check_compatible(LARGE)

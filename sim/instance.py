@@ -31,6 +31,7 @@ from tessera.api.scheduler import SchedulerConfig
 from tessera.policies.batching import blocks_for_tokens, form_batch
 from tessera.policies.dispatch import InstanceLoads
 from tessera.policies.perfmodel import PrefillChunk
+from tessera.sim.shared_device import host_s_per_iteration
 from tessera.sim.stepcost import DecodeCurve, StepCost
 
 if TYPE_CHECKING:
@@ -160,6 +161,10 @@ class Instance:
         """Full-speed seconds of the step in flight (kept only on a shared device)."""
         self.work_done_s = 0.0
         """Of which done, as of the share's last update."""
+        self.device_fraction = 1.0
+        """Of which the device is held (the rest is host-side overhead: sim/shared_device.py)."""
+        self.host_s = host_s_per_iteration(cost.perf) if share and share.overlap_host else 0.0
+        """Host-side seconds of each iteration, when the share lets others use the device then."""
         self.boundary_hooks: list[Callable[[float], None]] = []
         """Called once, at the end of the iteration in progress (live migration detaches a
         request there: sim/migration.py)."""
@@ -369,7 +374,7 @@ class Instance:
         if self.share is None:
             self.sim.push_event(now + time_s, self, self.version)
         else:
-            self.share.start(self, now, time_s)
+            self.share.start(self, now, time_s, self.host_s)
 
     def _start_run(self, now: float, decoding: list[Request], single: bool = False) -> None:
         """Decode iterations of one batch until a request finishes or the blocks run out
@@ -420,7 +425,7 @@ class Instance:
         if self.share is None:
             self.sim.push_event(now + time_s, self, self.version)
         else:
-            self.share.start(self, now, time_s)
+            self.share.start(self, now, time_s, self.host_s * steps)
 
     def _new_blocks(self, decoding: list[Request], steps: int) -> int:
         """Blocks `steps` decode iterations add beyond those the requests hold."""
@@ -449,7 +454,7 @@ class Instance:
             self.version += 1
             self.sim.push_event(max(now, self.started_s + time_s), self, self.version)
         else:
-            share.resize(self, now, max(done_s, time_s))
+            share.resize(self, now, max(done_s, time_s), self.host_s * steps)
 
     # ---- iteration end ----------------------------------------------------------------
     def step_end(self, now: float, version: int) -> None:

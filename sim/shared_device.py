@@ -11,6 +11,14 @@ are re-timed: their remaining work (full-speed seconds) over the new speed. An i
 its work in full-speed seconds, as its performance model prices it alone on the device; the
 share turns work into wall time.
 
+With `overlap_host_overhead`, a step's host-side part (the performance model's per-iteration
+overhead: scheduling, launches) does not occupy the device: a step of work W holding the device
+for a fraction f of it is a fluid demand of f, and the device's capacity is split max-min fairly
+among the busy members' demands; a member granted share s <= f progresses at s / f. Two members
+with f = 1 each get 1/2 (the default, plain processor sharing); a member whose f is below its
+fair share runs at full speed and leaves the rest to the others. A fast-forwarded run of decode
+iterations has one f over the run (its iterations' overhead over its work).
+
 Memory is not shared: each member holds its own KV cache, sized by its process's memory share
 (`SharedDevice.kv_capacity_tokens`, or an even split of the device's memory by default).
 
@@ -46,6 +54,9 @@ class SharedDevice:
     """KV tokens per replica of a pool, from its process's memory share (what the engine
     reports); a pool not named gets an even split of the device memory (`even_split_capacity`).
     Wins over `SimConfig.kv_capacity_tokens`."""
+    overlap_host_overhead: bool = False
+    """True: the per-iteration overhead of the performance model (host-side work) leaves the
+    device to the others (fluid max-min fair sharing); False: a whole step occupies it."""
 
     def __post_init__(self) -> None:
         if len(self.pools) < 2:
@@ -70,6 +81,14 @@ class SharedDevice:
                 )
 
 
+def host_s_per_iteration(perf: object) -> float:
+    """Host-side seconds of each iteration: the calibrated per-iteration overhead."""
+    calibration = getattr(perf, "calibration", None)
+    if calibration is None:  # an offloaded decode replica: its compute side's
+        calibration = getattr(getattr(perf, "compute", None), "calibration", None)
+    return float(calibration.iteration_overhead_s) if calibration is not None else 0.0
+
+
 def even_split_capacity(perf: object, members: int) -> int | None:
     """KV tokens of one of `members` processes that split a device's memory evenly: each holds
     its own weights and activation reserve in 1/members of the usable memory. None for a model
@@ -85,47 +104,72 @@ class DeviceShare:
     """One device (or tensor-parallel group) time-shared by instances: processor sharing.
 
     Members' progress is kept in full-speed seconds (`Instance.work_done_s` of
-    `Instance.work_s`) as of `updated_s`; between two changes of the busy set every busy member
-    progresses at 1/k per second. Each change re-times the affected members' step ends by
-    bumping their event version (`Simulation.push_event`), so a superseded end never fires."""
+    `Instance.work_s`) as of `updated_s`; between two changes of the busy set each busy member
+    progresses at its `rates` entry per second (1/k for k members holding the device for their
+    whole steps). Each change re-times the busy members' step ends by bumping their event
+    version (`Simulation.push_event`), so a superseded end never fires."""
 
-    __slots__ = ("busy", "members", "sim", "updated_s")
+    __slots__ = ("busy", "members", "overlap_host", "rates", "sim", "updated_s")
 
-    def __init__(self, sim: Simulation) -> None:
+    def __init__(self, sim: Simulation, overlap_host: bool = False) -> None:
         self.sim = sim
+        self.overlap_host = overlap_host
         self.members: list[Instance] = []
         self.busy: list[Instance] = []
+        self.rates: dict[int, float] = {}
+        """Progress per second of each busy member (by id), until the busy set changes."""
         self.updated_s = 0.0
 
     def _advance(self, now: float) -> None:
-        busy = self.busy
-        if busy:
-            progress = (now - self.updated_s) / len(busy)
-            for member in busy:
-                member.work_done_s += progress
+        elapsed = now - self.updated_s
+        if elapsed:
+            rates = self.rates
+            for member in self.busy:
+                member.work_done_s += elapsed * rates[id(member)]
         self.updated_s = now
 
-    def _retime(self, now: float, members: list[Instance]) -> None:
-        k = len(self.busy)
+    def _share_out(self) -> None:
+        """Max-min fair device shares of the busy members' demands, as progress rates."""
+        rates: dict[int, float] = {}
+        capacity = 1.0
+        busy = sorted(self.busy, key=lambda m: m.device_fraction)
+        for index, member in enumerate(busy):
+            demand = member.device_fraction
+            granted = min(demand, capacity / (len(busy) - index))
+            capacity -= granted
+            rates[id(member)] = granted / demand if demand > 0 else 1.0
+        self.rates = rates
+
+    def _retime(self, now: float) -> None:
+        self._share_out()
         push = self.sim.push_event
-        for member in members:
+        rates = self.rates
+        for member in self.busy:
             member.version += 1
             left = member.work_s - member.work_done_s
-            push(now + (left * k if left > 0 else 0.0), member, member.version)
+            push(now + (left / rates[id(member)] if left > 0 else 0.0), member, member.version)
 
-    def start(self, member: Instance, now: float, work_s: float) -> None:
-        """`member` starts a step of `work_s` full-speed seconds; everyone slows down."""
-        self._advance(now)
+    def _set_work(self, member: Instance, work_s: float, host_s: float) -> None:
         member.work_s = work_s
+        if self.overlap_host and work_s > 0:
+            member.device_fraction = max(0.0, min(1.0, 1.0 - host_s / work_s))
+        else:
+            member.device_fraction = 1.0
+
+    def start(self, member: Instance, now: float, work_s: float, host_s: float = 0.0) -> None:
+        """`member` starts a step of `work_s` full-speed seconds, `host_s` of them host-side;
+        the others slow down."""
+        self._advance(now)
+        self._set_work(member, work_s, host_s)
         member.work_done_s = 0.0
         self.busy.append(member)
-        self._retime(now, self.busy)
+        self._retime(now)
 
-    def resize(self, member: Instance, now: float, work_s: float) -> None:
+    def resize(self, member: Instance, now: float, work_s: float, host_s: float = 0.0) -> None:
         """`member`'s step in flight now totals `work_s` (a run of decodes was cut)."""
         self._advance(now)
-        member.work_s = work_s
-        self._retime(now, [member])
+        self._set_work(member, work_s, host_s)
+        self._retime(now)
 
     def done_s(self, member: Instance, now: float) -> float:
         """Full-speed seconds of `member`'s step in flight done by `now`."""
@@ -136,5 +180,4 @@ class DeviceShare:
         """`member`'s step ended; the others speed up."""
         self._advance(now)
         self.busy.remove(member)
-        if self.busy:
-            self._retime(now, self.busy)
+        self._retime(now)

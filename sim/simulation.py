@@ -299,7 +299,8 @@ class Simulation:
                         f"{first.tensor_parallel} and {plan.replicas}/{plan.accelerator_class}/"
                         f"{plan.tensor_parallel})"
                     )
-            shares = [DeviceShare(self) for _ in range(first.replicas)]
+            overlap = shared.overlap_host_overhead
+            shares = [DeviceShare(self, overlap) for _ in range(first.replicas)]
             for name, (_, cost) in zip(shared.pools, members, strict=True):
                 capacity = shared.kv_capacity_tokens.get(name)
                 if capacity is None:

@@ -8,12 +8,14 @@ outside a SharedDevice untouched."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from sim_samples import cluster, deployment, plan, random_workload, schedulers, workload
+from sim_samples import CLASSES, cluster, deployment, plan, random_workload, schedulers, workload
 from tessera.api.model_deployment import Plan, PoolPlan, PoolRole
 from tessera.policies.dispatch import DispatchPolicy
+from tessera.policies.efficiency import calibration_for
 from tessera.sim.metrics import RunResult
 from tessera.sim.shared_device import SharedDevice, even_split_capacity
 from tessera.sim.simulation import DeploymentSetup, SimConfig, Simulation, SimulationSetupError
@@ -233,3 +235,85 @@ def test_a_shared_device_checks_its_fields(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         SharedDevice("chat", pools, kv)
+
+
+def _overlap_run(
+    prompts: list[int], overhead_s: float, overlap: bool
+) -> tuple[Simulation, RunResult]:
+    """Two single-prefill requests at t=0 on the two colocated members, under `overhead_s`
+    of per-iteration host-side work."""
+    setup = DeploymentSetup("chat", DEPLOYMENT.spec, TWO_COLOCATED, schedulers())
+    devices = (SharedDevice("chat", ("a", "b"), overlap_host_overhead=True),) if overlap else ()
+    calibration = replace(calibration_for(CLASSES["h100"]), iteration_overhead_s=overhead_s)
+    simulation = Simulation(
+        cluster({"h100": 1}, calibrations={"h100": calibration}),
+        [setup],
+        [workload([0.0, 0.0], prompts, [1, 1])],
+        SimConfig(shared_devices=devices),
+    )
+    return simulation, simulation.run()
+
+
+@pytest.mark.parametrize(
+    ("prompts", "overhead_s", "case"),
+    [
+        ([2000, 2000], 1.5e-3, "both-slowed"),
+        ([2000, 16], 0.01, "light-one-at-full-speed"),
+        ([4000, 16], 0.5, "no-one-slowed"),
+    ],
+)
+def test_host_overhead_leaves_the_device_to_the_other_member(
+    prompts: list[int], overhead_s: float, case: str
+) -> None:
+    # Each step of work w holds the device for f = 1 - h / w. The device is split max-min
+    # fairly between the demands: the lighter gets min(f_light, 1/2), the heavier the rest up
+    # to its f; a member progresses at granted / f, and at 1 once the other has finished.
+    _, alone = _overlap_run(prompts, overhead_s, overlap=False)
+    w = alone.finish_s
+    f = 1 - overhead_s / w
+    light = int(np.argmin(f))
+    heavy = 1 - light
+    granted = np.empty(2)
+    granted[light] = min(f[light], 0.5)
+    granted[heavy] = min(f[heavy], 1 - granted[light])
+    rate = granted / f
+    first = int(np.argmin(w / rate))  # ends first, at w / rate
+    other = 1 - first
+    expected = np.empty(2)
+    expected[first] = w[first] / rate[first]
+    expected[other] = expected[first] + (w[other] - expected[first] * rate[other])
+    _, shared = _overlap_run(prompts, overhead_s, overlap=True)
+    np.testing.assert_allclose(shared.finish_s, expected, rtol=1e-12)
+    # Each scenario exercises the case it is named after.
+    slowed = rate < 1
+    assert {
+        "both-slowed": slowed.all(),
+        "light-one-at-full-speed": slowed[heavy] and not slowed[light],
+        "no-one-slowed": not slowed.any(),
+    }[case]
+
+
+def test_overlapping_host_overhead_keeps_fast_forward_close_to_stepping() -> None:
+    # A fast-forwarded decode run holds the device for one fraction over the run, stepping
+    # for each iteration's own: close, not equal.
+    load = random_workload(150, rate_per_s=6.0, max_prompt=1500, max_output=300)
+    setup = DeploymentSetup(
+        "chat", DEPLOYMENT.spec, DISAGGREGATED, schedulers(), DispatchPolicy.LEAST_REQUESTS
+    )
+    devices = (SharedDevice("chat", ("prefill", "decode"), overlap_host_overhead=True),)
+    runs = [
+        Simulation(
+            cluster({"h100": 1}),
+            [setup],
+            [load],
+            SimConfig(fast_forward=fast, shared_devices=devices),
+        ).run()
+        for fast in (True, False)
+    ]
+    fast, exact = runs
+    np.testing.assert_allclose(fast.finish_s, exact.finish_s, rtol=1e-3)
+    _, plain = _run(
+        DISAGGREGATED, load, ("prefill", "decode"), dispatch=DispatchPolicy.LEAST_REQUESTS
+    )
+    # Host work off the device: less contention than plain processor sharing.
+    assert float(np.mean(fast.e2e_s)) < float(np.mean(plain.e2e_s))

@@ -2,22 +2,27 @@
 
 Llama-3-8B shape, random bf16 weights on the GPU, `--batch` sequences of `--context` cached
 tokens (default 256 x 4k: 128 GiB of KV at 32 layers, more than an H200 holds beside the
-weights). The KV lives in an attention worker process on the host's CPUs (DRAM, torch CPU
-attention); the GPU runs the dense layers, exchanging each layer's q/k/v and attention output
-with the worker, two sub-batches pipelined (agents/engine/attention_offload.py). Measured:
+weights). The KV lives in an attention worker process on the host's CPUs (DRAM; decode
+attention by a pool of threads over all cores, agents/engine/host_attention.py); the GPU runs
+the dense layers, exchanging each layer's q/k/v and attention output with the worker, two
+sub-batches pipelined (agents/engine/attention_offload.py). Measured:
 
 1. host ceilings: DRAM read bandwidth (a multi-threaded torch reduction over 2 GiB) and pinned
    host<->device copy bandwidth (what GPU attention over KV streamed from host memory, the
-   other design, would be bound by);
+   other design, would be bound by); then the worker's KV scan rate on all threads
+   (bench/host_attention_bench.py's measurement: `--scan-batch` x 4k tokens x 4 layers), the
+   host calibration's attention rate;
 2. two calibration batches that fit in HBM (`--calibrate-batch` and 3x it, `--calibrate-context`
-   tokens, offloaded): the attention kernel's share of DRAM bandwidth, and the exchange's link
-   bandwidth and fixed cost (a line through the two), which make the host class's calibration;
+   tokens, offloaded): the exchange's link bandwidth and fixed cost (a line through the two
+   round trips less the worker's attention), the calibration's exchange cost;
 3. the offloaded decode at the target shape, pipelined (2 sub-batches) and serial (1), with
    per-layer exchange time (the round trip not spent attending on the worker);
 4. the best plan that fits without offload: the largest batch whose 32-layer KV fits in this
    GPU's free HBM, plain engine decode with CUDA graphs;
-5. the planner's predictions (policies/host_memory.py) for 3 and 4, from the classes built of
-   the numbers in 1 and 2 (the target shape itself is never used to calibrate).
+5. the planner's predictions (policies/host_memory.py) for 3 (pipelined and serial) and 4,
+   from the classes built of the numbers in 1 and 2 (the target shape itself is never used to
+   calibrate); the host calibration is written as host-dram-h200.yaml beside the JSON, for
+   policies/calibration/.
 
 Host memory and time allow only `--layers` of the 32 (default 8: 32 GiB of KV). Every step
 is measured at that depth and scaled honestly: t32 = t0 + (tL - t0) * 32 / L, where t0 is the
@@ -27,7 +32,8 @@ zeros (CPU and GPU attention time does not depend on the values).
     python bench/attention_offload_bench.py --out $OUT/attention_offload
     python bench/attention_offload_bench.py --smoke --out /tmp/offload-smoke   # CPU, tiny
 
-Prints a table and writes attention_offload.json (rewritten after every phase).
+Prints a table and writes attention_offload.json (rewritten after every phase) and
+host-dram-h200.yaml.
 """
 
 from __future__ import annotations
@@ -47,11 +53,18 @@ from typing import Any
 
 import checkout_layout  # noqa: F401  (links the package layout where it is not installed)
 import torch
+import yaml
+from host_attention_bench import best_scan
 from tessera.agents.engine.attention import AttentionMetadata
 from tessera.agents.engine.attention_offload import AttentionClient, OffloadedLlamaModel, connect
-from tessera.agents.engine.attention_worker import WorkerSpec, start_attention_worker
+from tessera.agents.engine.attention_worker import (
+    WorkerSpec,
+    host_threads,
+    start_attention_worker,
+)
 from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.cuda_graphs import DecodeGraphRunner
+from tessera.agents.engine.host_attention import Kernel
 from tessera.agents.engine.kv_cache import PagedKVCache
 from tessera.agents.engine.model import LlamaModel
 from tessera.agents.engine.weights import random_llama_weights
@@ -206,17 +219,21 @@ def offloaded_decode(
     steps: int,
     sub_batch_options: tuple[int, ...],
     threads: int,
+    kernel: Kernel,
 ) -> dict[str, Any]:
     dtype = weights.dtype
     num_blocks = blocks_for(batch, context)
     kv_gib = num_blocks * BLOCK_SIZE * config.kv_bytes_per_token(dtype.itemsize) / GiB
     log(f"   worker: {num_blocks} blocks, {kv_gib:.1f} GiB of KV in host memory, {threads} threads")
-    spec = WorkerSpec(config, num_blocks, BLOCK_SIZE, dtype, cpu_threads=threads)
+    spec = WorkerSpec(
+        config, num_blocks, BLOCK_SIZE, dtype, cpu_threads=threads, attention_kernel=kernel
+    )
     started = time.perf_counter()
     row: dict[str, Any] = {"batch": batch, "context": context, "kv_gib": round(kv_gib, 2)}
     with start_attention_worker(spec, startup_timeout_s=300) as worker:
         row["worker_start_s"] = round(time.perf_counter() - started, 1)
         client = AttentionClient(connect(worker.address), config, dtype, device)
+        row["worker_kernel"] = client.worker_stats().get("kernel")
         ids, positions, meta = decode_inputs(config, batch, context, device)
         for sub_batches in sub_batch_options:
             model = OffloadedLlamaModel(config, weights, client, context + 8, sub_batches)
@@ -259,8 +276,10 @@ def offloaded_decode(
             )
         client.close()
     kv_bytes = batch * (context + 1) * config.kv_bytes_per_token(dtype.itemsize)
-    serial = row[f"sub_batches_{sub_batch_options[-1]}"]
-    row["attention_gbps"] = kv_bytes / serial["per_step_s"]["worker_attention"] / 1e9
+    for sub_batches in sub_batch_options:
+        measured = row[f"sub_batches_{sub_batches}"]
+        measured["attention_gbps"] = kv_bytes / measured["per_step_s"]["worker_attention"] / 1e9
+    row["attention_gbps"] = row[f"sub_batches_{sub_batch_options[-1]}"]["attention_gbps"]
     return row
 
 
@@ -300,17 +319,18 @@ def predictions(
     context: int,
     fit_batch: int,
     device: torch.device,
+    out: Path,
 ) -> dict[str, Any]:
     from tessera.api.accelerator_class import AcceleratorClassSpec, PeakTflops
     from tessera.api.model_deployment import ModelArchitecture
     from tessera.policies.host_memory import (
-        host_calibration,
         host_memory_class,
         predict_decode,
         predict_offloaded_decode,
+        scan_calibration,
     )
 
-    ceilings, calibration = results["host"], results["calibration"]
+    ceilings, scan = results["host"], results["scan"]
     total_gib = torch.cuda.mem_get_info(device)[1] / GiB if device.type == "cuda" else 141.0
     compute = AcceleratorClassSpec(
         vendor="nvidia",
@@ -340,15 +360,23 @@ def predictions(
         link_gbps = float(ceilings.get("pinned_d2h_gbps", 10.0))
     exchange_s = max(0.0, e1 - bytes1 / (link_gbps * 1e9))
     memory = host_memory_class(
-        name="bench-host",
+        name="h200-node",
         memory_gib=1e6,  # capacity is not what is predicted here
         dram_bandwidth_gbps=dram,
         link_gbps=link_gbps,
         cpu_bf16_tflops=100.0,
     )
-    host_cal = host_calibration(
-        attention_efficiency=min(1.0, calibration["attention_gbps"] / dram),
+    host_cal = scan_calibration(
+        scan_gbps=scan["scan_gbps"],
+        dram_read_gbps=dram,
         exchange_latency_s=exchange_s,
+        source=(
+            f"python {' '.join(sys.argv)} on {results['setup']['device']} host, "
+            f"{ceilings['cpu_threads']} threads, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+            f": worker scan {scan['scan_gbps']:.1f} GB/s ({scan['batch']} x {scan['context']}"
+            f" tokens, {scan['layers']} layers), DRAM read {dram:.1f} GB/s"
+        ),
     )
     arch = ModelArchitecture(
         num_layers=full.num_hidden_layers,
@@ -360,15 +388,32 @@ def predictions(
         vocab_size=full.vocab_size,
         max_context_tokens=max(8192, context + 1),
     )
-    offload = predict_offloaded_decode(
-        arch, compute, memory, batch, context, memory_calibration=host_cal
-    )
+    offload = {
+        sub_batches: predict_offloaded_decode(
+            arch, compute, memory, batch, context, memory_calibration=host_cal,
+            micro_batches=sub_batches,
+        )
+        for sub_batches in (2, 1)
+    }  # fmt: skip
     plain = predict_decode(arch, compute, fit_batch, context)
+    calibration_file = {
+        "accelerator": memory.model,
+        "measured_scan_gbps": round(scan["scan_gbps"], 2),
+        "measured_dram_read_gbps": dram,
+        "measured_exchange_link_gbps": round(link_gbps, 3),
+        "memory_efficiency": round(host_cal.memory_efficiency, 4),
+        "allreduce_latency_s": round(exchange_s, 6),
+        "memory_utilization": host_cal.memory_utilization,
+        "activation_reserve_bytes": host_cal.activation_reserve_bytes,
+        "source": host_cal.source,
+    }
+    (out / "host-dram-h200.yaml").write_text(yaml.safe_dump(calibration_file, sort_keys=False))
     return {
         "host_class": memory.model_dump(mode="json", by_alias=True),
         "host_calibration": vars(host_cal),
         "exchange_fit": {"link_gbps": link_gbps, "latency_s": exchange_s, "points": points},
-        "offloaded": vars(offload) | {"tokens_per_s": offload.tokens_per_s},
+        "offloaded": vars(offload[2]) | {"tokens_per_s": offload[2].tokens_per_s},
+        "offloaded_serial": vars(offload[1]) | {"tokens_per_s": offload[1].tokens_per_s},
         "colocated": vars(plain) | {"tokens_per_s": plain.tokens_per_s},
     }
 
@@ -386,8 +431,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per measurement")
     parser.add_argument("--calibrate-batch", type=int, default=16, help="and 3x it")
     parser.add_argument("--calibrate-context", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=host_threads())
+    parser.add_argument("--scan-batch", type=int, default=64, help="sequences of the scan phase")
     args = parser.parse_args()
+    for flag, value in (("--threads", args.threads), ("--scan-batch", args.scan_batch)):
+        if value < 1:
+            log(f"{flag} must be >= 1, got {value}")
+            return 2
     results = Results(args.out)
     if args.smoke:
         device = torch.device("cpu")
@@ -426,6 +476,10 @@ def main() -> int:
         },
     )
     results.phase("host", lambda: host_ceilings(device, args.smoke))
+    scan_shape = (8, 256, 2) if args.smoke else (args.scan_batch, args.calibrate_context, 4)
+    scan = results.phase("scan", lambda: best_scan(args.threads, *scan_shape))
+    kernel = scan.get("kernel", "auto")
+    log(f"   worker scan: {scan.get('by_kernel_gbps')} GB/s: the worker runs {kernel}")
     weights = random_llama_weights(config, device, dtype, seed=0)
     t0 = {b: no_layer_step_s(config, weights, b, device) for b in {batch}}
     for name, calibrate_batch in (
@@ -435,13 +489,13 @@ def main() -> int:
         results.phase(
             name,
             lambda b=calibrate_batch: offloaded_decode(
-                config, weights, device, b, calibrate[1], args.steps, (1,), args.threads
+                config, weights, device, b, calibrate[1], args.steps, (1,), args.threads, kernel
             ),
         )
     offload = results.phase(
         "offloaded",
         lambda: offloaded_decode(
-            config, weights, device, batch, context, args.steps, (2, 1), args.threads
+            config, weights, device, batch, context, args.steps, (2, 1), args.threads, kernel
         ),
     )
     # The best plan without offload: the largest batch whose full-depth KV fits in free HBM.
@@ -464,7 +518,8 @@ def main() -> int:
     )
     results.put("no_layer_step_s", {str(k): v for k, v in t0.items()})
     predicted = results.phase(
-        "predicted", lambda: predictions(results.data, full, batch, context, fit_batch, device)
+        "predicted",
+        lambda: predictions(results.data, full, batch, context, fit_batch, device, args.out),
     )
     summary = summarize(results.data, t0, layers, full.num_hidden_layers, batch, fit_batch)
     results.put("summary", summary)
@@ -488,6 +543,7 @@ def summarize(
                 "tokens_per_s": batch / step,
                 "per_layer_exchange_ms": off[key]["per_layer_exchange_s"] * 1e3,
                 "per_layer_attention_ms": off[key]["per_layer_attention_s"] * 1e3,
+                "worker_attention_gbps": off[key].get("attention_gbps"),
             }
     if "step_s" in col:
         step = scaled(col["step_s"], t0[fit_batch], layers, full)
@@ -496,11 +552,15 @@ def summarize(
             "step_s_32_layers": step,
             "tokens_per_s": fit_batch / step,
         }
-    if "offloaded" in pred and "offloaded_sub_batches_2" in rows:
-        measured = rows["offloaded_sub_batches_2"]["tokens_per_s"]
-        predicted = pred["offloaded"]["tokens_per_s"]
-        rows["offloaded_sub_batches_2"]["predicted_tokens_per_s"] = predicted
-        rows["offloaded_sub_batches_2"]["prediction_error"] = predicted / measured - 1
+    for key, row_name in (
+        ("offloaded", "offloaded_sub_batches_2"),
+        ("offloaded_serial", "offloaded_sub_batches_1"),
+    ):
+        if key in pred and row_name in rows:
+            measured = rows[row_name]["tokens_per_s"]
+            predicted = pred[key]["tokens_per_s"]
+            rows[row_name]["predicted_tokens_per_s"] = predicted
+            rows[row_name]["prediction_error"] = predicted / measured - 1
     if "colocated" in pred and "colocated_fit" in rows:
         measured = rows["colocated_fit"]["tokens_per_s"]
         predicted = pred["colocated"]["tokens_per_s"]
@@ -545,6 +605,15 @@ def print_table(summary: dict[str, Any], data: dict[str, Any]) -> None:
             f"{row.get('per_layer_attention_ms', float('nan')):.3f}",
         )
         log(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
+    scan, dram = data.get("scan", {}), data.get("host", {}).get("dram_read_gbps")
+    offloaded = summary.get("offloaded_sub_batches_2", {})
+    if "scan_gbps" in scan and dram:
+        log(
+            f"worker KV scan: {scan['scan_gbps']:.1f} GB/s in the scan phase "
+            f"({scan['scan_gbps'] / dram:.0%} of DRAM read {dram:.1f} GB/s), "
+            f"{offloaded.get('worker_attention_gbps') or float('nan'):.1f} GB/s in the "
+            "offloaded run"
+        )
     bound = summary.get("pcie_streaming_bound")
     if bound:
         log(

@@ -1,7 +1,8 @@
 """How fast an attention worker scans KV in host memory: GB/s of KV per second against threads.
 
 The attention worker's decode attention (agents/engine/host_attention.py: a pool of threads,
-each running single-threaded SDPA over (sequence, KV-head range) items) over a paged bf16 cache
+each scanning (sequence, KV-head range) items with the C kernel or single-threaded SDPA, both
+measured) over a paged bf16 cache
 of the Llama-3-8B layer shape (8 KV heads of 128, groups of 4 query heads), `--layers` layers
 of `--batch` sequences x `--context` tokens each, every layer read once per pass so that no
 pass is served from the CPU caches. Beside it, on the same cores:
@@ -12,8 +13,8 @@ pass is served from the CPU caches. Beside it, on the same cores:
   threads over its KV heads), what the worker ran before;
 - the pool over scattered blocks (every sequence's blocks permuted: gathered, not viewed).
 
-The scan rate at all threads is what the planner's host-memory calibration takes as the
-worker's attention rate (`scan_gbps`; policies/host_memory.py).
+The faster kernel's scan rate at all threads is what the planner's host-memory calibration
+takes as the worker's attention rate (`scan_gbps`; policies/host_memory.py).
 
     python bench/host_attention_bench.py --out $OUT/host_attention
     python bench/host_attention_bench.py --smoke --out /tmp/host-attention   # here, < 1 min
@@ -38,7 +39,7 @@ import checkout_layout  # noqa: F401  (links the package layout where it is not 
 import torch
 from tessera.agents.engine.attention import AttentionMetadata, decode_attention
 from tessera.agents.engine.attention_worker import host_threads
-from tessera.agents.engine.host_attention import HostAttention
+from tessera.agents.engine.host_attention import HostAttention, Kernel, c_kernel
 
 BLOCK_SIZE = 16
 KV_HEADS, GROUP, HEAD_DIM = 8, 4, 128
@@ -133,13 +134,15 @@ def measure_scan(
     dtype: torch.dtype = torch.bfloat16,
     repeats: int = 2,
     scattered: bool = False,
+    kernel: Kernel = "auto",
+    case: ScanCase | None = None,
 ) -> dict[str, Any]:
     """The worker's scan rate with `threads` scanners (torch's intra-op pool set to 1, as in
     the worker; the caller's setting is restored)."""
     before = torch.get_num_threads()
-    case = ScanCase(batch, context, layers, dtype, scattered)
+    case = case or ScanCase(batch, context, layers, dtype, scattered)
     torch.set_num_threads(1)
-    host = HostAttention(threads)
+    host = HostAttention(threads, kernel)
     try:
         seconds = best_of(case.pool_pass(host), repeats)
     finally:
@@ -148,6 +151,7 @@ def measure_scan(
     per_layer_s = seconds / layers
     return {
         "threads": threads,
+        "kernel": host.kernel,
         "batch": batch,
         "context": context,
         "layers": layers,
@@ -156,6 +160,15 @@ def measure_scan(
         "per_layer_s": per_layer_s,
         "scan_gbps": case.kv_bytes_per_layer / per_layer_s / 1e9,
     }
+
+
+def best_scan(threads: int, batch: int, context: int, layers: int) -> dict[str, Any]:
+    """The faster kernel's scan (bf16) on `threads` threads, with every kernel's rate beside."""
+    case = ScanCase(batch, context, layers, torch.bfloat16, scattered=False)
+    kernels: list[Kernel] = ["c", "sdpa"] if c_kernel() is not None else ["sdpa"]
+    rows = {k: measure_scan(threads, batch, context, layers, kernel=k, case=case) for k in kernels}
+    best = max(rows.values(), key=lambda row: float(row["scan_gbps"]))
+    return best | {"by_kernel_gbps": {k: row["scan_gbps"] for k, row in rows.items()}}
 
 
 def measure_engine_path(
@@ -180,7 +193,7 @@ def thread_counts(most: int) -> list[int]:
     counts = [1]
     while counts[-1] * 2 < most:
         counts.append(counts[-1] * 2)
-    return counts + [most] if counts[-1] != most else counts
+    return [*counts, most] if counts[-1] != most else counts
 
 
 def main() -> int:
@@ -205,21 +218,34 @@ def main() -> int:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "shape": {"batch": batch, "context": context, "layers": layers, "dtype": str(dtype)},
     }
+    kernels: list[Kernel] = ["c", "sdpa"] if c_kernel() is not None else ["sdpa"]
     rows = []
+    case = ScanCase(batch, context, layers, dtype, scattered=False)
     for threads in thread_counts(args.threads):
-        row = measure_scan(threads, batch, context, layers, dtype)
-        row |= dram_read_gbps(threads, args.smoke)
+        row: dict[str, Any] = {"threads": threads} | dram_read_gbps(threads, args.smoke)
+        for kernel in kernels:
+            measured = measure_scan(
+                threads, batch, context, layers, dtype, kernel=kernel, case=case
+            )
+            row[f"{kernel}_scan_gbps"] = measured["scan_gbps"]
+        row["kernel"] = max(kernels, key=lambda k: row[f"{k}_scan_gbps"])
+        row["scan_gbps"] = row[f"{row['kernel']}_scan_gbps"]
         rows.append(row)
+        scans = ", ".join(f"{k} {row[f'{k}_scan_gbps']:.2f}" for k in kernels)
         log(
-            f"   {threads:>3} threads: scan {row['scan_gbps']:.2f} GB/s, DRAM read "
+            f"   {threads:>3} threads: scan {scans} GB/s; DRAM read "
             f"{row['torch_sum_gbps']:.1f} (torch) / {row['pool_sum_gbps']:.1f} (pool) GB/s"
         )
+    del case
     results["threads"] = rows
-    results["scattered"] = measure_scan(args.threads, batch, context, layers, dtype, scattered=True)
+    results["scattered"] = measure_scan(
+        args.threads, batch, context, layers, dtype, scattered=True, kernel=rows[-1]["kernel"]
+    )
     results["engine_path"] = measure_engine_path(args.threads, batch, context, layers, dtype, 2)
     top = rows[-1]
     results["summary"] = {
         "threads": top["threads"],
+        "kernel": top["kernel"],
         "scan_gbps": top["scan_gbps"],
         "dram_read_gbps": top["torch_sum_gbps"],
         "scan_share_of_dram": top["scan_gbps"] / top["torch_sum_gbps"],
@@ -241,11 +267,16 @@ def print_table(results: dict[str, Any]) -> None:
         f" layers ({shape['dtype']}), cpu {results['cpu_capability']}, "
         f"{results['affinity_threads']} cores"
     )
-    log(f"{'threads':>8} {'scan GB/s':>10} {'per thread':>11} {'DRAM GB/s':>10} {'share':>7}")
+    log(
+        f"{'threads':>8} {'c GB/s':>8} {'sdpa GB/s':>10} {'best/thread':>12} {'DRAM GB/s':>10}"
+        f" {'share':>7}"
+    )
     for row in results["threads"]:
+        best = row["scan_gbps"]
         log(
-            f"{row['threads']:>8} {row['scan_gbps']:>10.2f} {row['scan_gbps'] / row['threads']:>11.2f}"
-            f" {row['torch_sum_gbps']:>10.1f} {row['scan_gbps'] / row['torch_sum_gbps']:>7.1%}"
+            f"{row['threads']:>8} {row.get('c_scan_gbps', float('nan')):>8.2f}"
+            f" {row['sdpa_scan_gbps']:>10.2f} {best / row['threads']:>12.2f}"
+            f" {row['torch_sum_gbps']:>10.1f} {best / row['torch_sum_gbps']:>7.1%}"
         )
     summary = results["summary"]
     log(

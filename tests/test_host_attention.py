@@ -1,9 +1,10 @@
 """The attention worker's batched decode attention (host_attention.py) against the engine's.
 
 Random paged caches with uneven context lengths, sequences whose blocks are consecutive and
-sequences whose blocks are scattered (as after churn), GQA groups of 1 and 4, fp32 and bf16:
-the pool's output equals `decode_attention`'s; the plan covers every (sequence, KV head) once
-and balances the bytes scanned.
+sequences whose blocks are scattered (as after churn), GQA groups of 1 and 4, fp32 and bf16,
+both kernels (the C kernel, built here with the system compiler, and SDPA per item): the
+pool's output equals `decode_attention`'s; shapes outside the C kernel's limits fall back to
+SDPA; the plan covers every (sequence, KV head) once and balances the bytes scanned.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tessera.agents.engine.host_attention import (
     HostAttention,
     ScanItem,
     balance,
+    c_supports,
     head_splits,
 )
 
@@ -26,12 +28,11 @@ BLOCK_SIZE = 4
 
 
 def paged_batch(
-    lens: list[int], kv_heads: int, group: int, dtype: torch.dtype, seed: int
+    lens: list[int], kv_heads: int, group: int, dtype: torch.dtype, seed: int, head_dim: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
     """q, k_cache, v_cache and metadata: even rows get consecutive blocks, odd rows a random
     permutation of theirs (non-consecutive, not ascending), block 0 left reserved."""
     generator = torch.Generator().manual_seed(seed)
-    head_dim = 16
     counts = [-(-n // BLOCK_SIZE) for n in lens]
     num_blocks = 1 + sum(counts) + 3
     k_cache = torch.randn(num_blocks, BLOCK_SIZE, kv_heads, head_dim, generator=generator)
@@ -71,27 +72,34 @@ def fresh(meta: AttentionMetadata) -> AttentionMetadata:
     )
 
 
-@pytest.fixture()
-def pool() -> Iterator[HostAttention]:
-    host = HostAttention(threads=3)
+@pytest.fixture(params=["c", "sdpa"])
+def pool(request: pytest.FixtureRequest) -> Iterator[HostAttention]:
+    host = HostAttention(threads=3, kernel=request.param)
     yield host
     host.close()
 
 
 @pytest.mark.parametrize(
-    ("lens", "kv_heads", "group", "dtype"),
+    ("lens", "kv_heads", "group", "dtype", "head_dim"),
     [
-        ([5, 17, 9, 30, 12, 3, 1, 64], 2, 4, torch.float32),
-        ([1, 4, 5, 33], 4, 1, torch.float32),
-        ([40], 8, 4, torch.float32),
-        ([7, 19, 50, 2, 26], 2, 4, torch.bfloat16),
+        ([5, 17, 9, 30, 12, 3, 1, 64], 2, 4, torch.float32, 32),
+        ([1, 4, 5, 33], 4, 1, torch.float32, 64),
+        ([40], 8, 4, torch.float32, 128),
+        ([7, 19, 50, 2, 26], 2, 4, torch.bfloat16, 128),
+        ([5, 17, 9, 30], 2, 4, torch.float32, 16),  # outside the C kernel's limits: SDPA
+        ([3, 9], 1, 16, torch.float32, 32),  # a group of 16: SDPA too
     ],
 )
 def test_equals_decode_attention(
-    pool: HostAttention, lens: list[int], kv_heads: int, group: int, dtype: torch.dtype
+    pool: HostAttention,
+    lens: list[int],
+    kv_heads: int,
+    group: int,
+    dtype: torch.dtype,
+    head_dim: int,
 ) -> None:
-    q, k_cache, v_cache, meta = paged_batch(lens, kv_heads, group, dtype, seed=len(lens))
-    scale = 16**-0.5
+    q, k_cache, v_cache, meta = paged_batch(lens, kv_heads, group, dtype, len(lens), head_dim)
+    scale = head_dim**-0.5
     expected = decode_attention(q, k_cache, v_cache, fresh(meta), scale)
     plan = pool.plan(fresh(meta), BLOCK_SIZE, kv_heads)
     got = pool.decode(q, k_cache, v_cache, plan, scale)
@@ -99,6 +107,17 @@ def test_equals_decode_attention(
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
     again = pool.decode(q, k_cache, v_cache, plan, scale)  # the plan serves every layer
     assert torch.equal(again, got)
+
+
+def test_the_c_kernel_builds_and_is_chosen() -> None:
+    host = HostAttention(threads=1)
+    try:
+        assert host.kernel == "c"  # a compiler is part of the dev setup
+        assert c_supports(torch.bfloat16, 4, 128, 16)  # Llama-3-8B's shape
+        assert not c_supports(torch.float16, 4, 128, 16)
+        assert not c_supports(torch.bfloat16, 4, 16, 16)
+    finally:
+        host.close()
 
 
 def test_scattered_rows_are_gathered_once(pool: HostAttention) -> None:
@@ -142,6 +161,8 @@ def test_head_splits_divide_the_heads() -> None:
     assert all(8 % head_splits(n, 8, t) == 0 for n in range(1, 40) for t in (1, 3, 16))
 
 
-def test_threads_must_be_positive() -> None:
+def test_threads_and_kernel_are_checked() -> None:
     with pytest.raises(ValueError, match="threads must be >= 1"):
         HostAttention(threads=0)
+    with pytest.raises(ValueError, match="kernel must be one of auto, c, sdpa"):
+        HostAttention(threads=1, kernel="avx")  # type: ignore[arg-type]

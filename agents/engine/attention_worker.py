@@ -49,7 +49,7 @@ import torch
 from tessera.agents.engine import ops
 from tessera.agents.engine.attention import AttentionMetadata, PrefillSpan
 from tessera.agents.engine.config import LlamaConfig
-from tessera.agents.engine.host_attention import DecodePlan, HostAttention
+from tessera.agents.engine.host_attention import DecodePlan, HostAttention, Kernel
 from tessera.agents.engine.kv_cache import PagedKVCache
 from tessera.agents.engine.model import attend
 
@@ -217,10 +217,12 @@ class AttentionWorker:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         attention_threads: int | None = None,
+        attention_kernel: Kernel = "auto",
     ) -> None:
         """`attention_threads`: the decode scanners on host memory (None: every core this
-        process may use). A worker on the host owns its process: torch's own intra-op pool
-        is set to one thread, or every scanner's op would start a team of its own."""
+        process may use); `attention_kernel`: theirs (host_attention.py). A worker on the
+        host owns its process: torch's own intra-op pool is set to one thread, or every
+        scanner's op would start a team of its own."""
         self.config = config
         self.cache = PagedKVCache(config, num_blocks, block_size, device, dtype)
         self.geometry = WorkerGeometry.of(config, self.cache)
@@ -229,7 +231,7 @@ class AttentionWorker:
         if self.cache.device.type == "cpu":
             threads = attention_threads or host_threads()
             torch.set_num_threads(1)
-            self.host = HostAttention(threads)
+            self.host = HostAttention(threads, attention_kernel)
         self.attention_s = 0.0
         """Seconds spent writing K/V and attending (what the client's waits overlap)."""
         self.steps = 0
@@ -334,7 +336,8 @@ class AttentionWorker:
             ids = [int(i) for i in header["ids"]]
             conn.send_bytes(tensor_bytes(cache.read_blocks(ids).to("cpu")))
         elif kind == "stats":
-            stats = {"attention_s": self.attention_s, "steps": self.steps}
+            kernel = self.host.kernel if self.host is not None else "engine"
+            stats = {"attention_s": self.attention_s, "steps": self.steps, "kernel": kernel}
             conn.send_bytes(json.dumps(stats).encode())
         elif kind == "close":
             return False
@@ -370,6 +373,7 @@ class WorkerSpec:
     port: int = 0
     cpu_threads: int | None = None
     """Decode attention scanners on host memory (None: every core the process may use)."""
+    attention_kernel: Kernel = "auto"
 
 
 def worker_main(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
@@ -381,7 +385,13 @@ def worker_main(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> No
     logging.basicConfig(level=logging.INFO, format="attention %(name)s %(message)s")
     try:
         worker = AttentionWorker(
-            spec.config, spec.num_blocks, spec.block_size, spec.device, spec.dtype, spec.cpu_threads
+            spec.config,
+            spec.num_blocks,
+            spec.block_size,
+            spec.device,
+            spec.dtype,
+            spec.cpu_threads,
+            spec.attention_kernel,
         )
         listener = Listener((spec.host, spec.port))
     except Exception as error:

@@ -3,7 +3,10 @@
 The laws: KV beyond HBM fits in host memory; the offloaded step is bound by the host's
 attention bandwidth (twice the bandwidth, about half the attention time) and never faster than
 its slowest stage; the planner can place an offloaded decode pool's attention on the host
-class and links the pools; the simulator's step cost of that plan is the prediction's.
+class and links the pools; the simulator's step cost of that plan is the prediction's. The
+step's structure is the engine's: one sub-batch is the serial sum, two hide the dense work and
+exchange behind the scans (or the scans behind a slow link's exchanges), each sub-batch reads
+the weights, and the measured scan rate is the attention rate.
 """
 
 from __future__ import annotations
@@ -117,3 +120,77 @@ def test_the_planner_places_offloaded_attention_on_host_memory_and_the_sim_agree
     ]
     decode_s = result.e2e_s[0] - result.ttft_s[0]  # the first token includes the KV transfer
     assert decode_s == pytest.approx(sum(steps), rel=1e-6)
+
+
+# ---- the step's structure: the engine's sub-batch pipeline -----------------------------------
+
+
+def offloaded(host_spec: object, micro_batches: int, calibration: object = CALIBRATION) -> object:
+    from tessera.policies.attention_offload import OffloadedDecodePerformance
+
+    return OffloadedDecodePerformance(
+        ARCH, H100, 1, host_spec, 1, None, calibration, micro_batches=micro_batches
+    )
+
+
+def test_one_sub_batch_is_the_serial_sum_of_its_stages() -> None:
+    perf = offloaded(host(), 1)
+    contexts = [CONTEXT] * 64
+    cost = perf.iteration(decode_context_tokens=contexts)
+    overhead = perf.compute.calibration.iteration_overhead_s
+    linear_s, attention_s, transfer_s = perf.stage_times_s(contexts)
+    assert cost.time_s == pytest.approx(linear_s + attention_s + transfer_s + overhead, rel=1e-12)
+
+
+def test_two_sub_batches_hide_the_dense_work_and_exchange_behind_the_scan() -> None:
+    slow_dram = host(bandwidth_gbps=20.0)  # the scan dominates: both sub-batches' scans bound it
+    contexts = [CONTEXT] * 256
+    serial = offloaded(slow_dram, 1).iteration(decode_context_tokens=contexts)
+    pipelined = offloaded(slow_dram, 2).iteration(decode_context_tokens=contexts)
+    overhead = offloaded(slow_dram, 2).compute.calibration.iteration_overhead_s
+    assert pipelined.time_s == pytest.approx(pipelined.memory_s + overhead, rel=1e-12)
+    assert pipelined.memory_s == pytest.approx(serial.memory_s, rel=1e-12)  # same KV scanned
+    assert pipelined.time_s < serial.time_s
+    # A slow link instead: the compute side's exchanges of both sub-batches bound the step.
+    slow_link = offloaded(host(bandwidth_gbps=5000.0, link_gbps=0.05), 2)
+    cost = slow_link.iteration(decode_context_tokens=contexts)
+    assert cost.time_s == pytest.approx(cost.compute_s + cost.communication_s + overhead)
+
+
+def test_each_sub_batch_makes_its_own_pass_over_the_weights() -> None:
+    contexts = [CONTEXT] * 8  # small: the dense layers are bound by reading the weights
+    one = offloaded(host(), 1).stage_times_s(contexts)[0]
+    two = offloaded(host(), 2).stage_times_s(contexts)[0]
+    assert two == pytest.approx(2 * one, rel=0.05)
+
+
+def test_fewer_rows_than_sub_batches_run_as_one() -> None:
+    contexts = [CONTEXT]
+    assert offloaded(host(), 2).sub_batches(contexts) == [contexts]
+    assert offloaded(host(), 2).iteration(decode_context_tokens=contexts).time_s == (
+        offloaded(host(), 1).iteration(decode_context_tokens=contexts).time_s
+    )
+    cuts = offloaded(host(), 2).sub_batches(list(range(5)))
+    assert cuts == [[0, 1], [2, 3, 4]]  # as the engine's sub_batch_cuts: decode * i // n
+
+
+def test_the_scan_rate_measured_on_the_host_sets_the_attention_time() -> None:
+    from tessera.policies.host_memory import scan_calibration
+
+    calibration = scan_calibration(
+        scan_gbps=40.0, dram_read_gbps=80.0, exchange_latency_s=1e-4, source="bench"
+    )
+    assert calibration.memory_efficiency == pytest.approx(0.5)
+    assert calibration.source == "bench"
+    prediction = predict_offloaded_decode(
+        ARCH, H100, host(bandwidth_gbps=80.0), 256, CONTEXT, memory_calibration=calibration
+    )
+    kv_bytes = 256 * (CONTEXT + 1) * ARCH.kv_bytes_per_token
+    assert prediction.attention_s == pytest.approx(kv_bytes / 40e9, rel=1e-9)
+    with pytest.raises(ValueError, match="scan_gbps"):
+        scan_calibration(scan_gbps=0.0, dram_read_gbps=80.0, exchange_latency_s=0.0, source="x")
+
+
+def test_micro_batches_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="micro_batches must be >= 1"):
+        offloaded(host(), 0)

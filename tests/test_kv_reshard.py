@@ -24,7 +24,12 @@ from tessera.agents.engine.kv_reshard import (
     reshard,
     split_heads,
 )
-from tessera.agents.engine.kv_transfer import KVChecksumError, KVGeometry, KVPackage
+from tessera.agents.engine.kv_transfer import (
+    KVChecksumError,
+    KVGeometry,
+    KVPackage,
+    KVTransferError,
+)
 from tessera.agents.engine.tp_engine import TensorParallelEngine, start_tensor_parallel_engine
 
 GEOMETRY = KVGeometry("llama:test:0123", 2, 4, 8, 4, "float32")
@@ -69,7 +74,7 @@ def test_tp2_shards_gather_for_a_tp1_receiver() -> None:
     """Two ranks' own packages (checksummed, as each rank would send its slice)."""
     whole = package()
     sources = [
-        package(dataclasses.replace(rank_geometry(GEOMETRY, 2, r)), part)
+        package(rank_geometry(GEOMETRY, 2, r), part)
         for r, part in enumerate(split_heads(whole.blocks, 2))
     ]
     tp1 = reshard(gather_heads(sources), GEOMETRY)
@@ -167,6 +172,25 @@ def test_a_corrupted_package_is_refused_before_it_is_resharded() -> None:
     whole.blocks[0, 0, 0, 0, 0, 0] += 1.0
     with pytest.raises(KVChecksumError, match="block 0 fails its checksum"):
         reshard(whole, dataclasses.replace(GEOMETRY, dtype="bfloat16"))
+
+
+def test_a_shard_layout_travels_in_the_header() -> None:
+    whole = package()
+    low, high = split_heads(whole.blocks, 2)
+    shard = package(rank_geometry(GEOMETRY, 2, 1), high)
+    received = KVPackage.from_bytes(shard.to_bytes())
+    assert received.geometry == shard.geometry
+    assert (received.geometry.kv_head_start, received.geometry.total_kv_heads) == (2, 4)
+    assert torch.equal(
+        gather_heads([received, package(rank_geometry(GEOMETRY, 2, 0), low)]).blocks, whole.blocks
+    )
+
+
+def test_a_header_whose_heads_exceed_the_model_is_refused() -> None:
+    outside = dataclasses.replace(rank_geometry(GEOMETRY, 2, 1), kv_head_start=3)
+    data = package(outside, split_heads(package().blocks, 2)[1]).to_bytes()
+    with pytest.raises(KVTransferError, match="outside the model's total_kv_heads 4"):
+        KVPackage.from_bytes(data)
 
 
 # ---- engines across degrees and dtypes -------------------------------------------------------

@@ -23,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def _raw_loopback_s(payload: memoryview, repeats: int) -> float:
             best = min(best, time.perf_counter() - start)
             sender.close()
             receiver.close()
-    if target != payload:
+    if zlib.crc32(target) != zlib.crc32(payload):
         raise AssertionError("raw loopback bytes differ")
     return best
 

@@ -151,11 +151,13 @@ def _host_blocks(
     host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
     ranges = _chunks(count, _COPY_CHUNKS)
     events = []
-    for start, stop in ranges:
-        host[start:stop].copy_(blocks[start:stop], non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        events.append(event)
+    with torch.cuda.device(blocks.device):
+        stream = torch.cuda.current_stream()
+        for start, stop in ranges:
+            host[start:stop].copy_(blocks[start:stop], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+            events.append(event)
     parallel = host.numel() * host.element_size() >= _PARALLEL_MIN_BYTES
     futures: list[concurrent.futures.Future[str]] = []
     for (start, stop), event in zip(ranges, events, strict=True):
@@ -672,17 +674,17 @@ class IncomingPackage:
             raise KVChecksumError(
                 f"KV package ends after {len(self._checksums)} of {self.num_blocks} blocks"
             )
-        for index, future in enumerate(self._checksums):
-            actual = future.result()
+        for index, checksum in enumerate(self._checksums):
+            actual = checksum.result()
             if actual is None:
                 actual = self._digest(self.block_buffer(index))
             if actual != wire.block_checksums[index]:
                 raise KVChecksumError(f"{wire.request_id}: block {index} fails its checksum")
-        for index, (expected, future) in enumerate(self._frame_crcs):
+        for index, (expected, crc) in enumerate(self._frame_crcs):
             if self.algorithm == "crc32":
                 actual_crc = int(wire.block_checksums[index], 16)
-            elif future is not None:
-                actual_crc = future.result()
+            elif crc is not None:
+                actual_crc = crc.result()
             else:
                 actual_crc = zlib.crc32(self.block_buffer(index))
             if actual_crc != expected:

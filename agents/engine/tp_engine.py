@@ -11,6 +11,7 @@ the caller's process dies (each holds a lifeline pipe to it), so none is ever or
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -167,6 +168,8 @@ class TensorParallelEngine:
                 f"tensor_parallel_size {self.tensor_parallel_size}: live migration into a "
                 "tensor-parallel engine (held_blocks) is not supported; import whole packages"
             )
+        if package.blocks.device.type != "cpu":  # a CUDA IPC package: through the pipe as bytes
+            package = dataclasses.replace(package, blocks=package.blocks.cpu())
         result: str = self._call("import_kv", package, None, prompt_checked)
         return result
 

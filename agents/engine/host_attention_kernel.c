@@ -12,7 +12,9 @@
    Layout (the engine's PagedKVCache, one layer): cache[block][slot][kv_head][head_dim].
    q and out: [rows][kv_heads * group][head_dim] fp32, q pre-scaled by the softmax scale.
    items: per item {row, context_len, head_first, head_end}; tables: [rows][width] int64.
-   Returns 0, or -1 for a shape outside the limits below (the caller raises). */
+   Returns 0, or -1 for a shape outside the limits below (the caller raises). The exported
+   functions dispatch on the group size so that groups of 1, 2, 4 and 8 compile with a constant
+   group: their accumulators then stay in registers (~1.5x the scan rate of a runtime group). */
 
 #include <math.h>
 #include <stdint.h>
@@ -67,9 +69,10 @@ static inline float exp_nonpositive(float x) {
 }
 
 #define DEFINE_SCAN(NAME, ELEM, LOAD)                                                          \
-    int NAME(const ELEM *k_cache, const ELEM *v_cache, int64_t block_size, int64_t kv_heads,   \
-             int64_t head_dim, int64_t group, const float *q, float *out,                      \
-             const int64_t *items, int64_t n_items, const int64_t *tables, int64_t width) {    \
+    static inline __attribute__((always_inline)) int NAME##_body(                              \
+        const ELEM *k_cache, const ELEM *v_cache, int64_t block_size, int64_t kv_heads,        \
+        int64_t head_dim, const int64_t group, const float *q, float *out,                     \
+        const int64_t *items, int64_t n_items, const int64_t *tables, int64_t width) {         \
         if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || head_dim % (8 * TILE)              \
             || block_size > MAX_BLOCK)                                                         \
             return -1;                                                                         \
@@ -149,6 +152,27 @@ static inline float exp_nonpositive(float x) {
             }                                                                                  \
         }                                                                                      \
         return 0;                                                                              \
+    }                                                                                          \
+    int NAME(const ELEM *k_cache, const ELEM *v_cache, int64_t block_size, int64_t kv_heads,   \
+             int64_t head_dim, int64_t group, const float *q, float *out,                      \
+             const int64_t *items, int64_t n_items, const int64_t *tables, int64_t width) {    \
+        switch (group) {                                                                       \
+        case 1:                                                                                \
+            return NAME##_body(k_cache, v_cache, block_size, kv_heads, head_dim, 1, q, out,    \
+                               items, n_items, tables, width);                                 \
+        case 2:                                                                                \
+            return NAME##_body(k_cache, v_cache, block_size, kv_heads, head_dim, 2, q, out,    \
+                               items, n_items, tables, width);                                 \
+        case 4:                                                                                \
+            return NAME##_body(k_cache, v_cache, block_size, kv_heads, head_dim, 4, q, out,    \
+                               items, n_items, tables, width);                                 \
+        case 8:                                                                                \
+            return NAME##_body(k_cache, v_cache, block_size, kv_heads, head_dim, 8, q, out,    \
+                               items, n_items, tables, width);                                 \
+        default:                                                                               \
+            return NAME##_body(k_cache, v_cache, block_size, kv_heads, head_dim, group, q,     \
+                               out, items, n_items, tables, width);                            \
+        }                                                                                      \
     }
 
 DEFINE_SCAN(scan_bf16, uint16_t, load_bf16)

@@ -110,31 +110,37 @@ class OffloadedDecodePerformance:
         )
         return link_gbps * 1e9
 
-    def sub_batches(self, decode_context_tokens: Sequence[int]) -> list[Sequence[int]]:
-        """The step's sub-batches as the engine cuts them (rows split evenly, in order; fewer
+    def sub_batch_rows(self, batch: int) -> list[int]:
+        """Rows of the step's sub-batches as the engine cuts them (evenly, in order; fewer
         rows than sub-batches run as one)."""
-        rows = len(decode_context_tokens)
-        count = self.micro_batches if rows >= self.micro_batches else 1
+        count = self.micro_batches if batch >= self.micro_batches else 1
+        return [batch * (i + 1) // count - batch * i // count for i in range(count)]
+
+    def _parts(self, decode_context_tokens: Sequence[int]) -> list[tuple[float, float, float]]:
+        """Per sub-batch (dense, attention, exchange) seconds over all layers. Each sub-batch
+        scans its rows' share of the step's context: the cost depends on the total context
+        only (the simulator's fast-forward relies on it), and a serving batch mixes long and
+        short contexts in every sub-batch."""
+        batch = len(decode_context_tokens)
+        context = sum(decode_context_tokens)
         return [
-            decode_context_tokens[rows * i // count : rows * (i + 1) // count] for i in range(count)
+            self._sub_batch_times_s(rows, context * rows / batch)
+            for rows in self.sub_batch_rows(batch)
         ]
 
     def stage_times_s(self, decode_context_tokens: Sequence[int]) -> tuple[float, float, float]:
         """(linear layers, attention, query/output transfer) seconds for one decode step,
         summed over its sub-batches (each sub-batch reads the weights once)."""
-        parts = [self._sub_batch_times_s(c) for c in self.sub_batches(decode_context_tokens)]
+        parts = self._parts(decode_context_tokens)
         linear_s, attention_s, transfer_s = (sum(stage) for stage in zip(*parts, strict=True))
         return linear_s, attention_s, transfer_s
 
-    def _sub_batch_times_s(
-        self, decode_context_tokens: Sequence[int]
-    ) -> tuple[float, float, float]:
-        """(dense, attention, exchange) seconds of one sub-batch over all layers."""
+    def _sub_batch_times_s(self, batch: int, context: float) -> tuple[float, float, float]:
+        """(dense, attention, exchange) seconds of one sub-batch of `batch` rows attending to
+        `context` cached tokens in all, over all layers."""
         arch = self.architecture
-        batch = len(decode_context_tokens)
         linear = self.compute.iteration(decode_context_tokens=[0] * batch)
         linear_s = linear.time_s - self.compute.calibration.iteration_overhead_s
-        context = sum(decode_context_tokens)
         kv_bytes = (context + batch) * arch.kv_bytes_per_token
         attention_flops = 4.0 * arch.num_layers * arch.num_attention_heads * arch.resolved_head_dim
         attention_s = max(
@@ -159,7 +165,7 @@ class OffloadedDecodePerformance:
             raise ValueError("an attention-offloaded replica runs decode only; prefill elsewhere")
         if not decode_context_tokens:
             return IterationCost(0.0, 0.0, 0.0, 0.0)
-        parts = [self._sub_batch_times_s(c) for c in self.sub_batches(decode_context_tokens)]
+        parts = self._parts(decode_context_tokens)
         linear_s = sum(dense for dense, _, _ in parts)
         attention_s = sum(attention for _, attention, _ in parts)
         transfer_s = sum(exchange for _, _, exchange in parts)

@@ -166,12 +166,19 @@ def test_each_sub_batch_makes_its_own_pass_over_the_weights() -> None:
 
 def test_fewer_rows_than_sub_batches_run_as_one() -> None:
     contexts = [CONTEXT]
-    assert offloaded(host(), 2).sub_batches(contexts) == [contexts]
+    assert offloaded(host(), 2).sub_batch_rows(1) == [1]
     assert offloaded(host(), 2).iteration(decode_context_tokens=contexts).time_s == (
         offloaded(host(), 1).iteration(decode_context_tokens=contexts).time_s
     )
-    cuts = offloaded(host(), 2).sub_batches(list(range(5)))
-    assert cuts == [[0, 1], [2, 3, 4]]  # as the engine's sub_batch_cuts: decode * i // n
+    assert offloaded(host(), 2).sub_batch_rows(5) == [2, 3]  # the engine's cuts: decode * i // n
+
+
+def test_the_step_depends_on_the_total_context_only() -> None:
+    """The simulator's fast-forward prices a batch by its total context."""
+    perf = offloaded(host(bandwidth_gbps=20.0), 2)
+    even = perf.iteration(decode_context_tokens=[CONTEXT] * 8).time_s
+    skewed = perf.iteration(decode_context_tokens=[8 * CONTEXT] + [0] * 7).time_s
+    assert even == pytest.approx(skewed, rel=1e-12)
 
 
 def test_the_scan_rate_measured_on_the_host_sets_the_attention_time() -> None:

@@ -15,7 +15,9 @@ stream); none of them is a MAC: anyone who can rewrite the bytes can rewrite the
 a link that needs authenticity needs TLS or a signed channel. The default is xxh3_128 when
 xxhash is installed, else zlib's CRC-32 (C, about 4x blake2b's throughput on the H200 host's
 CPU class, and it catches every burst error up to 32 bits); blake2b_128 packages are still read.
-Bytes are moved as memoryviews of the blocks' storage: no per-block `bytes()` copies.
+Bytes are moved as memoryviews of the blocks' storage: no per-block `bytes()` copies. Blocks
+built from a GPU land in pinned host memory, hashed while the rest is still being copied; a
+TCP receiver fills one buffer in place and verifies it as it arrives (`IncomingPackage`).
 """
 
 from __future__ import annotations

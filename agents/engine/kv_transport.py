@@ -60,6 +60,8 @@ larger one as two, so that its payload is never copied."""
 PARALLEL_CRC_BYTES = 8 << 20
 """Frame CRCs of a package this large are taken on the checksum threads."""
 LISTEN_BACKLOG = 128
+ACCEPT_RETRY_S = 1.0
+"""Pause after a failed accept (out of file descriptors) before the next, as asyncio's own."""
 
 
 class FrameKind(enum.IntEnum):
@@ -231,7 +233,10 @@ class TcpChannel(KVChannel):
     copies of every block before it reached the package's buffer), and a StreamWriter copies
     whatever the socket does not take at once. Here a block goes from the sender's host tensor
     into the kernel (`sock_sendall` of a memoryview) and from the kernel straight into its slot
-    of the receiver's buffer (`sock_recv_into`): the only copies are the kernel's.
+    of the receiver's buffer (`sock_recv_into`): the only copies are the kernel's. TCP_NODELAY
+    is on (a small frame after a block must not wait for an ACK); the socket buffers are left
+    to the kernel's autotuning, which grows them to tcp_rmem/tcp_wmem's ceiling (tens of MiB),
+    where setting SO_RCVBUF by hand would turn it off and cap them at net.core.rmem_max.
     """
 
     def __init__(self, sock: socket.socket, timeout_s: float) -> None:
@@ -509,7 +514,14 @@ class TcpTransport(KVTransport):
 
         async def accept(listening: socket.socket) -> None:
             while True:
-                sock, _ = await loop.sock_accept(listening)
+                try:
+                    sock, _ = await loop.sock_accept(listening)
+                except OSError as error:  # out of descriptors, say: asyncio's servers wait too
+                    if listening.fileno() == -1:  # closed: the listener is gone
+                        return
+                    log.warning("accepting KV channels failed (%r); retrying", error)
+                    await asyncio.sleep(ACCEPT_RETRY_S)
+                    continue
                 task = loop.create_task(serve(sock))
                 listener.handling.add(task)
                 task.add_done_callback(listener.handling.discard)

@@ -8,8 +8,9 @@
    exp a branch-free polynomial, so the compiler vectorises it). An item's KV heads are walked
    block by block (all its heads of one block, then the next block, prefetched meanwhile), so
    the reads stream through memory instead of striding across it once per head (1.7x here).
-   Built by host_attention.py with the system C compiler (-O3 -march=native; GCC/Clang vector extensions) and called through
-   ctypes, which releases the GIL: each pool thread runs its shard of items here.
+   Built by host_attention.py with the system C compiler (-O3 -march=native; GCC/Clang
+   vector extensions) and called through ctypes, which releases the GIL: each pool thread
+   runs its shard of items here.
 
    Layout (the engine's PagedKVCache, one layer): cache[block][slot][kv_head][head_dim].
    q and out: [rows][kv_heads * group][head_dim] fp32, q pre-scaled by the softmax scale.

@@ -233,7 +233,6 @@ def offloaded_decode(
     with start_attention_worker(spec, startup_timeout_s=300) as worker:
         row["worker_start_s"] = round(time.perf_counter() - started, 1)
         client = AttentionClient(connect(worker.address), config, dtype, device)
-        row["worker_kernel"] = client.worker_stats().get("kernel")
         ids, positions, meta = decode_inputs(config, batch, context, device)
         for sub_batches in sub_batch_options:
             model = OffloadedLlamaModel(config, weights, client, context + 8, sub_batches)
@@ -274,6 +273,7 @@ def offloaded_decode(
                 f"{per_step['worker_attention'] * 1e3:.1f} ms, send {per_step['send'] * 1e3:.1f}"
                 f" ms, wait {per_step['wait'] * 1e3:.1f} ms"
             )
+        row["worker_kernel"] = client.worker_stats().get("kernel")  # the one its steps ran
         client.close()
     kv_bytes = batch * (context + 1) * config.kv_bytes_per_token(dtype.itemsize)
     for sub_batches in sub_batch_options:

@@ -3,7 +3,9 @@ and attention in an attention worker process, exchanged per layer over a socket.
 
 The invariant: the offloaded engine samples exactly the greedy tokens of the colocated engine,
 with decode batches split into two pipelined sub-batches and with prompts chunked (a 16-token
-budget) so that steps mix decode tokens with prefill chunks over cached blocks. KV export from
+budget) so that steps mix decode tokens with prefill chunks over cached blocks; the worker's
+decode attention runs on its thread pool with SDPA (head_dim 16) and with the C kernel
+(head_dim 32, host_attention.py). KV export from
 the offloaded engine and import into a colocated one (and back) moves the worker's blocks.
 """
 
@@ -88,7 +90,25 @@ def test_offloaded_decode_gives_the_colocated_greedy_tokens(
     stats = client.worker_stats()
     assert stats["steps"] == client.times.steps
     assert float(stats["attention_s"]) > 0  # type: ignore[arg-type]
+    assert stats["kernel"] == "sdpa"  # head_dim 16 is outside the C kernel's limits
     client.close()
+
+
+def test_the_c_kernel_worker_gives_the_colocated_greedy_tokens(tmp_path: Path) -> None:
+    """head_dim 32 (hidden 128 over 4 heads): the worker scans with the C kernel."""
+    folder = tmp_path / "tiny-llama-d32"
+    write_checkpoint(folder, seed=6, hidden_size=128)
+    prompts = random_prompts(LENGTHS, vocab=128, seed=4)
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    expected = [c.output_token_ids for c in colocated(folder).generate(prompts, params)]
+    spec = WorkerSpec(LlamaConfig.from_pretrained(folder), BLOCKS, BLOCK_SIZE, torch.float32)
+    with start_attention_worker(spec) as started:
+        engine = offloaded(folder, started)
+        got = [c.output_token_ids for c in engine.generate(prompts, params)]
+        client = engine.model.client  # type: ignore[attr-defined]
+        assert client.worker_stats()["kernel"] == "c"
+        client.close()
+    assert got == expected
 
 
 def test_one_sub_batch_and_a_second_session_give_the_same_tokens(

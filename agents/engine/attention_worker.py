@@ -336,7 +336,7 @@ class AttentionWorker:
             ids = [int(i) for i in header["ids"]]
             conn.send_bytes(tensor_bytes(cache.read_blocks(ids).to("cpu")))
         elif kind == "stats":
-            kernel = self.host.kernel if self.host is not None else "engine"
+            kernel = "engine" if self.host is None else self.host.last_kernel or self.host.kernel
             stats = {"attention_s": self.attention_s, "steps": self.steps, "kernel": kernel}
             conn.send_bytes(json.dumps(stats).encode())
         elif kind == "close":

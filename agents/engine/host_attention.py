@@ -178,6 +178,8 @@ class HostAttention:
         if kernel == "c" and self._lib is None:
             raise RuntimeError("the C attention kernel did not build (see the log)")
         self.kernel = "sdpa" if self._lib is None else "c"
+        self.last_kernel: str | None = None
+        """The kernel the latest `decode` ran (a shape outside the C kernel's limits: SDPA)."""
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="host-attention")
 
     def plan(self, meta: AttentionMetadata, block_size: int, kv_heads: int) -> DecodePlan:
@@ -195,7 +197,9 @@ class HostAttention:
         block_size, kv_heads, head_dim = k_cache.shape[1:]
         group = q.shape[1] // kv_heads
         if self._lib is not None and c_supports(k_cache.dtype, group, head_dim, block_size):
+            self.last_kernel = "c"
             return self._decode_c(self._lib, q, k_cache, v_cache, plan, scale)
+        self.last_kernel = "sdpa"
         out = torch.empty_like(q)
         futures = [
             self._pool.submit(_scan, shard, q, k_cache, v_cache, out, scale)

@@ -36,6 +36,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tessera.agents.engine.config import LlamaConfig
+from tessera.agents.engine.host_buffers import shared_pool
 from tessera.agents.engine.weights import LlamaWeights
 
 try:
@@ -623,8 +624,12 @@ class IncomingPackage:
         self.block_nbytes = self.geometry.block_nbytes
         nbytes = self.num_blocks * self.block_nbytes
         on_gpu = device is not None and device.type == "cuda" and nbytes > 0
-        pin = (pin_memory or on_gpu) and nbytes > 0
-        self._storage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        if nbytes == 0:
+            self._storage = torch.empty(0, dtype=torch.uint8)
+        elif pin_memory or on_gpu:  # torch's caching host allocator recycles pinned buffers
+            self._storage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        else:  # pageable: a reused buffer spares the kernel a page fault per 4 KiB
+            self._storage = torch.frombuffer(shared_pool.take(nbytes), dtype=torch.uint8)
         self._device_storage = (
             torch.empty(nbytes, dtype=torch.uint8, device=device) if on_gpu else None
         )

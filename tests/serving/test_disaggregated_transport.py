@@ -330,3 +330,34 @@ def test_a_receiver_with_a_device_gets_the_blocks_there() -> None:
     assert got.blocks.device.type == "cuda"
     assert torch.equal(got.blocks.cpu(), sent.blocks)
     got.check_compatible(LARGE)
+
+
+def test_a_pageable_receiver_reuses_the_buffer_of_a_package_nobody_holds() -> None:
+    from tessera.agents.engine.host_buffers import shared_pool
+
+    sent = large_package()
+
+    async def send(channel: KVChannel) -> None:
+        await channel.send_package(sent)
+
+    async def receive_twice() -> tuple[int, bool]:
+        listener = await TcpTransport(timeout_s=5).listen("127.0.0.1", 0, send)
+        receiver = TcpTransport(timeout_s=5, pin_memory=False)
+        try:
+            pointers = []
+            for _ in range(2):
+                channel = await receiver.connect(listener.address, timeout_s=2)
+                try:
+                    got = await channel.receive_package()
+                finally:
+                    await channel.close()
+                assert torch.equal(got.blocks, sent.blocks)
+                pointers.append(got.blocks.data_ptr())
+                del got  # the engine has imported it: its buffer is free again
+            return shared_pool.reused, pointers[0] == pointers[1]
+        finally:
+            await listener.close()
+
+    before = shared_pool.reused
+    reused, same = asyncio.run(receive_twice())
+    assert reused > before and same

@@ -57,6 +57,7 @@ from typing import Any
 
 import checkout_layout  # noqa: F401  (links the package layout where it is not installed)
 import numpy as np
+import serving_probes
 from poisson_client import Record, latency_arrays, run_point
 from serving_validation import (
     DEFAULT_CLASSES,
@@ -703,6 +704,8 @@ def run_deployment(plan: dict[str, Any], out: Path, shards: int) -> dict[str, An
                         strict=True,
                     )
                 )
+                probed = {p.name: (p.popen.pid, p.url) for p in processes}
+                before = serving_probes.snapshot(probed)
                 records = run_point(
                     router.url,
                     requests,
@@ -712,11 +715,15 @@ def run_deployment(plan: dict[str, Any], out: Path, shards: int) -> dict[str, An
                     prompt_base=number * 1_000_000,
                 )
                 settled = settle(servers, processes)
+                tokens = sum(r.output_tokens for r in records)
                 record["points"].append(
                     {
                         "rate_per_s": point["rate_per_s"],
                         "duration_s": layout.duration_s,
                         "servers_idle_after": settled,
+                        "diagnostics": serving_probes.difference(
+                            before, serving_probes.snapshot(probed), tokens
+                        ),
                         "records": [r.as_dict() for r in records],
                     }
                 )
@@ -801,6 +808,9 @@ def compare(record: dict[str, Any], transfer_file: Path = KV_TRANSFER) -> dict[s
         )
     found = goodputs(rows, slo.target)
     ratio = found["sim_over_engine"]
+    diagnostics = [
+        diagnostic_row(point, row) for point, row in zip(record["points"], rows, strict=True)
+    ]
     return {
         "device": record["device"],
         "smoke": record["smoke"],
@@ -808,9 +818,34 @@ def compare(record: dict[str, Any], transfer_file: Path = KV_TRANSFER) -> dict[s
         "slo": asdict(slo),
         "transport": record.get("transport", {}).get("negotiated"),
         "points": rows,
+        "diagnostics": [d for d in diagnostics if d is not None],
         "goodput": found,
         "within_15pct": ratio is not None and abs(ratio - 1) <= 0.15,
     }
+
+
+def diagnostic_row(point: dict[str, Any], row: dict[str, Any]) -> dict[str, Any] | None:
+    """Where a rate's time went (serving_probes), beside the client's mean TPOT; None for a
+    run recorded before the probes."""
+    probes = point.get("diagnostics")
+    if not probes:
+        return None
+    records = [Record.from_dict(r) for r in point["records"]]
+    _, tpot = engine_latencies(records)
+    finite = tpot[np.isfinite(tpot)]
+    decode = probes.get("decode", {})
+    counters = decode.get("counters", {})
+    out: dict[str, Any] = {
+        "rate_per_s": row["rate_per_s"],
+        "client_tpot_mean_ms": round(float(finite.mean()) * 1e3, 2) if len(finite) else None,
+        "decode_server_tpot_mean_ms": decode.get("server_tpot_mean_ms"),
+        "decode_preemptions": counters.get("vllm:num_preemptions_total"),
+    }
+    for name in ("decode", "prefill", "router"):
+        entry = probes.get(name, {})
+        out[f"{name}_event_loop_us_per_token"] = entry.get("event_loop_cpu_us_per_token")
+        out[f"{name}_busiest_thread_us_per_token"] = entry.get("busiest_thread_cpu_us_per_token")
+    return out
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -832,6 +867,25 @@ def print_report(report: dict[str, Any]) -> None:
             f"{row['rate_per_s']:7.2f} {row['requests']:5d} {row['engine_attainment']:10.3f} "
             f"{row['sim_attainment']:10.3f} " + " ".join(cells)
         )
+    if report.get("diagnostics"):
+        print(
+            "\nwhere the time went (CPU us per streamed token: event loop / busiest other thread):"
+        )
+        print(
+            f"{'rate/s':>7s} {'TPOT mean ms client':>19s} {'decode server':>13s} {'preempt':>7s} "
+            f"{'decode':>13s} {'prefill':>13s} {'router':>13s}"
+        )
+        for d in report["diagnostics"]:
+            cpu = [
+                f"{fmt(d[f'{n}_event_loop_us_per_token'], 0):>6s}/"
+                f"{fmt(d[f'{n}_busiest_thread_us_per_token'], 0):<6s}"
+                for n in ("decode", "prefill", "router")
+            ]
+            print(
+                f"{d['rate_per_s']:7.2f} {fmt(d['client_tpot_mean_ms']):>19s} "
+                f"{fmt(d['decode_server_tpot_mean_ms']):>13s} "
+                f"{fmt(d['decode_preemptions'], 0):>7s} " + " ".join(cpu)
+            )
     found = report["goodput"]
     print(
         f"goodput (attainment >= {report['slo']['target']}): engine {fmt(found['engine'], 2)} "

@@ -145,3 +145,43 @@ def test_the_report_simulates_the_runs_requests_on_one_shared_h200() -> None:
 
     light, heavy = simulated(1.0), simulated(40.0)
     assert light < 0.5 < heavy  # one shared GPU cannot prefill 40 chat prompts a second in time
+
+
+def test_probes_split_a_points_cpu_by_thread_per_token_and_give_the_servers_tpot() -> None:
+    import os
+
+    import serving_probes
+
+    before = {
+        "decode": {
+            "pid": 10,
+            "cpu": {10: 1.0, 11: 5.0, 12: 0.5},
+            "samples": {
+                "vllm:request_time_per_output_token_seconds_sum": 1.0,
+                "vllm:request_time_per_output_token_seconds_count": 10.0,
+            },
+        },
+        "router": {"pid": 20, "cpu": {20: 2.0}, "samples": {}},
+    }
+    after = {
+        "decode": {
+            "pid": 10,
+            "cpu": {10: 3.0, 11: 9.0, 12: 0.7, 13: 0.3},  # thread 13 started during the point
+            "samples": {
+                "vllm:request_time_per_output_token_seconds_sum": 1.6,
+                "vllm:request_time_per_output_token_seconds_count": 40.0,
+            },
+        },
+        "router": {"pid": 20, "cpu": {20: 3.0}, "samples": {}},
+    }
+    found = serving_probes.difference(before, after, tokens=10_000)
+    decode = found["decode"]
+    assert decode["event_loop_cpu_us_per_token"] == 200.0
+    assert decode["busiest_thread_cpu_us_per_token"] == 400.0
+    assert decode["other_threads_cpu_us_per_token"] == pytest.approx(50.0)
+    assert decode["server_tpot_mean_ms"] == 20.0  # 0.6 s over 30 requests
+    assert found["router"]["event_loop_cpu_us_per_token"] == 100.0
+    assert "server_tpot_mean_ms" not in found["router"]
+    mine = serving_probes.thread_cpu_s(os.getpid())
+    assert os.getpid() in mine and mine[os.getpid()] > 0
+    assert serving_probes.thread_cpu_s(2**22 + 7) == {}  # past pid_max: no such process

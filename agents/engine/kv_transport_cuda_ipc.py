@@ -8,14 +8,15 @@ descriptor where this sends a CUDA IPC handle.
 
 A channel is a TCP channel (the control stream: JSON messages, and the TCP frames as the
 fallback) that can also carry one more frame kind, CUDA_IPC_PACKAGE: the package's header (the
-same fields as on the wire, block checksums included when the package has them) and the
-handle of a CUDA tensor holding its blocks, as torch's own multiprocessing shares CUDA tensors
+same fields as on the wire, block checksums included when the package has them) and the handle
+of a CUDA tensor holding its blocks, as torch's own multiprocessing shares CUDA tensors
 (`torch.multiprocessing.reductions.reduce_tensor`). The receiver opens the handle, copies the
-blocks into its own memory, synchronises, and answers `{"ipc": "copied"}`; only then does the
-sender drop its tensor (CUDA frees memory another process still reads otherwise). If the
-receiver cannot open the handle (another GPU after all, a container without the IPC namespace,
-no CUDA) it answers `{"ipc": "failed", "error": ...}` and the sender sends the same package as
-TCP frames on the same channel: a transfer never fails for want of IPC.
+blocks into its own memory (in a worker thread, on a stream of its own), synchronises that
+stream, and answers `{"ipc": "copied"}`; only then does the sender drop its tensor (CUDA frees
+memory another process still reads otherwise). If the receiver cannot open the handle (another
+GPU after all, a container without the IPC namespace, no CUDA) it answers `{"ipc": "failed",
+"error": ...}` and the sender sends the same package as TCP frames on the same channel: a
+transfer never fails for want of IPC.
 
 The handle travels as JSON, not pickle: a pickle from the peer would run whatever code it
 names. Its arguments are ints, bytes, a dtype, sizes, and two classes, each mapped back from an
@@ -29,6 +30,7 @@ a wire) skips hashing; hashing would copy every block to the host, the cost IPC 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -204,6 +206,8 @@ class CudaIpcChannel(TcpChannel):
         self.pin_memory, self.receive_device = tcp.pin_memory, tcp.receive_device
         self.device, self.share, self.open_handle = device, share, open_handle
         self.ipc = False
+        self._stream: Any = None
+        """The CUDA stream received copies run on (made at the first one)."""
         self.fallbacks = 0
         """Packages this channel sent as TCP frames after the peer could not open a handle."""
 
@@ -254,11 +258,7 @@ class CudaIpcChannel(TcpChannel):
         try:
             if not isinstance(handle, dict):
                 raise KVTransportError("CUDA IPC package without a handle")
-            shared = self.open_handle(handle, self.device)
-            blocks = shared.to(self.device, copy=True)
-            if blocks.device.type == "cuda":
-                torch.cuda.current_stream(blocks.device).synchronize()
-            del shared
+            blocks = await asyncio.to_thread(self._copy_shared, handle)
         except (KVTransportError, RuntimeError) as error:
             await self.send_message({"ipc": "failed", "error": str(error)})
             return await super().receive_package()
@@ -271,8 +271,27 @@ class CudaIpcChannel(TcpChannel):
             )
         package = KVPackage.from_wire(wire, geometry, blocks, wire.checksum_algorithm)
         if wire.checksum_algorithm != UNCHECKED or wire.block_checksums:
-            package.verify()  # KVChecksumError names the first bad block
+            await asyncio.to_thread(package.verify)  # KVChecksumError names the first bad block
         return package
+
+    def _copy_shared(self, handle: Handle) -> torch.Tensor:
+        """The peer's blocks copied into memory of ours (run in a worker thread).
+
+        Not on the event loop, and not on the default stream: the engine thread's decode steps
+        run there, so a copy queued behind them waited a whole step, and the loop (every stream's
+        next token, /ready) with it. The copy runs on this channel's own stream, in memory of that
+        stream's pool, recorded as used on the default stream where the engine imports it (the
+        allocator then never hands it out while an import still reads it)."""
+        shared = self.open_handle(handle, self.device)
+        if shared.device.type != "cuda":
+            return shared.to(self.device, copy=True)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(shared.device)
+        with torch.cuda.stream(self._stream):
+            blocks = shared.to(self.device, copy=True)
+        self._stream.synchronize()  # the sender may drop `shared` once we answer
+        blocks.record_stream(torch.cuda.default_stream(blocks.device))
+        return blocks
 
 
 class CudaIpcTransport(KVTransport):

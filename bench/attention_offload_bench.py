@@ -243,9 +243,13 @@ def offloaded_decode(
             # A slow host gets one timed step, so that the run stays within its few minutes.
             steps_here = 1 if time.perf_counter() - started > SLOW_STEP_S else steps
             before = replace(client.times)
-            worker_before = float(client.worker_stats()["attention_s"])  # type: ignore[arg-type]
+            stats_before = client.worker_stats()
             times = timed(run, device, 0, steps_here)
-            worker_s = float(client.worker_stats()["attention_s"]) - worker_before  # type: ignore[arg-type]
+            stats_after = client.worker_stats()
+            worker_s, scan_s = (
+                float(stats_after[key]) - float(stats_before[key])  # type: ignore[arg-type]
+                for key in ("attention_s", "scan_s")
+            )
             t = client.times
             exchanges = t.exchanges - before.exchanges
             per_step = {
@@ -253,6 +257,7 @@ def offloaded_decode(
                 "wait": (t.wait_s - before.wait_s) / steps_here,
                 "receive": (t.receive_s - before.receive_s) / steps_here,
                 "worker_attention": worker_s / steps_here,
+                "worker_scan": scan_s / steps_here,
             }
             step_s = statistics.median(times)
             round_trip = per_step["send"] + per_step["wait"] + per_step["receive"]
@@ -279,6 +284,7 @@ def offloaded_decode(
     for sub_batches in sub_batch_options:
         measured = row[f"sub_batches_{sub_batches}"]
         measured["attention_gbps"] = kv_bytes / measured["per_step_s"]["worker_attention"] / 1e9
+        measured["scan_gbps"] = kv_bytes / max(1e-9, measured["per_step_s"]["worker_scan"]) / 1e9
     row["attention_gbps"] = row[f"sub_batches_{sub_batch_options[-1]}"]["attention_gbps"]
     return row
 
@@ -544,6 +550,7 @@ def summarize(
                 "per_layer_exchange_ms": off[key]["per_layer_exchange_s"] * 1e3,
                 "per_layer_attention_ms": off[key]["per_layer_attention_s"] * 1e3,
                 "worker_attention_gbps": off[key].get("attention_gbps"),
+                "worker_scan_gbps": off[key].get("scan_gbps"),
             }
     if "step_s" in col:
         step = scaled(col["step_s"], t0[fit_batch], layers, full)
@@ -612,7 +619,8 @@ def print_table(summary: dict[str, Any], data: dict[str, Any]) -> None:
             f"worker KV scan: {scan['scan_gbps']:.1f} GB/s in the scan phase "
             f"({scan['scan_gbps'] / dram:.0%} of DRAM read {dram:.1f} GB/s), "
             f"{offloaded.get('worker_attention_gbps') or float('nan'):.1f} GB/s in the "
-            "offloaded run"
+            f"offloaded run ({offloaded.get('worker_scan_gbps') or float('nan'):.1f} GB/s "
+            "inside the scanners)"
         )
     bound = summary.get("pcie_streaming_bound")
     if bound:

@@ -22,7 +22,7 @@ connection waiting in the listen backlog, which is how a decode replica claims a
       q|k|v rows [n, q + 2 kv] (raw)        attention rows [n, q] (raw)
     {"kind": "write_blocks", ids} + blocks  {"ok": true}
     {"kind": "read_blocks", ids}            blocks (raw)
-    {"kind": "stats"}                       {"attention_s": ..., "steps": ...}
+    {"kind": "stats"}                       {"attention_s": ..., "scan_s": ..., ...}
     {"kind": "close"}                       (the session ends)
 
 An error ends the session: the worker sends {"error": message} in place of what was expected
@@ -234,6 +234,8 @@ class AttentionWorker:
             self.host = HostAttention(threads, attention_kernel)
         self.attention_s = 0.0
         """Seconds spent writing K/V and attending (what the client's waits overlap)."""
+        self.scan_s = 0.0
+        """Of which in the host scanners' decode attention (the rest: K/V writes, casts)."""
         self.steps = 0
 
     def plan(self, meta: AttentionMetadata) -> DecodePlan | None:
@@ -264,14 +266,16 @@ class AttentionWorker:
             plan = self.plan(meta)
         if plan is None or self.host is None:
             out = attend(q, qkv, meta, k_cache, v_cache, cfg, self.scale)
-        elif meta.prefill_spans:  # decode rows first, then the chunks on the engine's path
+        else:  # the decode rows on the scanners, prefill chunks on the engine's path
             decode = meta.num_decode_tokens
-            out = attend(
-                q, qkv, replace(meta, num_decode_tokens=0), k_cache, v_cache, cfg, self.scale
-            )
-            out[:decode] = self.host.decode(q[:decode], k_cache, v_cache, plan, self.scale)
-        else:
-            out = self.host.decode(q, k_cache, v_cache, plan, self.scale)
+            scan_started = time.perf_counter()
+            rows = self.host.decode(q[:decode], k_cache, v_cache, plan, self.scale)
+            self.scan_s += time.perf_counter() - scan_started
+            out = rows
+            if meta.prefill_spans:
+                without = replace(meta, num_decode_tokens=0)
+                out = attend(q, qkv, without, k_cache, v_cache, cfg, self.scale)
+                out[:decode] = rows
         out = out.reshape(n, cfg.q_size).to("cpu")
         self.attention_s += time.perf_counter() - started
         return out
@@ -337,7 +341,12 @@ class AttentionWorker:
             conn.send_bytes(tensor_bytes(cache.read_blocks(ids).to("cpu")))
         elif kind == "stats":
             kernel = "engine" if self.host is None else self.host.last_kernel or self.host.kernel
-            stats = {"attention_s": self.attention_s, "steps": self.steps, "kernel": kernel}
+            stats = {
+                "attention_s": self.attention_s,
+                "scan_s": self.scan_s,
+                "steps": self.steps,
+                "kernel": kernel,
+            }
             conn.send_bytes(json.dumps(stats).encode())
         elif kind == "close":
             return False

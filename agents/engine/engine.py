@@ -260,13 +260,17 @@ class Engine:
         slots: list[int] = []
         tables: list[list[int]] = []
         lens: list[int] = []
+        size = self.kv_cache.block_size
+        # Per decoding request per step: inlined `_slot`, `token_at` and `blocks_for_tokens`
+        # (a decode's token is its last output, or a prompt's last after a preemption).
         for seq in plan.decodes:
             position = seq.num_computed_tokens
+            blocks = seq.block_ids
             ids.append(seq.token_at(position))
             positions.append(position)
-            slots.append(self._slot(seq, position))
+            slots.append(blocks[position // size] * size + position % size)
             lens.append(position + 1)
-            tables.append(seq.block_ids[: self.kv_cache.blocks_for_tokens(position + 1)])
+            tables.append(blocks[: position // size + 1])
         rows: list[tuple[Sequence, int]] = [(seq, 1) for seq in plan.decodes]
         sample_rows = list(range(len(plan.decodes)))
         if not plan.prefills and self.graphs is not None and len(ids) <= self.graphs.max_batch:
@@ -319,7 +323,13 @@ class Engine:
         self, plan: SchedulerOutput, logits: torch.Tensor, rows: list[tuple[Sequence, int]]
     ) -> list[RequestOutput]:
         now = self.clock()
-        sampling = [seq for seq, count in rows if seq.num_computed_tokens + count == seq.num_tokens]
+        sampling: list[Sequence] = []
+        partial: list[Sequence] = []
+        for seq, count in rows:
+            if seq.num_computed_tokens + count == seq.num_tokens:
+                sampling.append(seq)
+            else:
+                partial.append(seq)
         # Sampled before any request advances: if it raises, the step changed nothing.
         tokens = sample(
             logits,
@@ -327,11 +337,10 @@ class Engine:
             [len(seq.output_token_ids) for seq in sampling],
             self.generator,
         )
-        outputs: list[RequestOutput] = []
         for seq, count in rows:
             seq.num_computed_tokens += count
-            if seq.num_computed_tokens != seq.num_tokens:
-                outputs.append(RequestOutput(seq.request_id, [], finished=False))
+        outputs = [RequestOutput(seq.request_id, [], finished=False) for seq in partial]
+        parks = self.role is EngineRole.PREFILL
         for row, (seq, token) in enumerate(zip(sampling, tokens, strict=True)):
             if isinstance(token, SamplingFailure):
                 log.warning("request %s failed in its step: %s", seq.request_id, token.reason)
@@ -354,7 +363,7 @@ class Engine:
             if reason is not None:
                 self._finish(seq, reason)
                 outputs.append(RequestOutput(seq.request_id, [token], True, reason))
-            elif self.role is EngineRole.PREFILL:
+            elif parks:
                 self._park(seq)
                 outputs.append(RequestOutput(seq.request_id, [token], False, parked=True))
             else:
@@ -367,9 +376,10 @@ class Engine:
             return FinishReason.STOP
         if not params.ignore_eos and token in self.config.eos_token_ids:
             return FinishReason.STOP
-        if len(seq.output_token_ids) >= params.max_new_tokens:
+        produced = len(seq.output_token_ids)
+        if produced >= params.max_new_tokens:
             return FinishReason.LENGTH
-        if seq.num_tokens >= self.max_model_len:
+        if len(seq.prompt_token_ids) + produced >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 

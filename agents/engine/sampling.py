@@ -43,13 +43,19 @@ def sample(
     peak, argmax = logits.max(dim=-1)  # the max propagates NaN, so one test covers the row
     finite = torch.isfinite(peak)
     marked = argmax.masked_fill(~finite, -1).tolist()
-    chosen: list[int | SamplingFailure] = [
-        token if token >= 0 else SamplingFailure("logits are not finite (NaN or inf)")
-        for token in marked
-    ]
-    for row, (param, index) in enumerate(zip(params, output_indices, strict=True)):
-        if param.temperature == 0 or isinstance(chosen[row], SamplingFailure):
+    if len(params) != len(output_indices):
+        raise ValueError(f"{len(params)} params for {len(output_indices)} output indices")
+    # Runs per row per step: the common case (every row finite, all greedy) adds no per-row
+    # Python beyond the .tolist() and one pass over the params.
+    chosen: list[int | SamplingFailure] = list(marked)
+    if min(marked, default=0) < 0:
+        failure = SamplingFailure("logits are not finite (NaN or inf)")
+        chosen = [token if token >= 0 else failure for token in marked]
+    drawn = [row for row, param in enumerate(params) if param.temperature != 0]
+    for row in drawn:
+        if isinstance(chosen[row], SamplingFailure):
             continue
+        param, index = params[row], output_indices[row]
         try:
             chosen[row] = _draw(logits[row], param, index, generator)
         except Exception as error:  # fail this row only; the others keep their tokens

@@ -14,12 +14,13 @@ The engine goes through this interface (`add`, `add_running`, `park`, `resume`, 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from tessera.agents.engine.kv_cache import BlockAllocator
 from tessera.agents.engine.request import RequestState, Sequence
 from tessera.api.scheduler import SchedulerConfig
-from tessera.policies.batching import RequestView, decode_growth_blocks, form_batch
+from tessera.policies.batching import RequestView, ViewTuple, decode_growth_blocks, form_batch
 
 __all__ = ["Scheduler", "SchedulerConfig", "SchedulerOutput"]
 
@@ -44,6 +45,18 @@ class SchedulerOutput:
 
 def _view(seq: Sequence) -> RequestView:
     return RequestView(seq.num_computed_tokens, seq.num_tokens, len(seq.block_ids))
+
+
+def _views(seqs: Iterable[Sequence]) -> Iterator[ViewTuple]:
+    """Plain-tuple views (`ViewTuple`), made lazily: one per running request per step, and a
+    named RequestView costs about five times a tuple to build; the waiting queue's are read
+    only as far as admission gets."""
+    for seq in seqs:
+        yield (
+            seq.num_computed_tokens,
+            len(seq.prompt_token_ids) + len(seq.output_token_ids),
+            len(seq.block_ids),
+        )
 
 
 class Scheduler:
@@ -112,8 +125,8 @@ class Scheduler:
         decision = form_batch(
             self.config,
             self.block_size,
-            [_view(seq) for seq in running],
-            [_view(seq) for seq in waiting],
+            list(_views(running)),
+            _views(waiting),
             self.allocator.num_free,
         )
         out = SchedulerOutput(preempted=[running[i] for i in decision.preempted])
@@ -125,13 +138,15 @@ class Scheduler:
             work.append((seq, count, blocks))
         for seq in out.preempted:
             self._preempt(seq)
+        decodes, prefills = out.decodes, out.prefills
         for seq, count, blocks in work:
             if blocks:
                 seq.block_ids.extend(self.allocator.allocate(blocks))
-            if seq.num_pending_tokens == 1:
-                out.decodes.append(seq)
+            total = len(seq.prompt_token_ids) + len(seq.output_token_ids)
+            if total - seq.num_computed_tokens == 1:
+                decodes.append(seq)
             else:
-                out.prefills.append((seq, count))
+                prefills.append((seq, count))
         return out
 
     def _preempt(self, seq: Sequence) -> None:

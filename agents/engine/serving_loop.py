@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from tessera.agents.engine.engine import Engine, RequestNotFoundError, RoleError
 from tessera.agents.engine.kv_cache import OutOfKVBlocksError
 from tessera.agents.engine.kv_transfer import KVPackage
-from tessera.agents.engine.request import FinishReason, SamplingParams
+from tessera.agents.engine.request import FinishReason, RequestOutput, SamplingParams
 from tessera.agents.engine.stats import EngineStatsSnapshot
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,11 @@ class LoopStoppedError(RuntimeError):
     """The loop is not running (stopped, or never started)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TokenEvent:
-    """What one step (or an abort, deadline or failure) did for one request."""
+    """What one step (or an abort, deadline or failure) did for one request. Not frozen (a
+    frozen dataclass's __init__ sets each field through object.__setattr__: 1.9 us against
+    0.6, made for every live stream every step); nobody changes one after it is made."""
 
     request_id: str
     token_ids: list[int]
@@ -313,23 +315,7 @@ class ServingLoop:
                     self._end(request_id, FinishReason.ERROR, error=f"engine failure: {error}")
                 outputs = []
             stepped = bool(outputs)
-            for output in outputs:
-                live = self._live.get(output.request_id)
-                if live is None:
-                    continue
-                if output.finished:
-                    del self._live[output.request_id]
-                    engine.pop_finished(output.request_id)
-                live.sink(
-                    TokenEvent(
-                        output.request_id,
-                        list(output.new_token_ids),
-                        output.finished,
-                        output.finish_reason,
-                        parked=output.parked,
-                        error=output.error,
-                    )
-                )
+            self._dispatch(outputs)
         if self.on_iteration is not None:
             snapshot = engine.stats_snapshot(drain=True)
             waiting = snapshot.queue_length
@@ -340,6 +326,32 @@ class ServingLoop:
             self._engine_waiting = waiting
         if not stepped and idle_wait_s > 0:
             self._wake.wait(self._idle_wait(idle_wait_s))
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hand each live request's step output to its sink. Runs per live stream per step,
+        so kept lean: the engine makes each output's token list for this step alone, which
+        the event takes as it is (no copy)."""
+        live_of = self._live.get
+        for output in outputs:
+            request_id = output.request_id
+            live = live_of(request_id)
+            if live is None:
+                continue
+            finished = output.finished
+            if finished:
+                del self._live[request_id]
+                self.engine.pop_finished(request_id)
+            live.sink(
+                TokenEvent(
+                    request_id,
+                    output.new_token_ids,
+                    finished,
+                    output.finish_reason,
+                    False,
+                    output.parked,
+                    output.error,
+                )
+            )
 
     def _idle_wait(self, idle_wait_s: float) -> float:
         """Sleep until woken, or until the nearest deadline."""

@@ -1,7 +1,8 @@
 """One request's generation as seen from the HTTP handler's event loop.
 
 Bridges the serving loop's thread to asyncio: the loop's sink puts each `TokenEvent` on this
-request's asyncio queue (`call_soon_threadsafe`), the handler iterates `deltas()`, and turns
+request's `Inbox` (one `call_soon_threadsafe` per step, EventHandoff), the handler iterates
+`deltas()`, and turns
 them into one JSON body or a stream of server-sent events. The request is aborted, freeing its
 KV, when the client disconnects, when a stop string is seen, or when the handler leaves early
 for any reason (`close`).
@@ -20,6 +21,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -66,6 +68,43 @@ class StreamMeta:
     include_usage: bool
 
 
+class Inbox:
+    """One stream's events, put on its event loop (the hand-off's flush, a disconnect, a
+    migration's end) and taken by `Generation.deltas`. An asyncio.Queue's work cut to what
+    one reader needs: no maxsize, no getter/putter lists, one future made only when the
+    reader finds it empty (an event per live stream per step goes through here)."""
+
+    def __init__(self) -> None:
+        self._items: deque[TokenEvent | None] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: TokenEvent | None) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get_nowait(self) -> TokenEvent | None:
+        """The oldest event; IndexError when there is none."""
+        return self._items.popleft()
+
+    async def get(self) -> TokenEvent | None:
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return self._items.popleft()
+
+
 class EventHandoff:
     """Moves token events from the serving loop's thread onto one asyncio loop, batched.
 
@@ -80,7 +119,7 @@ class EventHandoff:
     def __init__(self, aio_loop: asyncio.AbstractEventLoop) -> None:
         self.aio_loop = aio_loop
         self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue[TokenEvent | None], TokenEvent]] = []
+        self._pending: list[tuple[Inbox, TokenEvent]] = []
 
     @classmethod
     def of(cls, aio_loop: asyncio.AbstractEventLoop) -> EventHandoff:
@@ -89,7 +128,7 @@ class EventHandoff:
             handoff = cls._by_loop[aio_loop] = cls(aio_loop)
         return handoff
 
-    def put(self, queue: asyncio.Queue[TokenEvent | None], event: TokenEvent) -> None:
+    def put(self, queue: Inbox, event: TokenEvent) -> None:
         """From the loop thread: queue the event; wake the event loop if it is not due."""
         with self._lock:
             self._pending.append((queue, event))
@@ -155,7 +194,7 @@ class Generation:
         """Set while a server-sent event stream serves it (only those can migrate)."""
         self.migrated: dict[str, Any] | None = None
         """Where it went, once migrated (`end_migrated`)."""
-        self._queue: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
+        self._queue = Inbox()
         handoff = EventHandoff.of(asyncio.get_running_loop())
         queue = self._queue
 

@@ -18,6 +18,11 @@ from tessera.agents.serving.tokenizer import ServingTokenizer
 WINDOW_CONTEXT_TOKENS = 5
 """Committed tokens decoded again before the new ones (vLLM uses 5): the tokenizer sees the
 previous words, so a leading space or a merge comes out as in a whole decode."""
+WINDOW_MAX_TOKENS = 24
+"""The window's start stays put while it spans at most this many committed tokens: the text
+of its committed part is then the last batch's window, kept, so a batch costs one decode, not
+two (a token per live stream per step, on the event loop). Past it the window moves up to
+WINDOW_CONTEXT_TOKENS before the uncommitted ones."""
 
 
 class OutputText:
@@ -35,6 +40,9 @@ class OutputText:
         self._decoded = ""
         """The text of token_ids[:_read], a whole decode's prefix."""
         self._read = 0
+        self._start = 0
+        self._before = ""
+        """The text of token_ids[_start:_read], the window's committed part."""
         self._synced: list[int] | None = self.token_ids
         """The token list the window describes (a new list, e.g. a resumed output: re-read)."""
 
@@ -73,8 +81,12 @@ class OutputText:
         if self._synced is not ids:  # replaced from outside: start over from a whole decode
             self._synced, self._read = ids, 0
             self._decoded = ""
-        start = max(0, self._read - WINDOW_CONTEXT_TOKENS)
-        before = self.tokenizer.decode(ids[start : self._read]) if self._read > start else ""
+            self._start, self._before = 0, ""
+        start, before = self._start, self._before
+        if self._read - start > WINDOW_MAX_TOKENS:
+            start = self._read - WINDOW_CONTEXT_TOKENS
+            before = self.tokenizer.decode(ids[start : self._read])
+            self._start, self._before = start, before
         window = self.tokenizer.decode(ids[start:])
         if not window.startswith(before):  # the new tokens changed earlier text: decode it all
             window, before, start = self.tokenizer.decode(ids), self._decoded, 0
@@ -84,5 +96,6 @@ class OutputText:
         if final or not window.endswith("\ufffd"):
             if len(window) > len(before):
                 self._decoded, self._read = decoded, len(ids)
+                self._start, self._before = start, window
             return decoded
         return decoded.rstrip("\ufffd")  # a character whose other bytes are to come

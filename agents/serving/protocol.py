@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_SEED = 2**63 - 1
+_json_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 MAX_STOP_SEQUENCES = 4
 
 
@@ -217,12 +218,10 @@ class StreamChunkText:
     def sse(self, text: str, finish_reason: str | None, token_ids: list[int] | None) -> str:
         """`data: <chunk>\n\n` of one delta (`token_ids` None: the field left out)."""
         ids = "" if token_ids is None else ',"token_ids":[' + ",".join(map(str, token_ids)) + "]"
-        return (
-            "".join(
-                (self._prefix, json.dumps(text), self._after_text, json.dumps(finish_reason), ids)
-            )
-            + "}]}\n\n"
-        )
+        # json.dumps of a str is this C function's result (ensure_ascii), without the encoder
+        # object json.dumps goes through: about 1 us less per chunk.
+        reason = "null" if finish_reason is None else _json_string(finish_reason)
+        return "".join((self._prefix, _json_string(text), self._after_text, reason, ids, "}]}\n\n"))
 
 
 class ModelCard(BaseModel):

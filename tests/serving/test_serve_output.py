@@ -140,3 +140,24 @@ def test_chunk_text_is_the_chunk_dicts_json(chat: bool) -> None:
         assert template.sse(text, reason, ids) == (
             f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
         )
+
+
+def test_a_long_stream_costs_about_one_decode_per_token(tokenizer: ServingTokenizer) -> None:
+    """Token by token (a decode step's batch), the text is still the whole decode's, and the
+    window's committed text is reused: at most ~1.1 decodes per token, not 2."""
+    rng = random.Random(7)
+    vocab = tokenizer.tokenizer.get_vocab_size()
+    ids = [rng.randrange(3, vocab) for _ in range(400)]
+    calls = [0]
+    real_decode = tokenizer.decode
+
+    class Counting(ServingTokenizer):
+        def decode(self, token_ids: list[int]) -> str:
+            calls[0] += 1
+            return real_decode(token_ids)
+
+    counting = Counting(tokenizer.tokenizer, None, None, None)
+    output = OutputText(counting, [])
+    streamed = "".join(output.push([t], final=i == len(ids) - 1) for i, t in enumerate(ids))
+    assert streamed == tokenizer.decode(ids)
+    assert calls[0] <= 1.1 * len(ids)

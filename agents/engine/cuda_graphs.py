@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from tessera.agents.engine.attention import AttentionMetadata
+from tessera.agents.engine.block_tables import padded_block_table
 from tessera.agents.engine.kv_cache import PagedKVCache
 from tessera.agents.engine.model import LlamaModel
 
@@ -95,9 +96,7 @@ class DecodeGraphRunner:
         batch = len(input_ids)
         bucket = self.bucket(batch)
         pad = bucket - batch
-        table = torch.zeros(bucket, self.width, dtype=torch.int32)
-        for row, blocks in enumerate(block_tables):
-            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        table = padded_block_table(block_tables, bucket, self.width)  # no per-row tensor ops
         self.input_ids[:bucket].copy_(torch.tensor(input_ids + [0] * pad))
         self.positions[:bucket].copy_(torch.tensor(positions + [0] * pad))
         self.slot_mapping[:bucket].copy_(torch.tensor(slot_mapping + [0] * pad))

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tessera.agents.engine import ops
 from tessera.agents.engine.attention import AttentionMetadata, PrefillSpan
+from tessera.agents.engine.block_tables import padded_block_table
 from tessera.agents.engine.checkpoint_identity import checkpoint_identity
 from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphRunner
@@ -303,9 +304,7 @@ class Engine:
         )
         if plan.decodes:
             width = max(len(t) for t in tables)
-            table = torch.zeros(len(tables), width, dtype=torch.int32)
-            for i, blocks in enumerate(tables):
-                table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            table = padded_block_table(tables, len(tables), width)
             meta.decode_block_tables = table.to(device)
             meta.decode_context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
             meta.decode_max_context_len = max(lens)

@@ -221,7 +221,7 @@ def build_config(flags: dict[str, Any]) -> Any:
     max_model_len = flags["max_model_len"] or model_max
     if max_model_len > model_max:
         fail(f"--max-model-len {max_model_len}: above the model's {model_max} positions")
-    check_tensor_parallel(flags["tensor_parallel_size"], folder, flags["device"], flags["role"])
+    check_tensor_parallel(flags["tensor_parallel_size"], folder, flags["device"])
     from tessera.agents.engine import SchedulerConfig
     from tessera.agents.serving.server import ServeConfig
 
@@ -297,7 +297,7 @@ def check_host_port(flag: str, value: str) -> None:
         fail(f"{flag} {value!r}: give host:port with a port in 1..65535")
 
 
-def check_tensor_parallel(size: int, folder: Path, device: str | None, role: str) -> None:
+def check_tensor_parallel(size: int, folder: Path, device: str | None) -> None:
     """A degree must split the model's heads, and its ranks take cuda:0..N-1 or the CPU. Any
     role may be tensor-parallel: prefill and decode re-shard KV heads on receipt."""
     if size == 1:

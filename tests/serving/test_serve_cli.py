@@ -157,10 +157,6 @@ def test_bad_local_weights_roles_and_lengths_are_named(tiny_model: Path, tmp_pat
             [f"--model={tiny_model}", "--tensor-parallel-size=2", "--device=cuda:1"],
             "--device cuda:1",
         ),
-        (
-            [f"--model={tiny_model}", "--tensor-parallel-size=2", "--role=prefill"],
-            "--tensor-parallel-size 2: --role prefill",
-        ),
         ([f"--model={tiny_model}", "--dtype=fp8"], "--dtype fp8"),
         ([f"--model={tiny_model}", "--max-model-len=999999"], "--max-model-len 999999"),
     ]

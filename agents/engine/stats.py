@@ -59,6 +59,10 @@ class EngineStats:
         self.window_s = window_s
         self.clock = clock
         self._steps: deque[tuple[float, int, int]] = deque()
+        self._window_prompt = 0
+        self._window_generated = 0
+        """Sums over `_steps`, kept as steps come and go: a snapshot every step (the serving
+        loop's) would otherwise sum the window's ~400 steps twice each time."""
         self._ttft_ms: deque[float] = deque(maxlen=max_samples)
         self._tpot_ms: deque[float] = deque(maxlen=max_samples)
         self._step_ms: deque[float] = deque(maxlen=max_samples)
@@ -73,6 +77,8 @@ class EngineStats:
     def record_step(self, prompt_tokens: int, generated_tokens: int, duration_s: float) -> None:
         now = self.clock()
         self._steps.append((now, prompt_tokens, generated_tokens))
+        self._window_prompt += prompt_tokens
+        self._window_generated += generated_tokens
         self._step_ms.append(duration_s * 1e3)
         self.prompt_tokens_total += prompt_tokens
         self.generated_tokens_total += generated_tokens
@@ -85,8 +91,11 @@ class EngineStats:
         self._tpot_ms.append(seconds * 1e3)
 
     def _trim(self, now: float) -> None:
-        while self._steps and self._steps[0][0] < now - self.window_s:
-            self._steps.popleft()
+        steps, start = self._steps, now - self.window_s
+        while steps and steps[0][0] < start:
+            _, prompt, generated = steps.popleft()
+            self._window_prompt -= prompt
+            self._window_generated -= generated
 
     def snapshot(
         self,
@@ -101,8 +110,7 @@ class EngineStats:
     ) -> EngineStatsSnapshot:
         now = self.clock()
         self._trim(now)
-        prompt = sum(step[1] for step in self._steps)
-        generated = sum(step[2] for step in self._steps)
+        prompt, generated = self._window_prompt, self._window_generated
         # A young engine has run for less than a window: divide by the time it has run.
         span_s = max(min(self.window_s, now - self._started_s), 1e-9)
         ttft, tpot, step_ms = tuple(self._ttft_ms), tuple(self._tpot_ms), tuple(self._step_ms)

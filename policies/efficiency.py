@@ -34,6 +34,11 @@ class Calibration:
     compute_bound_power_fraction: float = 0.95
     memory_bound_power_fraction: float = 0.6
     source: str = "defaults"
+    kv_memory_efficiency: float | None = None
+    """Fraction of HBM bandwidth a decode step's KV reads reach (None: memory_efficiency).
+    Measured: the decode efficiency at the longest context and largest batch measured (the
+    most KV-dominated step), scaled to the datasheet as memory_efficiency is; the weights keep
+    memory_efficiency, the lowest over all contexts (H200: KV 0.80, weights 0.68)."""
 
 
 def _from_mapping(data: dict[str, Any]) -> Calibration:
@@ -47,6 +52,17 @@ def _from_mapping(data: dict[str, Any]) -> Calibration:
         # Efficiency measured at large batch is the one the bandwidth roof should carry.
         largest = max(decode, key=lambda batch: int(batch))
         values.setdefault("memory_efficiency", float(decode[largest]))
+    by_context = data.get("decode_efficiency_by_context")
+    measured = data.get("measured_hbm_bandwidth_gbps")
+    datasheet = data.get("datasheet_hbm_bandwidth_gbps")
+    if isinstance(by_context, dict) and by_context and measured and datasheet:
+        longest = by_context[max(by_context, key=lambda context: int(context))]
+        if isinstance(longest, dict) and longest:
+            largest = longest[max(longest, key=lambda batch: int(batch))]
+            # The table is against the measured copy bandwidth; the model multiplies datasheet.
+            values.setdefault(
+                "kv_memory_efficiency", float(largest) * float(measured) / float(datasheet)
+            )
     prefill = data.get("prefill_efficiency")
     if isinstance(prefill, int | float):
         values.setdefault("compute_efficiency", float(prefill))

@@ -109,6 +109,12 @@ class ReplicaPerformance:
         return bandwidth * self.calibration.memory_efficiency * self.tensor_parallel
 
     @cached_property
+    def _kv_bandwidth_bytes_s(self) -> float:
+        efficiency = self.calibration.kv_memory_efficiency or self.calibration.memory_efficiency
+        bandwidth = self.accelerator.memory_bandwidth_gbps * 1e9
+        return bandwidth * efficiency * self.tensor_parallel
+
+    @cached_property
     def _linear_flops_per_token(self) -> float:
         arch = self.architecture
         embedding = arch.vocab_size * arch.hidden_size
@@ -161,9 +167,10 @@ class ReplicaPerformance:
         )
         kv_read_tokens = sum(decode_context_tokens) + sum(c.cached_tokens for c in prefill)
         kv_bytes = (kv_read_tokens + tokens) * self.architecture.kv_bytes_per_token
-        memory_bytes = self.architecture.weight_bytes + kv_bytes
         compute_s = flops / self._peak_flops
-        memory_s = memory_bytes / self._bandwidth_bytes_s
+        # Weights and KV at their own measured rates (Calibration.kv_memory_efficiency).
+        memory_s = self.architecture.weight_bytes / self._bandwidth_bytes_s
+        memory_s += kv_bytes / self._kv_bandwidth_bytes_s
         communication_s = self._allreduce_s(tokens)
         time_s = max(compute_s, memory_s) + communication_s + self.calibration.iteration_overhead_s
         return IterationCost(time_s, compute_s, memory_s, communication_s)

@@ -201,3 +201,27 @@ def test_the_scan_rate_measured_on_the_host_sets_the_attention_time() -> None:
 def test_micro_batches_must_be_positive() -> None:
     with pytest.raises(ValueError, match="micro_batches must be >= 1"):
         offloaded(host(), 0)
+
+
+def test_the_colocated_step_reads_weights_and_kv_at_their_measured_rates() -> None:
+    """The H200 calibration's KV rate is its most KV-dominated decode (longest context, largest
+    batch): 0.917 of the measured copy bandwidth, against 0.782 for the weights."""
+    from tessera.api.accelerator_class import PeakTflops
+    from tessera.policies.efficiency import calibration_for
+
+    h200 = H100.model_copy(
+        update={
+            "model": "H200-SXM-141GB",
+            "memory_gib": 141,
+            "memory_bandwidth_gbps": 4800.0,
+            "peak_tflops": PeakTflops(bf16=989.0),
+        }
+    )
+    calibration = calibration_for(h200)
+    assert calibration.kv_memory_efficiency == pytest.approx(0.917 * 4183.9 / 4800, rel=1e-9)
+    assert calibration.memory_efficiency == pytest.approx(0.681)
+    batch = 240
+    step = predict_decode(ARCH, h200, batch, CONTEXT).step_s
+    kv_bytes = (batch * CONTEXT + batch) * ARCH.kv_bytes_per_token
+    expected = ARCH.weight_bytes / (4800e9 * 0.681) + kv_bytes / (4800e9 * 0.917 * 4183.9 / 4800)
+    assert step == pytest.approx(expected + calibration.iteration_overhead_s, rel=1e-9)

@@ -267,9 +267,16 @@ def offloaded_decode(
                 "tokens_per_s": batch / step_s,
                 "per_step_s": per_step,
                 "exchanges_per_step": exchanges / steps_here,
-                # The round trip not spent attending: transfer both ways, serialisation, and
-                # (pipelined) the waits the dense work of the other sub-batch did not hide.
+                # The round trip not spent attending: transfer both ways and serialisation. Only
+                # one sub-batch separates it: pipelined, a reply waits on the other sub-batch's
+                # attention too, and the worker's attention hides the exchange (None).
                 "per_layer_exchange_s": max(0.0, round_trip - per_step["worker_attention"])
+                / config.num_hidden_layers
+                if sub_batches == 1
+                else None,
+                # What the step spends beyond the worker's attention (exchange and dense work not
+                # hidden, per layer): the pipelining's gain is this row's drop.
+                "per_layer_exposed_s": max(0.0, step_s - per_step["worker_attention"])
                 / config.num_hidden_layers,
                 "per_layer_attention_s": per_step["worker_attention"] / config.num_hidden_layers,
             }
@@ -547,7 +554,8 @@ def summarize(
                 "batch": batch,
                 "step_s_32_layers": step,
                 "tokens_per_s": batch / step,
-                "per_layer_exchange_ms": off[key]["per_layer_exchange_s"] * 1e3,
+                "per_layer_exchange_ms": (off[key]["per_layer_exchange_s"] or float("nan")) * 1e3,
+                "per_layer_exposed_ms": off[key]["per_layer_exposed_s"] * 1e3,
                 "per_layer_attention_ms": off[key]["per_layer_attention_s"] * 1e3,
                 "worker_attention_gbps": off[key].get("attention_gbps"),
                 "worker_scan_gbps": off[key].get("scan_gbps"),
@@ -594,8 +602,11 @@ def print_table(summary: dict[str, Any], data: dict[str, Any]) -> None:
         f"{setup['kv_gib_full_model']:.0f} GiB"
     )
     log(f"host: {data.get('host')}")
-    columns = ("layout", "batch", "step s", "tok/s", "pred tok/s", "err", "xchg ms/L", "attn ms/L")
-    widths = (28, 6, 9, 9, 11, 7, 10, 10)
+    columns = (
+        "layout", "batch", "step s", "tok/s", "pred tok/s", "err", "xchg ms/L", "exposed ms/L",
+        "attn ms/L",
+    )  # fmt: skip
+    widths = (28, 6, 9, 9, 11, 7, 10, 13, 10)
     log(" ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)))
     for name, row in summary.items():
         if name == "pcie_streaming_bound":
@@ -609,6 +620,7 @@ def print_table(summary: dict[str, Any], data: dict[str, Any]) -> None:
             "" if pred is None else f"{pred:.1f}",
             "" if err is None else f"{err:+.1%}",
             f"{row.get('per_layer_exchange_ms', float('nan')):.3f}",
+            f"{row.get('per_layer_exposed_ms', float('nan')):.3f}",
             f"{row.get('per_layer_attention_ms', float('nan')):.3f}",
         )
         log(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))

@@ -3,7 +3,11 @@
 Every instance is probed each `probe_interval_s` (GET /ready, then /metrics, each within
 `probe_timeout_s`): a refused connection or a failed request marks it out at once, two probes in
 a row that time out do, so an instance that stops answering is out within about two intervals
-and timeouts; a probe that succeeds brings it back.
+and timeouts; a probe that succeeds brings it back. A probe that times out while a stream this
+router relays from the instance delivered bytes does not count: the instance answers, its event
+loop is only slow to get to /ready under load (on an H200 at 17.6 req/s a decode server's /ready
+took over 0.5 s while it streamed to 70 clients, and marking it out turned slowness into 503s).
+A stalled stream is the proxy's to catch (`stream_timeout_s`).
 Load comes from the engine's own Prometheus series (`vllm:num_requests_waiting`,
 `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`, `tessera:kv_cache_blocks`) plus the
 prompt tokens this router sent there that have not yet produced a first byte, and the choice is
@@ -99,6 +103,11 @@ class Instance:
     missed_probes: int = 0
     """Consecutive probes that timed out or failed mid-answer."""
     last_change_s: float = field(default_factory=time.monotonic)
+    last_progress_s: float = float("-inf")
+    """When a stream relayed from this instance last delivered bytes (monotonic seconds)."""
+
+    def progressed(self) -> None:
+        self.last_progress_s = time.monotonic()
 
     def mark(self, healthy: bool, reason: str) -> None:
         if healthy != self.healthy:
@@ -236,6 +245,7 @@ class InstancePool:
         self, session: aiohttp.ClientSession, instance: Instance, timeout_s: float
     ) -> None:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
+        started = time.monotonic()
         try:
             async with session.get(f"{instance.url}/ready", timeout=timeout) as ready:
                 if ready.status != 200:
@@ -247,6 +257,8 @@ class InstancePool:
             instance.mark(False, f"probe failed: {type(error).__name__} {error}".strip())
             return
         except (aiohttp.ClientError, TimeoutError, OSError) as error:  # busy, or hung
+            if isinstance(error, TimeoutError) and instance.last_progress_s >= started:
+                return  # it streamed to us meanwhile: busy, not gone (its last load stands)
             instance.missed_probes += 1
             if instance.missed_probes >= MISSED_PROBES_OUT:
                 instance.mark(False, f"{instance.missed_probes} probes failed, last: {error!r}")

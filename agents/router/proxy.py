@@ -329,7 +329,7 @@ class Router:
         try:
             while True:
                 try:
-                    moved = await self._relay_part(part, response)
+                    moved = await self._relay_part(part, response, self._decode_at(url))
                 finally:
                     if part is not upstream:  # the caller closes the first part
                         part.release()
@@ -356,13 +356,19 @@ class Router:
             await response.write_eof()
         return response
 
+    def _decode_at(self, url: str) -> Instance | None:
+        return next((i for i in self.decode.instances if i.url == url), None)
+
     async def _relay_part(
-        self, part: aiohttp.ClientResponse, response: web.StreamResponse
+        self, part: aiohttp.ClientResponse, response: web.StreamResponse, source: Instance | None
     ) -> dict[str, Any] | None:
         """Forward one instance's events; returns the migrated event's data if the part ended
-        with one, None at [DONE]. Raises ValueError if the part ends with neither."""
+        with one, None at [DONE]. Raises ValueError if the part ends with neither. Each line
+        counts as the source's progress (instances.py: a busy instance's slow probe)."""
         migrated = False
         async for line in _lines(part):
+            if source is not None:
+                source.progressed()
             if line.startswith(b"event: " + MIGRATED_EVENT.encode()):
                 migrated = True
                 continue

@@ -33,9 +33,12 @@ class Scripted:
     answer: Callable[[web.Request], Any] | None = None
     server: TestServer | None = None
     url: str = ""
+    ready_delay_s: float = 0.0
+    """How long /ready takes (an event loop busy with many streams)."""
 
     def app(self) -> web.Application:
         async def ready(request: web.Request) -> web.Response:
+            await asyncio.sleep(self.ready_delay_s)  # the instance is slow, not a test wait
             return web.json_response({"status": "ready"})
 
         async def metrics(request: web.Request) -> web.Response:
@@ -162,6 +165,37 @@ async def test_an_instance_that_stops_answering_is_out_within_seconds() -> None:
         assert (await post(router, {"prompt": "x"}))[0] == 200
     assert len(second.seen) == 4
     print(f"marked out after {out_after:.2f} s")
+    await router.close()
+
+
+@pytest.mark.asyncio
+async def test_a_busy_instance_that_streams_stays_in_though_its_probes_time_out() -> None:
+    busy = Scripted()
+
+    async def slow_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(40):  # 2 s of tokens: several probe rounds of 0.2 s
+            await response.write(chunk(str(i)))
+            await asyncio.sleep(0.05)  # the instance's pace between tokens
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    busy.answer = slow_stream
+    await start(busy)
+    router = await router_for([], [busy])
+    assert (await instances(router))[0]["healthy"]
+    busy.ready_delay_s = 1.0  # every probe times out (0.3 s) from now on
+    events = await stream_events(router, deadline_s=6)
+    assert [json.loads(e)["choices"][0]["text"] for e in events[:-1]] == [
+        str(i) for i in range(40)
+    ]
+    state = (await instances(router))[0]
+    assert state["healthy"], state  # it answered the whole time: probes alone don't mark it out
+    idle = time.monotonic()
+    while time.monotonic() - idle < 3 and (await instances(router))[0]["healthy"]:
+        await asyncio.sleep(0.05)  # polling the router's view, with the deadline above
+    assert not (await instances(router))[0]["healthy"], "silent and slow: out"
     await router.close()
 
 

@@ -223,8 +223,12 @@ class Generation:
         """Text deltas until the request finishes; ends early (aborting) if the client goes."""
         watcher = asyncio.create_task(self._watch(request)) if request is not None else None
         try:
+            queue = self._queue
             while True:
-                for event in self._coalesced(await self._queue.get()):
+                first = await queue.get()
+                # One event (a step's token, the usual case at one wake-up per step) needs
+                # no merging.
+                for event in (first,) if queue.empty() else self._coalesced(first):
                     if event is None:  # the client disconnected (close() aborts)
                         return
                     delta = self._on_event(event)

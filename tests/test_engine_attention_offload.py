@@ -31,6 +31,7 @@ from tessera.agents.engine.attention_worker import (
     WorkerSpec,
     start_attention_worker,
 )
+from tessera.agents.engine.checkpoint_identity import checkpoint_identity
 from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.weights import load_llama_weights
 
@@ -66,7 +67,8 @@ def offloaded(folder: Path, worker: LocalAttentionWorker, sub_batches: int = 2) 
     config = LlamaConfig.from_pretrained(folder)
     weights = load_llama_weights(folder, config, device="cpu", dtype=torch.float32)
     client = AttentionClient(connect(worker.address), config, torch.float32, weights.device)
-    return offloaded_engine(config, weights, client, engine_config(), sub_batches)
+    identity = checkpoint_identity(folder, config)  # as Engine.from_pretrained's
+    return offloaded_engine(config, weights, client, engine_config(), sub_batches, identity)
 
 
 def colocated(folder: Path) -> Engine:

@@ -41,6 +41,7 @@ from tessera.agents.engine.attention_worker import (
     tensor_bytes,
     tensor_from,
 )
+from tessera.agents.engine.checkpoint_identity import checkpoint_identity
 from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.engine import Engine, EngineConfig
 from tessera.agents.engine.kv_cache import BlockAllocator, PagedKVCache
@@ -397,9 +398,12 @@ def offloaded_engine(
     client: AttentionClient,
     engine_config: EngineConfig | None = None,
     sub_batches: int = DEFAULT_SUB_BATCHES,
+    identity: str | None = None,
 ) -> Engine:
     """An Engine whose attention and KV live on `client`'s worker (its block count is the
-    worker's). No CUDA graphs: a step talks to another process between its kernels."""
+    worker's). No CUDA graphs: a step talks to another process between its kernels.
+    `identity`: the model's in KV packages (an engine loaded from a folder passes
+    `checkpoint_identity`, as a colocated one does, so that KV moves between them)."""
     ec = replace(
         engine_config or EngineConfig(),
         num_kv_blocks=client.geometry.num_blocks,
@@ -408,7 +412,9 @@ def offloaded_engine(
     )
     max_len = ec.max_model_len or config.max_position_embeddings
     model = OffloadedLlamaModel(config, weights, client, max_len, sub_batches)
-    return OffloadedEngine(config, weights, ec, model=model, kv_cache=RemoteKVCache(config, client))
+    return OffloadedEngine(
+        config, weights, ec, model=model, kv_cache=RemoteKVCache(config, client), identity=identity
+    )
 
 
 def offloaded_engine_from_pretrained(
@@ -425,7 +431,9 @@ def offloaded_engine_from_pretrained(
     config = LlamaConfig.from_pretrained(path)
     weights = load_llama_weights(path, config, device=device, dtype=dtype)
     client = AttentionClient(connect(address, connect_timeout_s), config, dtype, weights.device)
-    return offloaded_engine(config, weights, client, ec, sub_batches)
+    return offloaded_engine(
+        config, weights, client, ec, sub_batches, identity=checkpoint_identity(path, config)
+    )
 
 
 def offloaded_engine_from_service(
@@ -444,4 +452,6 @@ def offloaded_engine_from_service(
     weights = load_llama_weights(path, config, device=device, dtype=dtype)
     conn = claim(service, claim_timeout_s)
     client = AttentionClient(conn, config, dtype, weights.device, hello_sent=True)
-    return offloaded_engine(config, weights, client, ec, sub_batches)
+    return offloaded_engine(
+        config, weights, client, ec, sub_batches, identity=checkpoint_identity(path, config)
+    )

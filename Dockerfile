@@ -28,6 +28,12 @@ RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
       && rm -rf /var/lib/apt/lists/*; \
     fi \
     && python3 -m venv /opt/venv
+# A C compiler for the attention worker's host kernel (agents/engine/host_attention_kernel.c),
+# built at first use on the node with -march=native; without one the worker falls back to SDPA
+# (~1.4x slower scans on the H200 host).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
 # torch first, from the wheel index that matches the base (CPU or CUDA).

@@ -145,12 +145,16 @@ def test_streamed_token_ids_include_tokens_that_add_no_text(
     )
     assert found is not None, "no prompt among the candidates makes a token without text"
     prompt, expected = found
+    # A one-character stop string that never comes holds no text back and keeps one chunk per
+    # step: without stop strings a stream merges the steps queued behind one wake-up, and the
+    # silent step's chunk would depend on whether the event loop kept up with the engine.
     stream = client.completions.create(
         model=SERVED_NAME,
         prompt=prompt,
         max_tokens=16,
         temperature=0,
         stream=True,
+        stop=["\x00"],
         extra_body={"return_token_ids": True, "ignore_eos": True},
     )
     chunks = [chunk.choices[0] for chunk in stream if chunk.choices]

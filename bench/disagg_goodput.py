@@ -76,6 +76,10 @@ DEFAULT_PLAN = RESULTS / "disagg_goodput_plan.json"
 DEPLOYMENT = ROOT / "examples/llama3-8b-chat.yaml"
 CLASS = "h200"
 TRACE = ROOT.parent / "shared/data/traces/azure_llm_2023_conv.csv"
+"""The hour of Azure conversation requests beside the checkout (../shared/data), for `prepare`."""
+BUNDLED_TRACE = ROOT / "sim/data/azure_llm_2023_conv_10min.csv"
+"""Its first ten minutes, shipped in the repo: the smoke run, the tests, and `prepare` where
+the hour is absent (a fresh clone)."""
 KV_TRANSFER = RESULTS / "kv_transfer_h200.json"
 TRANSPORT = "cuda_ipc"
 LAUNCHER = HERE / "random_weights_serve.py"
@@ -367,7 +371,8 @@ def make_plan(smoke: bool, seed: int) -> dict[str, Any]:
         "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS,
         "enable_chunked_prefill": True,
     }
-    lengths = trace_lengths(layout)
+    trace = TRACE if not smoke and TRACE.exists() else BUNDLED_TRACE
+    lengths = trace_lengths(layout, trace)
     model = SMOKE_MODEL if smoke else model_of(spec)
     if smoke:
         goodput, rates = None, list(SMOKE_RATES)
@@ -395,7 +400,7 @@ def make_plan(smoke: bool, seed: int) -> dict[str, Any]:
         "smoke": smoke,
         "deployment": str(DEPLOYMENT.relative_to(ROOT)),
         "accelerator_class": CLASS,
-        "trace": "azure_llm_2023_conv.csv",
+        "trace": trace.name,
         "model": model,
         "slo": {
             "ttft_s": spec.slo.ttft_ms / 1e3,

@@ -95,9 +95,9 @@ def test_every_rate_serves_the_same_requests_sooner() -> None:
 
 
 def test_trace_lengths_fit_the_context() -> None:
-    prompts, outputs = bench.trace_lengths(bench.GPU_LAYOUT)
-    assert len(prompts) > 19_000 and (prompts + outputs).max() <= 8192
-    small_prompts, small_outputs = bench.trace_lengths(bench.SMOKE_LAYOUT)
+    prompts, outputs = bench.trace_lengths(bench.GPU_LAYOUT, bench.BUNDLED_TRACE)
+    assert len(prompts) > 2_000 and (prompts + outputs).max() <= 8192
+    small_prompts, small_outputs = bench.trace_lengths(bench.SMOKE_LAYOUT, bench.BUNDLED_TRACE)
     assert (small_prompts + small_outputs).max() <= 512 and small_outputs.min() >= 2
 
 
@@ -127,7 +127,7 @@ def test_a_memory_share_holds_the_weights_the_reserve_and_the_rest_as_kv_blocks(
 def test_the_report_simulates_the_runs_requests_on_one_shared_h200() -> None:
     pytest.importorskip("pydantic")
     spec, accelerator = bench.deployment_inputs()
-    prompts, outputs = bench.trace_lengths(bench.GPU_LAYOUT)
+    prompts, outputs = bench.trace_lengths(bench.GPU_LAYOUT, bench.BUNDLED_TRACE)
     scheduler = {
         "max_num_seqs": 256,
         "max_num_batched_tokens": 2048,

@@ -187,9 +187,7 @@ async def test_a_busy_instance_that_streams_stays_in_though_its_probes_time_out(
     assert (await instances(router))[0]["healthy"]
     busy.ready_delay_s = 1.0  # every probe times out (0.3 s) from now on
     events = await stream_events(router, deadline_s=6)
-    assert [json.loads(e)["choices"][0]["text"] for e in events[:-1]] == [
-        str(i) for i in range(40)
-    ]
+    assert [json.loads(e)["choices"][0]["text"] for e in events[:-1]] == [str(i) for i in range(40)]
     state = (await instances(router))[0]
     assert state["healthy"], state  # it answered the whole time: probes alone don't mark it out
     idle = time.monotonic()

@@ -42,18 +42,39 @@ def package(num_blocks: int = 3) -> KVPackage:
     )
 
 
-async def exchange(send: Callable[[KVChannel], Awaitable[None]]) -> KVPackage:
-    """Run `send` on the listening side; receive one package on the connecting side."""
+async def exchange(
+    send: Callable[[KVChannel], Awaitable[None]], receiver: TcpTransport | None = None
+) -> KVPackage:
+    """Run `send` on the listening side; receive one package on the connecting side (through
+    `receiver`, the sender's transport by default)."""
     transport = TcpTransport(timeout_s=5)
     listener = await transport.listen("127.0.0.1", 0, send)
     try:
-        channel = await transport.connect(listener.address, timeout_s=2)
+        channel = await (receiver or transport).connect(listener.address, timeout_s=2)
         try:
             return await channel.receive_package()
         finally:
             await channel.close()
     finally:
         await listener.close()
+
+
+def sender_damaging_frame_crc(
+    sent: KVPackage, damaged: int
+) -> Callable[[KVChannel], Awaitable[None]]:
+    """A sender of `sent`'s frames whose block `damaged` carries a wrong frame CRC (the block
+    bytes themselves are intact, so only the frame check can catch it)."""
+
+    async def send(channel: KVChannel) -> None:
+        assert isinstance(channel, TcpChannel)
+        await channel._write(FrameKind.PACKAGE_HEADER, sent.header_bytes())
+        for index in range(sent.num_blocks):
+            block = sent.block_bytes(index)
+            crc = zlib.crc32(block) ^ (1 if index == damaged else 0)
+            await channel._write(FrameKind.BLOCK, block, index, crc)
+        await channel._write(FrameKind.PACKAGE_END, b"", sent.num_blocks)
+
+    return send
 
 
 def test_a_package_arrives_bit_for_bit() -> None:
@@ -186,17 +207,8 @@ def test_a_block_frame_damaged_behind_matching_checksums_fails_its_crc() -> None
         sent.sampling, sent.blocks, checksum_algorithm="blake2b_128",
     )  # fmt: skip
 
-    async def send(channel: KVChannel) -> None:
-        assert isinstance(channel, TcpChannel)
-        await channel._write(FrameKind.PACKAGE_HEADER, sent.header_bytes())
-        for index in range(sent.num_blocks):
-            block = sent.block_bytes(index)
-            crc = zlib.crc32(block) ^ (1 if index == 2 else 0)
-            await channel._write(FrameKind.BLOCK, block, index, crc)
-        await channel._write(FrameKind.PACKAGE_END, b"", sent.num_blocks)
-
     with pytest.raises(KVChecksumError, match="BLOCK 2 fails its CRC-32"):
-        asyncio.run(exchange(send))
+        asyncio.run(exchange(sender_damaging_frame_crc(sent, 2)))
 
 
 def test_a_block_frame_of_the_wrong_length_is_refused_at_once() -> None:
@@ -280,17 +292,8 @@ def test_a_large_package_flipped_behind_its_checksums_is_refused(algorithm: str)
 def test_a_large_packages_damaged_frame_crc_is_refused_by_the_checksum_threads() -> None:
     sent = large_package("blake2b_128")
 
-    async def send(channel: KVChannel) -> None:
-        assert isinstance(channel, TcpChannel)
-        await channel._write(FrameKind.PACKAGE_HEADER, sent.header_bytes())
-        for index in range(sent.num_blocks):
-            block = sent.block_bytes(index)
-            crc = zlib.crc32(block) ^ (1 if index == 33 else 0)
-            await channel._write(FrameKind.BLOCK, block, index, crc)
-        await channel._write(FrameKind.PACKAGE_END, b"", sent.num_blocks)
-
     with pytest.raises(KVChecksumError, match="BLOCK 33 fails its CRC-32"):
-        asyncio.run(exchange(send))
+        asyncio.run(exchange(sender_damaging_frame_crc(sent, 33)))
 
 
 def test_a_package_cut_short_by_its_end_frame_is_refused() -> None:
@@ -314,19 +317,7 @@ def test_a_receiver_with_a_device_gets_the_blocks_there() -> None:
     async def send(channel: KVChannel) -> None:
         await channel.send_package(sent)
 
-    async def run() -> KVPackage:
-        listener = await TcpTransport(timeout_s=5).listen("127.0.0.1", 0, send)
-        try:
-            receiver = TcpTransport(timeout_s=5, device="cuda")
-            channel = await receiver.connect(listener.address, timeout_s=2)
-            try:
-                return await channel.receive_package()
-            finally:
-                await channel.close()
-        finally:
-            await listener.close()
-
-    got = asyncio.run(run())
+    got = asyncio.run(exchange(send, receiver=TcpTransport(timeout_s=5, device="cuda")))
     assert got.blocks.device.type == "cuda"
     assert torch.equal(got.blocks.cpu(), sent.blocks)
     got.check_compatible(LARGE)

@@ -58,6 +58,7 @@ from typing import Any
 import checkout_layout  # noqa: F401  (links the package layout where it is not installed)
 import numpy as np
 import serving_probes
+from model_shapes import hf_model_of, tiny_model
 from poisson_client import Record, latency_arrays, run_point
 from serving_validation import (
     DEFAULT_CLASSES,
@@ -336,30 +337,7 @@ def sim_goodput(
     return low
 
 
-def model_of(spec: Any) -> dict[str, int]:
-    arch = spec.model.architecture
-    return {
-        "vocab_size": arch.vocab_size,
-        "hidden_size": arch.hidden_size,
-        "intermediate_size": arch.intermediate_size,
-        "num_hidden_layers": arch.num_layers,
-        "num_attention_heads": arch.num_attention_heads,
-        "num_key_value_heads": arch.num_key_value_heads,
-        "head_dim": arch.resolved_head_dim,
-        "max_position_embeddings": arch.max_context_tokens,
-    }
-
-
-SMOKE_MODEL = {
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": SMOKE_LAYOUT.max_model_len,
-}
+SMOKE_MODEL = tiny_model(512, SMOKE_LAYOUT.max_model_len)
 
 
 def make_plan(smoke: bool, seed: int) -> dict[str, Any]:
@@ -373,7 +351,7 @@ def make_plan(smoke: bool, seed: int) -> dict[str, Any]:
     }
     trace = TRACE if not smoke and TRACE.exists() else BUNDLED_TRACE
     lengths = trace_lengths(layout, trace)
-    model = SMOKE_MODEL if smoke else model_of(spec)
+    model = SMOKE_MODEL if smoke else hf_model_of(spec.model.architecture)
     if smoke:
         goodput, rates = None, list(SMOKE_RATES)
         estimated_blocks = 512

@@ -34,6 +34,7 @@ from typing import Any
 
 import checkout_layout  # noqa: F401  (makes `tessera` importable from a bare checkout)
 import torch
+from model_shapes import tiny_llama_config
 
 CORPUS = (
     "The engine keeps a paged key value cache, batches requests continuously and chunks "
@@ -114,7 +115,6 @@ class StubGraphs:
 
 async def measure(batch: int, steps: int, warm_steps: int) -> dict[str, Any]:
     from tessera.agents.engine import engine as engine_module
-    from tessera.agents.engine.config import LlamaConfig
     from tessera.agents.engine.engine import Engine, EngineConfig
     from tessera.agents.engine.request import SamplingParams
     from tessera.agents.engine.scheduler import SchedulerConfig
@@ -127,17 +127,7 @@ async def measure(batch: int, steps: int, warm_steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = make_tokenizer(Path(folder))
     vocab = tokenizer.tokenizer.get_vocab_size()
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        eos_token_ids=(2,),
-    )
+    config = tiny_llama_config(vocab, 4096, eos_token_ids=(2,))
     weights = random_llama_weights(config, "cpu", torch.float32)
     total_steps = warm_steps + steps + 8
     engine = Engine(

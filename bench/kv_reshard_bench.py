@@ -30,6 +30,7 @@ from typing import Any
 
 import checkout_layout  # noqa: F401  (links the package layout where it is not installed)
 import torch
+from model_shapes import tiny_model
 
 FULL = {
     "vocab_size": 32000,
@@ -41,16 +42,7 @@ FULL = {
     "head_dim": 128,
     "max_position_embeddings": 16384,
 }
-TINY = {
-    "vocab_size": 256,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 1024,
-}
+TINY = tiny_model(256, 1024)
 LENGTHS = {True: (16, 64, 200), False: (1024, 4096, 8192)}
 NEW_TOKENS = 16
 BLOCK_SIZE = 16

@@ -47,6 +47,7 @@ from typing import Any
 
 import checkout_layout  # noqa: F401  (links the package layout where it is not installed)
 import torch
+from model_shapes import tiny_llama_config
 from tessera.agents.engine.config import LlamaConfig
 from tessera.agents.engine.engine import Engine, EngineConfig, EngineRole
 from tessera.agents.engine.kv_transfer import DEFAULT_CHECKSUM, UNCHECKED, KVGeometry, KVPackage
@@ -82,16 +83,7 @@ class Setup:
     def model(self) -> LlamaConfig:
         longest = max(self.prompt_tokens) + 64
         if self.smoke:
-            return LlamaConfig(
-                vocab_size=512,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=16,
-                max_position_embeddings=longest,
-            )
+            return tiny_llama_config(512, longest)
         return dataclasses.replace(LlamaConfig.llama3_8b(), max_position_embeddings=longest)
 
     def kv_blocks(self) -> int:

@@ -38,6 +38,7 @@ from typing import Any
 
 import checkout_layout  # noqa: F401  (links the package layout where it is not installed)
 import torch
+from model_shapes import tiny_llama_config
 from tessera.agents.engine import Engine, EngineConfig, LlamaConfig, SamplingParams
 from tessera.agents.engine.kv_transport import TcpTransport
 from tessera.agents.engine.migration import MigrationConfig, MigrationTarget, migrate_out
@@ -157,18 +158,7 @@ def build(args: argparse.Namespace) -> tuple[ServingLoop, ServingLoop, LlamaConf
     contexts = [int(c) for c in args.contexts.split(",")]
     longest = max(contexts) + args.max_new_tokens + BLOCK_SIZE
     if args.smoke:
-        config = LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            rms_norm_eps=1e-5,
-            rope_theta=10000.0,
-            max_position_embeddings=longest,
-        )
+        config = tiny_llama_config(256, longest, rms_norm_eps=1e-5, rope_theta=10000.0)
         device, dtype = "cpu", torch.float32
     else:
         base = LlamaConfig.llama3_8b()

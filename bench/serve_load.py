@@ -50,20 +50,9 @@ from pathlib import Path
 from typing import Any
 
 import checkout_layout  # noqa: F401  (makes `tessera` importable from a bare checkout)
+from model_shapes import tiny_model
 
 HERE = Path(__file__).resolve()
-TINY = {
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "rms_norm_eps": 1e-5,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 
 
 @dataclass
@@ -385,7 +374,9 @@ def host(args: argparse.Namespace, folder: Path) -> Hosted:
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.smoke:
-        config = LlamaConfig.from_dict({**TINY, "max_position_embeddings": args.max_model_len})
+        config = LlamaConfig.from_dict(
+            tiny_model(512, args.max_model_len, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+        )
     else:
         config = replace(LlamaConfig.llama3_8b(), max_position_embeddings=args.max_model_len)
     word_level_tokenizer(folder, config.vocab_size)

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from model_shapes import hf_model_of
 
 try:
     import tessera.agents  # noqa: F401
@@ -350,16 +351,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     plan = {
         "deployment": str(args.deployment.relative_to(ROOT)),
         "accelerator_class": args.accelerator_class,
-        "model": {
-            "vocab_size": arch.vocab_size,
-            "hidden_size": arch.hidden_size,
-            "intermediate_size": arch.intermediate_size,
-            "num_hidden_layers": arch.num_layers,
-            "num_attention_heads": arch.num_attention_heads,
-            "num_key_value_heads": arch.num_key_value_heads,
-            "head_dim": arch.resolved_head_dim,
-            "max_position_embeddings": arch.max_context_tokens,
-        },
+        "model": hf_model_of(arch),
         "kv_capacity_tokens": kv_tokens,
         "slo": asdict(slo_of(spec)),
         "command": " ".join(sys.argv),

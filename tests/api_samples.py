@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tessera.api.accelerator_class import AcceleratorClass, AcceleratorClassSpec
+from tessera.api.model_deployment import ModelDeploymentSpec, Plan
+from tessera.policies.capacity import ClassOffer
+from tessera.policies.placement import plan_deployment
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -18,3 +22,23 @@ def example_documents(name: str) -> list[dict[str, Any]]:
 def chat_deployment() -> dict[str, Any]:
     """A fresh copy of the Llama-3-8B chat ModelDeployment document."""
     return copy.deepcopy(example_documents("llama3-8b-chat.yaml")[0])
+
+
+def example_classes() -> dict[str, AcceleratorClassSpec]:
+    """The bundled AcceleratorClasses by name (examples/accelerator-classes.yaml)."""
+    resources = [
+        AcceleratorClass.model_validate(d) for d in example_documents("accelerator-classes.yaml")
+    ]
+    return {r.metadata.name: r.spec for r in resources}
+
+
+def spec_of(**changes: Any) -> ModelDeploymentSpec:
+    """The chat ModelDeployment's spec with top-level `changes` applied."""
+    document = chat_deployment()
+    document["spec"].update(changes)
+    return ModelDeploymentSpec.model_validate(document["spec"])
+
+
+def plan_for(spec: ModelDeploymentSpec) -> Plan:
+    """The planner's choice for `spec` over every bundled class."""
+    return plan_deployment(spec, [ClassOffer(n, s) for n, s in example_classes().items()])

@@ -27,7 +27,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from api_samples import chat_deployment, example_documents
+from api_samples import example_classes, plan_for, spec_of
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
@@ -40,8 +40,7 @@ from operator_fixtures import (  # noqa: F401  (fixtures, used by name)
     wait_for,
 )
 from operator_permissions import operator_needs
-from tessera.api.accelerator_class import AcceleratorClass, AcceleratorClassSpec
-from tessera.api.model_deployment import ModelDeploymentSpec, Plan
+from tessera.api.model_deployment import Plan
 from tessera.operator import render
 from tessera.operator.inference_pool import (
     ENDPOINT_PICKER_PORT,
@@ -54,8 +53,6 @@ from tessera.operator.inference_pool import (
     endpoint_picker_name,
     render_inference_pool,
 )
-from tessera.policies.capacity import ClassOffer
-from tessera.policies.placement import plan_deployment
 from test_operator_rbac import (  # noqa: F401  (a fixture, used by name)
     release_namespace_fixture,
     render_chart_rbac,
@@ -80,23 +77,6 @@ def crd_document() -> dict[str, Any]:
 def pool_schema() -> dict[str, Any]:
     schema: dict[str, Any] = crd_document()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     return schema
-
-
-def example_classes() -> dict[str, AcceleratorClassSpec]:
-    resources = [
-        AcceleratorClass.model_validate(d) for d in example_documents("accelerator-classes.yaml")
-    ]
-    return {r.metadata.name: r.spec for r in resources}
-
-
-def spec_of(**changes: Any) -> ModelDeploymentSpec:
-    document = chat_deployment()
-    document["spec"].update(changes)
-    return ModelDeploymentSpec.model_validate(document["spec"])
-
-
-def plan_for(spec: ModelDeploymentSpec) -> Plan:
-    return plan_deployment(spec, [ClassOffer(n, s) for n, s in example_classes().items()])
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:

@@ -13,9 +13,8 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
-from api_samples import chat_deployment, example_documents
+from api_samples import chat_deployment, example_classes, plan_for, spec_of
 from pydantic import ValidationError
-from tessera.api.accelerator_class import AcceleratorClass, AcceleratorClassSpec
 from tessera.api.crdgen import build_crds
 from tessera.api.model_deployment import (
     ModelDeploymentSpec,
@@ -43,29 +42,10 @@ from tessera.operator.status import (
     merge_conditions,
     refreshed_readiness,
 )
-from tessera.policies.capacity import ClassOffer
-from tessera.policies.placement import plan_deployment
 
 KUBERNETES_VERSION = kubernetes_validate.utils.latest_version()
 OWNER = render.Owner(name="chat", namespace="serving", uid="3f6b8f0e-0000-4000-8000-000000000001")
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-
-
-def classes() -> dict[str, AcceleratorClassSpec]:
-    resources = [
-        AcceleratorClass.model_validate(d) for d in example_documents("accelerator-classes.yaml")
-    ]
-    return {r.metadata.name: r.spec for r in resources}
-
-
-def spec_of(**changes: Any) -> ModelDeploymentSpec:
-    document = chat_deployment()
-    document["spec"].update(changes)
-    return ModelDeploymentSpec.model_validate(document["spec"])
-
-
-def plan_for(spec: ModelDeploymentSpec) -> Plan:
-    return plan_deployment(spec, [ClassOffer(n, s) for n, s in classes().items()])
 
 
 def validate_kubernetes(obj: dict[str, Any]) -> None:
@@ -92,7 +72,7 @@ COLOCATED = spec_of(servingMode="colocated")
 @pytest.mark.parametrize("spec", [DISAGGREGATED, COLOCATED], ids=["disaggregated", "colocated"])
 def test_one_deployment_per_pool_and_valid_kubernetes_objects(spec: ModelDeploymentSpec) -> None:
     plan = plan_for(spec)
-    children = render.render_children(OWNER, spec, plan, classes())
+    children = render.render_children(OWNER, spec, plan, example_classes())
     for child in children:
         validate_kubernetes(child)
     deployments = [
@@ -150,7 +130,7 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def test_entry_service_selects_the_router_or_the_colocated_pools() -> None:
     for spec, entry in ((DISAGGREGATED, "router"), (COLOCATED, "colocated")):
         plan = plan_for(spec)
-        children = render.render_children(OWNER, spec, plan, classes())
+        children = render.render_children(OWNER, spec, plan, example_classes())
         services = [c for c in children if c["kind"] == "Service"]
         assert services[0]["metadata"]["name"] == "chat"
         assert services[0]["spec"]["selector"] == {
@@ -180,7 +160,7 @@ def test_entry_service_selects_the_router_or_the_colocated_pools() -> None:
 
 def test_a_disaggregated_plan_is_fronted_by_the_router_over_the_headless_services() -> None:
     plan = plan_for(DISAGGREGATED)
-    children = render.render_children(OWNER, DISAGGREGATED, plan, classes())
+    children = render.render_children(OWNER, DISAGGREGATED, plan, example_classes())
     (router,) = [c for c in children if c["metadata"]["name"] == "chat-router"]
     assert router["kind"] == "Deployment"
     assert router["spec"]["replicas"] == render.ROUTER_REPLICAS >= 2
@@ -205,14 +185,14 @@ def test_a_disaggregated_plan_is_fronted_by_the_router_over_the_headless_service
     for name, role in (("chat-prefill", "prefill"), ("chat-decode", "decode")):
         chosen = [p for p in engine_pods if selects(services[name]["spec"]["selector"], p)]
         assert chosen and all(p["tessera.dev/role"] == role for p in chosen)
-    colocated = render.render_children(OWNER, COLOCATED, plan_for(COLOCATED), classes())
+    colocated = render.render_children(OWNER, COLOCATED, plan_for(COLOCATED), example_classes())
     assert not any(c["metadata"]["name"] == "chat-router" for c in colocated)
 
 
 def engine_args_by_role(spec: ModelDeploymentSpec, plan: Plan) -> dict[str, list[str]]:
     """The engine container's arguments of each pool, by role."""
     args: dict[str, list[str]] = {}
-    for child in render.render_children(OWNER, spec, plan, classes()):
+    for child in render.render_children(OWNER, spec, plan, example_classes()):
         if child["kind"] == "Deployment":
             container = child["spec"]["template"]["spec"]["containers"][0]
             args[child["metadata"]["labels"]["tessera.dev/role"]] = container["args"]
@@ -264,7 +244,7 @@ def test_class_placement_affinity_tolerations_and_priority() -> None:
     spec = spec_of(servingMode="colocated", priorityClassName="inference-high")
     plan = plan_for(spec)
     pool = plan.pools[0]
-    class_spec = classes()[pool.accelerator_class].model_copy(
+    class_spec = example_classes()[pool.accelerator_class].model_copy(
         update={
             "node_selector": {"tessera.dev/accelerator": "x", "zone": "a"},
             "tolerations": [
@@ -301,8 +281,8 @@ def test_class_placement_affinity_tolerations_and_priority() -> None:
 
 def test_npu_and_cpu_classes_request_their_own_resources() -> None:
     spec = spec_of(servingMode="colocated")
-    npu = classes()["ascend910b"]
-    cpu = classes()["cpu-spr"]
+    npu = example_classes()["ascend910b"]
+    cpu = example_classes()["cpu-spr"]
     pool = PoolPlan(
         name="colocated-x",
         role=PoolRole.COLOCATED,
@@ -326,14 +306,14 @@ def test_npu_and_cpu_classes_request_their_own_resources() -> None:
 
 def test_same_inputs_render_identical_objects_and_the_hash_tracks_content() -> None:
     plan = plan_for(DISAGGREGATED)
-    first = render.render_children(OWNER, DISAGGREGATED, plan, classes())
-    second = render.render_children(OWNER, DISAGGREGATED, copy.deepcopy(plan), classes())
+    first = render.render_children(OWNER, DISAGGREGATED, plan, example_classes())
+    second = render.render_children(OWNER, DISAGGREGATED, copy.deepcopy(plan), example_classes())
     assert first == second
     hashes = [c["metadata"]["annotations"][render.CONFIG_HASH_ANNOTATION] for c in first]
     assert len(set(hashes)) == len(hashes)
     scaled = plan.model_copy(deep=True)
     scaled.pools[0].replicas += 1
-    changed = render.render_children(OWNER, DISAGGREGATED, scaled, classes())
+    changed = render.render_children(OWNER, DISAGGREGATED, scaled, example_classes())
     assert (
         changed[0]["metadata"]["annotations"][render.CONFIG_HASH_ANNOTATION]
         != first[0]["metadata"]["annotations"][render.CONFIG_HASH_ANNOTATION]
@@ -344,7 +324,7 @@ def test_same_inputs_render_identical_objects_and_the_hash_tracks_content() -> N
 def test_long_and_dotted_names_become_valid_kubernetes_names() -> None:
     owner = render.Owner(name="a." + "very-long-name-" * 10 + "x", namespace="ns", uid="u")
     plan = plan_for(DISAGGREGATED)
-    children = render.render_children(owner, DISAGGREGATED, plan, classes())
+    children = render.render_children(owner, DISAGGREGATED, plan, example_classes())
     names = [c["metadata"]["name"] for c in children]
     assert len(set(names)) == len(names)
     for child in children:
@@ -526,7 +506,7 @@ def node(labels: dict[str, str], allocatable: dict[str, str], **extra: Any) -> d
 
 
 def test_class_capacity_counts_schedulable_ready_matching_nodes() -> None:
-    h100 = classes()["h100"]
+    h100 = example_classes()["h100"]
     selected = {"tessera.dev/accelerator": "h100"}
     nodes = [
         node(selected, {"nvidia.com/gpu": "8"}),
@@ -544,14 +524,14 @@ def test_class_capacity_counts_schedulable_ready_matching_nodes() -> None:
     ]
     assert inventory.class_capacity(h100, nodes) == 12
     assert inventory.class_capacity(h100, nodes[4:]) is None
-    cpu = classes()["cpu-spr"]
+    cpu = example_classes()["cpu-spr"]
     cpu_nodes = [node({"tessera.dev/accelerator": "cpu-spr"}, {"cpu": "223500m"})] * 3
     assert inventory.class_capacity(cpu, cpu_nodes) == 3 * cpu.accelerators_per_node
     assert inventory.node_selector_query(h100) == "tessera.dev/accelerator=h100"
 
 
 def test_offers_subtract_what_other_plans_hold() -> None:
-    all_classes = classes()
+    all_classes = example_classes()
     other = plan_for(DISAGGREGATED)
     held = inventory.held_by_plans([other, other])
     offers = inventory.build_offers(
@@ -627,10 +607,10 @@ class RecordingApplier:
 
 
 def test_apply_prunes_only_this_deployments_managed_children() -> None:
-    colocated = render.render_children(OWNER, COLOCATED, plan_for(COLOCATED), classes())
-    split = render.render_children(OWNER, DISAGGREGATED, plan_for(DISAGGREGATED), classes())
+    colocated = render.render_children(OWNER, COLOCATED, plan_for(COLOCATED), example_classes())
+    split = render.render_children(OWNER, DISAGGREGATED, plan_for(DISAGGREGATED), example_classes())
     other_owner = render.Owner(name="other", namespace="serving", uid="u2")
-    others = render.render_children(other_owner, COLOCATED, plan_for(COLOCATED), classes())
+    others = render.render_children(other_owner, COLOCATED, plan_for(COLOCATED), example_classes())
     hand_made = copy.deepcopy(colocated[0])
     hand_made["metadata"]["name"] = "hand-made"
     del hand_made["metadata"]["labels"][render.MANAGED_BY_LABEL]
@@ -653,7 +633,7 @@ MD_X_PREFILL = render.Owner(name="x-prefill", namespace="serving", uid="uid-x-pr
 
 
 def children_of(owner: render.Owner, spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
-    return render.render_children(owner, spec, plan_for(spec), classes())
+    return render.render_children(owner, spec, plan_for(spec), example_classes())
 
 
 def test_x_and_x_prefill_want_the_same_service() -> None:

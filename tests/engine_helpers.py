@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from tessera.agents.engine.tp_engine import TensorParallelEngine
 
 TINY: dict[str, Any] = {
     "vocab_size": 128,
@@ -92,3 +96,18 @@ def wait_until(condition: Callable[[], bool], deadline_s: float = 30.0) -> bool:
             return True
         time.sleep(0.05)
     return condition()
+
+
+@contextlib.contextmanager
+def running_tensor_parallel(
+    folder: Path, config: Any, degree: int
+) -> Iterator[TensorParallelEngine]:
+    """A tensor-parallel engine over `folder`'s checkpoint, closed on exit: its ranks are
+    processes, and a test that left them running would hold CPU and ports past its end."""
+    from tessera.agents.engine.tp_engine import start_tensor_parallel_engine
+
+    engine = start_tensor_parallel_engine(folder, config, degree)
+    try:
+        yield engine
+    finally:
+        engine.close()

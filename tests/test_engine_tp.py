@@ -21,7 +21,13 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import process_running, random_prompts, wait_until, write_checkpoint
+from engine_helpers import (
+    process_running,
+    random_prompts,
+    running_tensor_parallel,
+    wait_until,
+    write_checkpoint,
+)
 from tessera.agents.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig
 from tessera.agents.engine.config import LlamaConfig, TensorParallelSizeError
 from tessera.agents.engine.parallel import TensorParallelShard
@@ -55,11 +61,8 @@ def engine_config() -> EngineConfig:
 
 @pytest.fixture()
 def tp2(folder: Path) -> Iterator[TensorParallelEngine]:
-    engine = start_tensor_parallel_engine(folder, engine_config(), 2)
-    try:
+    with running_tensor_parallel(folder, engine_config(), 2) as engine:
         yield engine
-    finally:
-        engine.close()
 
 
 def run_to_end(engine: Any, prompts: list[list[int]], params: SamplingParams) -> tuple[Any, int]:

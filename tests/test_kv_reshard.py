@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import random_prompts, write_checkpoint
+from engine_helpers import random_prompts, running_tensor_parallel, write_checkpoint
 from tessera.agents.engine import Engine, EngineConfig, SamplingParams
 from tessera.agents.engine.kv_reshard import (
     KVReshardError,
@@ -30,7 +30,7 @@ from tessera.agents.engine.kv_transfer import (
     KVPackage,
     KVTransferError,
 )
-from tessera.agents.engine.tp_engine import TensorParallelEngine, start_tensor_parallel_engine
+from tessera.agents.engine.tp_engine import TensorParallelEngine
 
 GEOMETRY = KVGeometry("llama:test:0123", 2, 4, 8, 4, "float32")
 TOKENS = 10  # 3 blocks of 4 slots, the last one half used
@@ -209,11 +209,8 @@ def engine_config(dtype: torch.dtype | None = None) -> EngineConfig:
 
 @pytest.fixture(scope="module")
 def tp2(folder: Path) -> Iterator[TensorParallelEngine]:
-    engine = start_tensor_parallel_engine(folder, engine_config(), 2)
-    try:
+    with running_tensor_parallel(folder, engine_config(), 2) as engine:
         yield engine
-    finally:
-        engine.close()
 
 
 PARAMS = SamplingParams(max_new_tokens=10, temperature=0.0)

@@ -66,6 +66,7 @@ from serving_validation import (
     Slo,
     attainment,
     crossing,
+    highest_rate,
     latencies,
     percentile_ms,
 )
@@ -328,13 +329,7 @@ def sim_goodput(
         result = simulate_shared(spec, accelerator, workload, kv_tokens, scheduler)
         return attainment(MEASURE, slo, *sim_latencies_of(result)) >= slo.target
 
-    low, high = 0.0, 1.0
-    while meets(high) and high < 512:
-        low, high = high, high * 2
-    for _ in range(8):
-        middle = (low + high) / 2
-        low, high = (middle, high) if meets(middle) else (low, middle)
-    return low
+    return highest_rate(meets, ceiling=512, bisections=8)
 
 
 SMOKE_MODEL = tiny_model(512, SMOKE_LAYOUT.max_model_len)

@@ -286,6 +286,19 @@ def sim_latencies(mode: Mode, result: RunResult) -> tuple[np.ndarray, np.ndarray
     return first - result.arrival_s, tpot
 
 
+def highest_rate(meets: Callable[[float], bool], ceiling: float, bisections: int) -> float:
+    """The highest rate `meets` accepts, assuming it is monotone: double from 1 req/s until it
+    fails (or reaches `ceiling`), then bisect the last interval `bisections` times; 0 when even
+    1 req/s fails. Its lower end is returned, so the rate is one that was seen to pass."""
+    low, high = 0.0, 1.0
+    while meets(high) and high < ceiling:
+        low, high = high, high * 2
+    for _ in range(bisections):
+        middle = (low + high) / 2
+        low, high = (middle, high) if meets(middle) else (low, middle)
+    return low
+
+
 def sim_goodput(
     mode: Mode,
     spec: ModelDeploymentSpec,
@@ -306,13 +319,7 @@ def sim_goodput(
         result = simulate(mode, spec, class_name, accelerator, workload, kv_tokens)
         return attainment(mode, slo, *sim_latencies(mode, result)) >= slo.target
 
-    low, high = 0.0, 1.0
-    while meets(high) and high < 1024:
-        low, high = high, high * 2
-    for _ in range(10):
-        middle = (low + high) / 2
-        low, high = (middle, high) if meets(middle) else (low, middle)
-    return low
+    return highest_rate(meets, ceiling=1024, bisections=10)
 
 
 def run_prepare(args: argparse.Namespace) -> None:

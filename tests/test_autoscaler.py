@@ -114,13 +114,14 @@ def test_a_restarted_instance_counts_from_zero_and_old_samples_leave_the_window(
 
 
 def test_serving_pods_drain_through_a_pre_stop_hook_bounded_by_the_grace_period() -> None:
-    from test_operator_units import OWNER, classes, plan_for, spec_of, validate_kubernetes
+    from api_samples import example_classes, plan_for, spec_of
+    from test_operator_units import OWNER, validate_kubernetes
 
     spec = spec_of(
         servingMode="colocated", autoscaling={"enabled": True, "drainDeadlineSeconds": 40}
     )
     plan = plan_for(spec)
-    children = render.render_children(OWNER, spec, plan, classes())
+    children = render.render_children(OWNER, spec, plan, example_classes())
     for child in children:
         validate_kubernetes(child)
     [pod] = [c["spec"]["template"]["spec"] for c in children if c["kind"] == "Deployment"]
@@ -141,7 +142,7 @@ def test_serving_pods_drain_through_a_pre_stop_hook_bounded_by_the_grace_period(
     split = plan_for(disaggregated)
     by_role = {
         c["metadata"]["labels"].get("tessera.dev/role"): c["spec"]["template"]["spec"]
-        for c in render.render_children(OWNER, disaggregated, split, classes())
+        for c in render.render_children(OWNER, disaggregated, split, example_classes())
         if c["kind"] == "Deployment"
     }
     decode = by_role[PoolRole.DECODE.value]["containers"][0]["lifecycle"]["preStop"]

@@ -10,10 +10,9 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from api_samples import chat_deployment, example_documents
+from api_samples import chat_deployment, example_classes
 from pydantic import ValidationError
 from tessera.agents.serving import cli as serve_cli
-from tessera.api.accelerator_class import AcceleratorClass, AcceleratorClassSpec
 from tessera.api.model_deployment import ModelDeploymentSpec, Plan, PoolPlan, PoolRole
 from tessera.operator import render
 from tessera.policies.capacity import ClassOffer
@@ -21,13 +20,6 @@ from tessera.policies.placement import plan_deployment
 
 OWNER = render.Owner(name="chat", namespace="serving", uid="3f6b8f0e-0000-4000-8000-000000000002")
 KUBERNETES_VERSION = kubernetes_validate.utils.latest_version()
-
-
-def classes() -> dict[str, AcceleratorClassSpec]:
-    resources = [
-        AcceleratorClass.model_validate(d) for d in example_documents("accelerator-classes.yaml")
-    ]
-    return {r.metadata.name: r.spec for r in resources}
 
 
 def offload_spec() -> ModelDeploymentSpec:
@@ -42,7 +34,7 @@ def parsed(args: list[str]) -> dict[str, Any]:
 
 
 def test_the_plan_links_each_attention_pool_to_its_decode_pool() -> None:
-    plan = plan_deployment(offload_spec(), [ClassOffer(n, s) for n, s in classes().items()])
+    plan = plan_deployment(offload_spec(), [ClassOffer(n, s) for n, s in example_classes().items()])
     attention = [p for p in plan.pools if p.role is PoolRole.ATTENTION]
     decode = {p.name for p in plan.pools if p.role is PoolRole.DECODE}
     assert attention, plan.rationale
@@ -55,8 +47,8 @@ def test_the_plan_links_each_attention_pool_to_its_decode_pool() -> None:
 
 def test_decode_pods_get_the_attention_service_their_workers_listen_on() -> None:
     spec = offload_spec()
-    plan = plan_deployment(spec, [ClassOffer(n, s) for n, s in classes().items()])
-    children = render.render_children(OWNER, spec, plan, classes())
+    plan = plan_deployment(spec, [ClassOffer(n, s) for n, s in example_classes().items()])
+    children = render.render_children(OWNER, spec, plan, example_classes())
     for child in children:
         kubernetes_validate.validate(child, KUBERNETES_VERSION, strict=True)
     deployments = {c["metadata"]["name"]: c for c in children if c["kind"] == "Deployment"}
@@ -91,8 +83,8 @@ def test_pools_without_offload_get_no_attention_service() -> None:
     document = chat_deployment()
     document["spec"]["servingMode"] = "colocated"
     spec = ModelDeploymentSpec.model_validate(document["spec"])
-    plan = plan_deployment(spec, [ClassOffer(n, s) for n, s in classes().items()])
-    children = render.render_children(OWNER, spec, plan, classes())
+    plan = plan_deployment(spec, [ClassOffer(n, s) for n, s in example_classes().items()])
+    children = render.render_children(OWNER, spec, plan, example_classes())
     for child in children:
         if child["kind"] == "Deployment":
             args = child["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -137,7 +129,7 @@ def test_host_memory_attention_runs_beside_the_engine_in_each_decode_pod() -> No
     host = host_memory_class(
         name="node", memory_gib=1024, dram_bandwidth_gbps=300, link_gbps=20, cpu_bf16_tflops=20
     )
-    all_classes = {**classes(), "host": host}
+    all_classes = {**example_classes(), "host": host}
     decode = PoolPlan(
         name="decode-h100", role=PoolRole.DECODE, accelerator_class="h100",
         tensor_parallel=1, replicas=3,

@@ -16,9 +16,8 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from api_samples import EXAMPLES, example_documents
+from api_samples import EXAMPLES, example_classes
 from pydantic import ValidationError
-from tessera.api.accelerator_class import AcceleratorClass, AcceleratorClassSpec
 from tessera.api.model_deployment import VLLM_IMAGE, EngineKind, ModelDeploymentSpec
 from tessera.operator import render
 from tessera.policies.capacity import ClassOffer
@@ -38,13 +37,6 @@ VLLM_FLAGS = {
     "--quantization",
 }
 VLLM_DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
-
-
-def classes() -> dict[str, AcceleratorClassSpec]:
-    documents = example_documents("accelerator-classes.yaml")
-    return {
-        r.metadata.name: r.spec for r in (AcceleratorClass.model_validate(d) for d in documents)
-    }
 
 
 def vllm_deployments() -> list[tuple[str, dict[str, Any]]]:
@@ -68,13 +60,15 @@ def test_vllm_pods_run_vllm_serve_with_documented_flags_carrying_the_plan(
     where: str, document: dict[str, Any]
 ) -> None:
     spec = ModelDeploymentSpec.model_validate(document)
-    offers = [ClassOffer(name, class_spec) for name, class_spec in classes().items()]
+    offers = [ClassOffer(name, class_spec) for name, class_spec in example_classes().items()]
     plan = plan_deployment(spec, offers)
     if not plan.pools:
         pytest.skip(f"{where}: no colocated plan fits the example fleet")
     owner = render.Owner("chat", "serving", "uid-1")
     deployments = [
-        c for c in render.render_children(owner, spec, plan, classes()) if c["kind"] == "Deployment"
+        c
+        for c in render.render_children(owner, spec, plan, example_classes())
+        if c["kind"] == "Deployment"
     ]
     assert len(deployments) == len(plan.pools)
     for deployment, pool in zip(deployments, plan.pools, strict=True):
@@ -123,7 +117,7 @@ def test_extra_args_come_last_and_the_tessera_kind_is_unchanged() -> None:
     spec = ModelDeploymentSpec.model_validate(
         {**base, "engine": {"kind": "vllm", "extraArgs": ["--max-num-seqs=8"]}}
     )
-    plan = plan_deployment(spec, [ClassOffer(n, c) for n, c in classes().items()])
+    plan = plan_deployment(spec, [ClassOffer(n, c) for n, c in example_classes().items()])
     args = render.vllm_args(render.Owner("chat", "serving", "u"), spec, plan.pools[0])
     assert args[-1] == "--max-num-seqs=8"
     tessera = ModelDeploymentSpec.model_validate({**base, "engine": {}})

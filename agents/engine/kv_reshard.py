@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from tessera.agents.engine.kv_cache import blocks_for_tokens
 from tessera.agents.engine.kv_transfer import UNCHECKED, KVGeometry, KVPackage, KVTransferError
+from tessera.agents.engine.parallel import TensorParallelShard
 
 HEADS_DIM = 4
 """Where the heads are in a package's blocks: [n, layers, 2, block_size, kv_heads, head_dim]."""
@@ -40,16 +41,17 @@ class KVReshardError(KVTransferError):
 
 
 def head_slice(total_kv_heads: int, tensor_parallel_size: int, rank: int) -> slice:
-    """The model KV heads rank `rank` of `tensor_parallel_size` holds."""
+    """The model KV heads rank `rank` of `tensor_parallel_size` holds (the weights' own split,
+    `TensorParallelShard.even`)."""
     if tensor_parallel_size < 1 or total_kv_heads % tensor_parallel_size:
         raise KVReshardError(
             f"tensor_parallel_size {tensor_parallel_size} does not divide the model's "
             f"{total_kv_heads} KV heads"
         )
-    if not 0 <= rank < tensor_parallel_size:
-        raise KVReshardError(f"rank {rank} is outside [0, {tensor_parallel_size})")
-    part = total_kv_heads // tensor_parallel_size
-    return slice(rank * part, (rank + 1) * part)
+    try:
+        return TensorParallelShard(rank, tensor_parallel_size).even(total_kv_heads)
+    except ValueError as error:  # the rank outside [0, size)
+        raise KVReshardError(str(error)) from None
 
 
 def rank_geometry(geometry: KVGeometry, tensor_parallel_size: int, rank: int) -> KVGeometry:

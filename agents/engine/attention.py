@@ -249,35 +249,58 @@ def decode_attention(
     lens = meta.decode_context_lens_host
     if lens is None:
         lens = meta.decode_context_lens.tolist()
-    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    group = q.shape[1] // kv_heads
-    block_size = k_cache.shape[1]
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     firsts = meta.decode_first_blocks
     if firsts is None:
         firsts = consecutive_first_blocks(meta.decode_block_tables, lens, block_size)
         meta.decode_first_blocks = firsts
     out = torch.empty_like(q)
     for i, context_len in enumerate(lens):
-        count, first = -(-context_len // block_size), firsts[i]
-        if first is not None:
-            keys = k_cache[first : first + count].flatten(0, 1)
-            values = v_cache[first : first + count].flatten(0, 1)
-        else:
-            index = meta.decode_block_tables[i, :count].long()
-            keys = k_cache.index_select(0, index).flatten(0, 1)
-            values = v_cache.index_select(0, index).flatten(0, 1)
-        # Each KV head a "head" of one batch row, its `group` query heads as query rows:
-        # grouped-query attention without copying K/V once per query head, through the 4-D
-        # flash kernel (3-D inputs or enable_gqa take the math path), which reads the strided
-        # cache views as they are: ~25x the expand-then-attend form's speed for a 4k-token bf16
-        # context on one CPU core. An attention worker scans host-memory KV this way.
-        out[i] = F.scaled_dot_product_attention(
-            q[i].view(1, kv_heads, group, head_dim),
-            keys[:context_len].transpose(0, 1).unsqueeze(0),
-            values[:context_len].transpose(0, 1).unsqueeze(0),
-            scale=scale,
-        ).reshape(q.shape[1], head_dim)
+        first = firsts[i]
+        index = None
+        if first is None:
+            index = meta.decode_block_tables[i, : -(-context_len // block_size)].long()
+        out[i] = sequence_decode_attention(
+            q[i], k_cache, v_cache, context_len, first, index, slice(0, kv_heads), scale
+        )
     return out
+
+
+def sequence_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    context_len: int,
+    first_block: int | None,
+    block_ids: torch.Tensor | None,
+    heads: slice,
+    scale: float,
+) -> torch.Tensor:
+    """One sequence's query heads of KV heads `heads` (q: [H, D], all its query heads) over its
+    context: its blocks from `first_block` on when consecutive, else `block_ids` (int64)
+    gathered -> [len(heads) x group, D]. The CPU decode path, and each attention-worker item.
+
+    Each KV head a "head" of one batch row, its `group` query heads as query rows: grouped-query
+    attention without copying K/V once per query head, through the 4-D flash kernel (3-D inputs
+    or enable_gqa take the math path), which reads the strided cache views as they are: ~25x
+    the expand-then-attend form's speed for a 4k-token bf16 context on one CPU core."""
+    block_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[0] // kv_heads
+    if block_ids is None:
+        assert first_block is not None
+        count = -(-context_len // block_size)
+        keys = k_cache[first_block : first_block + count].flatten(0, 1)
+        values = v_cache[first_block : first_block + count].flatten(0, 1)
+    else:
+        keys = k_cache.index_select(0, block_ids).flatten(0, 1)
+        values = v_cache.index_select(0, block_ids).flatten(0, 1)
+    width = heads.stop - heads.start
+    return F.scaled_dot_product_attention(
+        q[heads.start * group : heads.stop * group].view(1, width, group, head_dim),
+        keys[:context_len, heads].transpose(0, 1).unsqueeze(0),
+        values[:context_len, heads].transpose(0, 1).unsqueeze(0),
+        scale=scale,
+    ).reshape(width * group, head_dim)
 
 
 def consecutive_first_blocks(

@@ -46,7 +46,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from tessera.agents.engine.attention import AttentionMetadata, consecutive_first_blocks
+from tessera.agents.engine.attention import (
+    AttentionMetadata,
+    consecutive_first_blocks,
+    sequence_decode_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -260,28 +264,20 @@ def _scan(
     out: torch.Tensor,
     scale: float,
 ) -> None:
-    """One thread's items: grouped-query attention per KV-head range through the 4-D flash
-    kernel, which reads the strided cache views as they are (decode_attention's form)."""
-    block_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    group = q.shape[1] // kv_heads
+    """One thread's items, each through the engine's per-sequence CPU path."""
     for item in items:
-        count = -(-item.context_len // block_size)
-        if item.block_ids is None:
-            assert item.first_block is not None
-            keys = k_cache[item.first_block : item.first_block + count].flatten(0, 1)
-            values = v_cache[item.first_block : item.first_block + count].flatten(0, 1)
-        else:
-            keys = k_cache.index_select(0, item.block_ids).flatten(0, 1)
-            values = v_cache.index_select(0, item.block_ids).flatten(0, 1)
         heads = slice(item.head_first, item.head_end)
-        queries = slice(item.head_first * group, item.head_end * group)
-        width = item.head_end - item.head_first
-        out[item.row, queries] = F.scaled_dot_product_attention(
-            q[item.row, queries].view(1, width, group, head_dim),
-            keys[: item.context_len, heads].transpose(0, 1).unsqueeze(0),
-            values[: item.context_len, heads].transpose(0, 1).unsqueeze(0),
-            scale=scale,
-        ).reshape(width * group, head_dim)
+        group = q.shape[1] // k_cache.shape[2]
+        out[item.row, heads.start * group : heads.stop * group] = sequence_decode_attention(
+            q[item.row],
+            k_cache,
+            v_cache,
+            item.context_len,
+            item.first_block,
+            item.block_ids,
+            heads,
+            scale,
+        )
 
 
 # ---- the C kernel: built once per machine and source, checked against SDPA -------------------

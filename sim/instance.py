@@ -155,8 +155,6 @@ class Instance:
         self.share = share
         """The device this instance time-shares with others (sim/shared_device.py); None: a
         device of its own, where a step's work is its wall time."""
-        if share is not None:
-            share.members.append(self)
         self.work_s = 0.0
         """Full-speed seconds of the step in flight (kept only on a shared device)."""
         self.work_done_s = 0.0

@@ -109,12 +109,11 @@ class DeviceShare:
     whole steps). Each change re-times the busy members' step ends by bumping their event
     version (`Simulation.push_event`), so a superseded end never fires."""
 
-    __slots__ = ("busy", "members", "overlap_host", "rates", "sim", "updated_s")
+    __slots__ = ("busy", "overlap_host", "rates", "sim", "updated_s")
 
     def __init__(self, sim: Simulation, overlap_host: bool = False) -> None:
         self.sim = sim
         self.overlap_host = overlap_host
-        self.members: list[Instance] = []
         self.busy: list[Instance] = []
         self.rates: dict[int, float] = {}
         """Progress per second of each busy member (by id), until the busy set changes."""

@@ -131,9 +131,7 @@ class OffloadedDecodePerformance:
     def stage_times_s(self, decode_context_tokens: Sequence[int]) -> tuple[float, float, float]:
         """(linear layers, attention, query/output transfer) seconds for one decode step,
         summed over its sub-batches (each sub-batch reads the weights once)."""
-        parts = self._parts(decode_context_tokens)
-        linear_s, attention_s, transfer_s = (sum(stage) for stage in zip(*parts, strict=True))
-        return linear_s, attention_s, transfer_s
+        return _summed(self._parts(decode_context_tokens))
 
     def _sub_batch_times_s(self, batch: int, context: float) -> tuple[float, float, float]:
         """(dense, attention, exchange) seconds of one sub-batch of `batch` rows attending to
@@ -166,9 +164,7 @@ class OffloadedDecodePerformance:
         if not decode_context_tokens:
             return IterationCost(0.0, 0.0, 0.0, 0.0)
         parts = self._parts(decode_context_tokens)
-        linear_s = sum(dense for dense, _, _ in parts)
-        attention_s = sum(attention for _, attention, _ in parts)
-        transfer_s = sum(exchange for _, _, exchange in parts)
+        linear_s, attention_s, transfer_s = _summed(parts)
         # Each term is the sum over layers of a per-layer bound (module docstring).
         layers_s = max(
             attention_s,
@@ -201,3 +197,9 @@ class OffloadedDecodePerformance:
             self.memory, self.memory_calibration, busy_fraction, compute_bound=False
         )
         return compute_w + self.attention_devices * memory_w
+
+
+def _summed(parts: Sequence[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """(dense, attention, exchange) seconds of a step: its sub-batches' summed."""
+    linear_s, attention_s, transfer_s = (sum(stage) for stage in zip(*parts, strict=True))
+    return linear_s, attention_s, transfer_s

@@ -131,23 +131,23 @@ SMOKE_RATES = (1.0, 2.0)
 # ---- pure helpers ------------------------------------------------------------------------
 
 
+def llama_config_of(model: dict[str, int]) -> Any:
+    """The engine's `LlamaConfig` of a plan's model dictionary (its shape arithmetic)."""
+    from tessera.agents.engine.config import LlamaConfig  # deferred: it imports torch
+
+    return LlamaConfig.from_dict(model)
+
+
 def llama_weight_bytes(model: dict[str, int], dtype_bytes: int = 2) -> int:
-    """Bytes of a Llama model's weights (embedding and LM head untied)."""
-    h, inter, layers = model["hidden_size"], model["intermediate_size"], model["num_hidden_layers"]
-    q = model["num_attention_heads"] * model["head_dim"]
-    kv = model["num_key_value_heads"] * model["head_dim"]
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h
-    return (2 * model["vocab_size"] * h + layers * per_layer + h) * dtype_bytes
+    """Bytes of a Llama model's weights (embedding and LM head untied): what a decode step
+    reads plus the embedding table."""
+    config = llama_config_of(model)
+    embedding = config.vocab_size * config.hidden_size
+    return (config.decode_weight_parameter_count + embedding) * dtype_bytes
 
 
 def kv_bytes_per_token(model: dict[str, int], dtype_bytes: int = 2) -> int:
-    return (
-        2
-        * model["num_hidden_layers"]
-        * model["num_key_value_heads"]
-        * model["head_dim"]
-        * (dtype_bytes)
-    )
+    return int(llama_config_of(model).kv_bytes_per_token(dtype_bytes))
 
 
 def kv_blocks_for_share(total_bytes: int, fraction: float, model: dict[str, int]) -> int:
